@@ -1,0 +1,1 @@
+pub use llm4dsr_kernels;

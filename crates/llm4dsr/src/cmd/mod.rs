@@ -1,0 +1,4 @@
+//! One module per subcommand: its flags and the call into the library crates.
+
+pub mod assets;
+pub mod prepare;

@@ -1,0 +1,136 @@
+//! Flags from the command line or from a TOML config file: every flag of a stage can also be
+//! written as a key in that stage's table of the config (`[prepare]`, `[train]`, ...), with the
+//! same name as the flag in snake_case. The command line wins over the file, the file over the
+//! built-in default. Unknown keys are an error, so a typo never silently falls back to a default.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, FromArgMatches};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+
+/// A parsed config file: one table per stage.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigFile {
+    pub path: Option<std::path::PathBuf>,
+    pub table: toml::Table,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            table,
+        })
+    }
+
+    /// The `[section]` table, if present.
+    pub fn section(&self, section: &str) -> Result<Option<&toml::Table>> {
+        match self.table.get(section) {
+            None => Ok(None),
+            Some(toml::Value::Table(t)) => Ok(Some(t)),
+            Some(_) => bail!("{}: `{section}` must be a table", self.describe()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<no config>".into())
+    }
+
+    /// Resolve a stage's arguments: command line > `[section]` of the file > defaults.
+    pub fn resolve<A>(&self, section: &str, matches: &ArgMatches) -> Result<A>
+    where
+        A: FromArgMatches + Serialize + DeserializeOwned,
+    {
+        let parsed = A::from_arg_matches(matches).map_err(|e| anyhow!("{e}"))?;
+        let Some(table) = self.section(section)? else {
+            return Ok(parsed);
+        };
+        let mut value = serde_json::to_value(&parsed)?;
+        let obj = value
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("arguments of `{section}` are not a struct"))?;
+        for (key, v) in table {
+            if !obj.contains_key(key) {
+                let mut known: Vec<&String> = obj.keys().collect();
+                known.sort();
+                bail!(
+                    "{}: unknown key `{key}` in [{section}] (known keys: {})",
+                    self.describe(),
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let from_cli = matches!(
+                matches.value_source(key),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if !from_cli {
+                obj.insert(key.clone(), serde_json::to_value(v)?);
+            }
+        }
+        serde_json::from_value(value).with_context(|| {
+            format!(
+                "{}: a value in [{section}] has the wrong type",
+                self.describe()
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(clap::Parser, serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Demo {
+        #[arg(long, default_value_t = 5)]
+        k_core: u32,
+        #[arg(long, default_value_t = 0.0)]
+        noise: f64,
+        #[arg(long)]
+        name: Option<String>,
+    }
+
+    fn cfg(text: &str) -> ConfigFile {
+        ConfigFile {
+            path: None,
+            table: toml::from_str(text).unwrap(),
+        }
+    }
+
+    #[test]
+    fn cli_beats_file_beats_default() {
+        let c = cfg("[s]\nk_core = 10\nnoise = 0.1\n");
+        let m = Demo::command().get_matches_from(["demo", "--noise", "0.2"]);
+        let d: Demo = c.resolve("s", &m).unwrap();
+        assert_eq!(
+            d,
+            Demo {
+                k_core: 10,
+                noise: 0.2,
+                name: None
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let c = cfg("[s]\nk_cor = 10\n");
+        let m = Demo::command().get_matches_from(["demo"]);
+        let e = c.resolve::<Demo>("s", &m).unwrap_err().to_string();
+        assert!(e.contains("unknown key `k_cor`"), "{e}");
+        let _ = Demo::parse_from(["demo"]);
+    }
+}
