@@ -37,6 +37,10 @@ pub enum Command {
     Assets(cmd::assets::AssetsCommand),
     /// Import interactions + catalogue and write a windowed, split, noised dataset directory.
     Prepare(cmd::prepare::PrepareArgs),
+    /// Score every item of every window with a noise detector (sharded over the job's ranks).
+    Score(cmd::score::ScoreArgs),
+    /// Check the communicator under the cluster's launcher: placement and every collective.
+    CommCheck(cmd::comm_check::CommCheckArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -44,15 +48,47 @@ pub fn main() -> Result<()> {
     let cli = Cli::from_arg_matches(&matches)
         .map_err(|e| e.exit())
         .unwrap();
-    crate::logging::init(cli.verbose, 0, 1);
-    let config = match &cli.config {
-        Some(p) => ConfigFile::load(p)?,
-        None => ConfigFile::default(),
+    // The communicator comes first: every log line of a multi-rank job carries its rank.
+    let comm = match llm4dsr_comm::init() {
+        Ok(c) => c,
+        Err(e) => {
+            crate::logging::init(cli.verbose, 0, 1);
+            return Err(e.context("choosing the communicator"));
+        }
     };
-    let (name, sub) = matches.subcommand().expect("subcommand required");
-    match name {
-        "assets" => cmd::assets::run(&config, sub),
-        "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
-        other => unreachable!("unhandled subcommand {other}"),
+    crate::logging::init(cli.verbose, comm.rank(), comm.size());
+    if comm.size() > 1 {
+        tracing::debug!(
+            backend = comm.backend(),
+            local_rank = comm.local_rank(),
+            local_size = comm.local_size(),
+            "joined a job of {} ranks",
+            comm.size()
+        );
     }
+    let result = (|| -> Result<()> {
+        let config = match &cli.config {
+            Some(p) => ConfigFile::load(p)?,
+            None => ConfigFile::default(),
+        };
+        let comm = comm.as_ref();
+        let (name, sub) = matches.subcommand().expect("subcommand required");
+        match name {
+            "assets" => cmd::assets::run(&config, sub),
+            "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
+            "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
+            "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
+            other => unreachable!("unhandled subcommand {other}"),
+        }
+    })();
+    if let Err(e) = &result {
+        if comm.size() > 1 {
+            // Other ranks may be waiting in a collective for this one: stop the whole job, with
+            // the reason in this rank's log.
+            tracing::error!("{e:#}");
+            tracing::error!("aborting all {} ranks of the job", comm.size());
+            comm.abort(1);
+        }
+    }
+    result
 }
