@@ -74,8 +74,11 @@ pub fn main() -> Result<()> {
         let comm = comm.as_ref();
         let (name, sub) = matches.subcommand().expect("subcommand required");
         match name {
-            "assets" => cmd::assets::run(&config, sub),
-            "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
+            // Single-process stages: rank 0 runs them, the other ranks wait for its outcome.
+            "assets" => root_only(comm, name, || cmd::assets::run(&config, sub)),
+            "prepare" => root_only(comm, name, || {
+                cmd::prepare::run(config.resolve("prepare", sub)?, &config)
+            }),
             "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
             "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
             other => unreachable!("unhandled subcommand {other}"),
@@ -91,4 +94,32 @@ pub fn main() -> Result<()> {
         }
     }
     result
+}
+
+/// Run a stage that is not written for many ranks on rank 0 only; every rank returns its
+/// outcome, so a pipeline script can run all stages under one launcher.
+fn root_only(
+    comm: &dyn llm4dsr_comm::Comm,
+    stage: &str,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return f();
+    }
+    let mut outcome = Vec::new();
+    if comm.is_root() {
+        let r: std::result::Result<(), String> = f().map_err(|e| format!("{e:#}"));
+        outcome = serde_json::to_vec(&r)?;
+    } else {
+        tracing::debug!("`{stage}` runs on rank 0 only; waiting for it");
+    }
+    comm.broadcast_bytes(0, &mut outcome)?;
+    let r: std::result::Result<(), String> = serde_json::from_slice(&outcome)?;
+    r.map_err(|msg| {
+        if comm.is_root() {
+            anyhow::anyhow!(msg)
+        } else {
+            anyhow::anyhow!("`{stage}` failed on rank 0: {msg}")
+        }
+    })
 }
