@@ -1,4 +1,6 @@
 //! One module per subcommand: its flags and the call into the library crates.
 
 pub mod assets;
+pub mod comm_check;
 pub mod prepare;
+pub mod score;
