@@ -37,6 +37,10 @@ pub enum Command {
     Assets(cmd::assets::AssetsCommand),
     /// Import interactions + catalogue and write a windowed, split, noised dataset directory.
     Prepare(cmd::prepare::PrepareArgs),
+    /// Train SASRec / GRU4Rec / Caser on a prepared dataset; checkpoints + test metrics.
+    Train(cmd::train::TrainArgs),
+    /// Full-ranking HR@K / NDCG@K of a checkpoint on a dataset split.
+    Evaluate(cmd::evaluate::EvaluateArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -53,6 +57,8 @@ pub fn main() -> Result<()> {
     match name {
         "assets" => cmd::assets::run(&config, sub),
         "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
+        "train" => cmd::train::run(config.resolve("train", sub)?, &config),
+        "evaluate" => cmd::evaluate::run(config.resolve("evaluate", sub)?, &config),
         other => unreachable!("unhandled subcommand {other}"),
     }
 }
