@@ -41,6 +41,10 @@ pub enum Command {
     Score(cmd::score::ScoreArgs),
     /// Check the communicator under the cluster's launcher: placement and every collective.
     CommCheck(cmd::comm_check::CommCheckArgs),
+    /// Train SASRec / GRU4Rec / Caser on a prepared dataset; checkpoints + test metrics.
+    Train(cmd::train::TrainArgs),
+    /// Full-ranking HR@K / NDCG@K of a checkpoint on a dataset split.
+    Evaluate(cmd::evaluate::EvaluateArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -81,6 +85,8 @@ pub fn main() -> Result<()> {
             }),
             "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
             "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
+            "train" => cmd::train::run_with(config.resolve("train", sub)?, comm),
+            "evaluate" => cmd::evaluate::run_with(config.resolve("evaluate", sub)?, comm),
             other => unreachable!("unhandled subcommand {other}"),
         }
     })();

@@ -2,5 +2,7 @@
 
 pub mod assets;
 pub mod comm_check;
+pub mod evaluate;
 pub mod prepare;
 pub mod score;
+pub mod train;
