@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+pub use cudarc;
+
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use cudarc::driver::{
@@ -67,7 +69,41 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic".into())
 }
 
-fn cfg(s: Shape) -> LaunchConfig {
+/// NVRTC-compile `src` (named `kernels/<file>` in errors) for `arch` and load `names` from it.
+pub fn compile_and_load(
+    ctx: &Arc<CudaContext>,
+    arch: &'static str,
+    file: &str,
+    src: &str,
+    names: &[&str],
+) -> Result<Vec<CudaFunction>> {
+    let t0 = std::time::Instant::now();
+    let ptx = compile_ptx_with_opts(
+        src,
+        CompileOptions {
+            arch: Some(arch),
+            options: nvrtc_defines(),
+            name: Some(file.to_string()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("NVRTC compile of kernels/{file} for {arch} failed: {e}"))?;
+    let module = ctx
+        .load_module(ptx)
+        .with_context(|| format!("loading the PTX of kernels/{file}"))?;
+    tracing::debug!("kernels/{file}: NVRTC + load {:?}", t0.elapsed());
+    names
+        .iter()
+        .map(|n| {
+            module
+                .load_function(n)
+                .with_context(|| format!("function {n} in kernels/{file}"))
+        })
+        .collect()
+}
+
+/// A plan's shape as cudarc's launch configuration.
+pub fn cfg(s: Shape) -> LaunchConfig {
     LaunchConfig {
         grid_dim: s.grid,
         block_dim: s.block,
@@ -132,6 +168,7 @@ pub struct CudaKernels {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub cc: (i32, i32),
+    pub arch: &'static str,
     pub sm_count: u32,
     fused_bf16: CudaFunction,
     fused_f16: CudaFunction,
@@ -155,31 +192,8 @@ impl CudaKernels {
             as u32;
         let arch = nvrtc_arch(cc)?;
         let stream = ctx.default_stream();
-        let load = |file: &str, src: &str, names: &[&str]| -> Result<Vec<CudaFunction>> {
-            let t0 = std::time::Instant::now();
-            let ptx = compile_ptx_with_opts(
-                src,
-                CompileOptions {
-                    arch: Some(arch),
-                    options: nvrtc_defines(),
-                    name: Some(file.to_string()),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| anyhow!("NVRTC compile of kernels/{file} for {arch} failed: {e}"))?;
-            let module = ctx
-                .load_module(ptx)
-                .with_context(|| format!("loading the PTX of kernels/{file}"))?;
-            tracing::debug!("kernels/{file}: NVRTC + load {:?}", t0.elapsed());
-            names
-                .iter()
-                .map(|n| {
-                    module
-                        .load_function(n)
-                        .with_context(|| format!("function {n} in kernels/{file}"))
-                })
-                .collect()
-        };
+        let load =
+            |file: &str, src: &str, names: &[&str]| compile_and_load(&ctx, arch, file, src, names);
         let mut fused = load(
             "item_loglik_fused.cu",
             ITEM_LOGLIK_FUSED_CU,
@@ -218,8 +232,14 @@ impl CudaKernels {
             stream,
             name,
             cc,
+            arch,
             sm_count,
         })
+    }
+
+    /// Compile and load another module for this device (benchmarks' input generators).
+    pub fn load_extra(&self, file: &str, src: &str, names: &[&str]) -> Result<Vec<CudaFunction>> {
+        compile_and_load(&self.ctx, self.arch, file, src, names)
     }
 
     /// Copy a CPU tensor [rows, cols] to the device as `dtype` (BF16, F16 or F32).

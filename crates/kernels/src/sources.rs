@@ -8,6 +8,8 @@ use anyhow::{bail, Result};
 pub const ITEM_LOGLIK_LOGITS_CU: &str = include_str!("../../../kernels/item_loglik_logits.cu");
 pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_loglik_fused.cu");
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
+/// Device-side random fills for the benchmarks (not used by the stages).
+pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
 
 /// NVRTC `--gpu-architecture` for a compute capability (virtual arch: the driver JITs it).
 pub fn nvrtc_arch(cc: (i32, i32)) -> Result<&'static str> {
@@ -71,6 +73,7 @@ mod tests {
                 NEAREST_CU,
                 &["nearest_topk", "row_sq_norms", "mark_excluded"][..],
             ),
+            (BENCH_FILL_CU, &["fill_f32", "fill_bf16", "fill_ids"][..]),
         ] {
             for n in names {
                 assert!(
