@@ -22,6 +22,7 @@
 
 typedef unsigned short u16;
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 #ifndef FUSED_BM
 #define FUSED_BM 64
@@ -103,7 +104,7 @@ __device__ __forceinline__ void load_tile16(u16 *__restrict__ dst, const u16 *__
         const int gr = row0 + r, gk = k0 + kc;
         uint4 val = make_uint4(0u, 0u, 0u, 0u);
         if (gr < rows && gk < d)
-            val = *reinterpret_cast<const uint4 *>(src + (size_t)gr * (size_t)d + gk);
+            val = *reinterpret_cast<const uint4 *>(src + (u64)gr * (u64)d + gk);
         *reinterpret_cast<uint4 *>(dst + r * TC_LDS + kc) = val;
     }
 }
@@ -197,7 +198,7 @@ __device__ __forceinline__ void fused_tc(const u16 *__restrict__ hidden,
                     ok[ni * 2 + e] = col < v;
                     if (row < n && col < v) {
                         if ((u32)col == tgt[ri]) tgt_logit[row] = val;
-                        if (logits_out) logits_out[(size_t)row * (size_t)v + col] = val;
+                        if (logits_out) logits_out[(u64)row * (u64)v + col] = val;
                     }
                 }
             lse_fold<8>(run_m[ri], run_s[ri], x, ok);
@@ -225,8 +226,8 @@ __device__ __forceinline__ void fused_tc(const u16 *__restrict__ hidden,
         if (row < n) {
             float m = red_m[0][r], s = red_s[0][r];
             lse_merge(m, s, red_m[1][r], red_s[1][r]);
-            part_m[(size_t)slice * n + row] = m;
-            part_s[(size_t)slice * n + row] = s;
+            part_m[(u64)slice * n + row] = m;
+            part_s[(u64)slice * n + row] = s;
         }
     }
 }
@@ -287,8 +288,8 @@ item_loglik_fused_f32(const float *__restrict__ hidden, const float *__restrict_
             for (int e = tid; e < BM * FUSED_F32_BK; e += FUSED_F32_THREADS) {
                 const int r = e / FUSED_F32_BK, k = e % FUSED_F32_BK;
                 const int gr = row0 + r, gc = col0 + r, gk = k0 + k;
-                As[k][r] = (gr < n && gk < d) ? hidden[(size_t)gr * d + gk] : 0.f;
-                Bs[k][r] = (gc < v && gk < d) ? head[(size_t)gc * d + gk] : 0.f;
+                As[k][r] = (gr < n && gk < d) ? hidden[(u64)gr * d + gk] : 0.f;
+                Bs[k][r] = (gc < v && gk < d) ? head[(u64)gc * d + gk] : 0.f;
             }
             __syncthreads();
 #pragma unroll
@@ -315,7 +316,7 @@ item_loglik_fused_f32(const float *__restrict__ hidden, const float *__restrict_
                 ok[j] = col < v;
                 if (row < n && col < v) {
                     if ((u32)col == tgt[i]) tgt_logit[row] = acc[i][j];
-                    if (logits_out) logits_out[(size_t)row * (size_t)v + col] = acc[i][j];
+                    if (logits_out) logits_out[(u64)row * (u64)v + col] = acc[i][j];
                 }
             }
             lse_fold<4>(run_m[i], run_s[i], acc[i], ok);
@@ -332,8 +333,8 @@ item_loglik_fused_f32(const float *__restrict__ hidden, const float *__restrict_
         }
         const int row = row0 + ty + 16 * i;
         if (tx == 0 && row < n) {
-            part_m[(size_t)slice * n + row] = run_m[i];
-            part_s[(size_t)slice * n + row] = run_s[i];
+            part_m[(u64)slice * n + row] = run_m[i];
+            part_s[(u64)slice * n + row] = run_s[i];
         }
     }
 }
@@ -347,11 +348,11 @@ extern "C" __global__ void item_loglik_combine(const float *__restrict__ part_m,
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= n) return;
     float M = NEG_INF;
-    for (int j = 0; j < slices; ++j) M = fmaxf(M, part_m[(size_t)j * n + row]);
+    for (int j = 0; j < slices; ++j) M = fmaxf(M, part_m[(u64)j * n + row]);
     float S = 0.f;
     for (int j = 0; j < slices; ++j) {
-        const float m = part_m[(size_t)j * n + row];
-        if (m != NEG_INF) S += part_s[(size_t)j * n + row] * expf(m - M);
+        const float m = part_m[(u64)j * n + row];
+        if (m != NEG_INF) S += part_s[(u64)j * n + row] * expf(m - M);
     }
     per_token[row] = tgt_logit[row] - (M + logf(S));
 }

@@ -11,6 +11,7 @@
 // Compiled at run time by NVRTC (no headers: nothing from the CUDA toolkit is needed).
 
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 #ifndef LOGITS_THREADS
 #define LOGITS_THREADS 256
@@ -33,7 +34,7 @@ item_loglik_logits(const float *__restrict__ logits, const u32 *__restrict__ tar
     __shared__ float red_s[LOGITS_THREADS / 32];
     const int row = blockIdx.x;
     if (row >= n) return;
-    const float *x = logits + (size_t)row * (size_t)v;
+    const float *x = logits + (u64)row * (u64)v;
     float m = NEG_INF, s = 0.f;
     for (int c = threadIdx.x; c < v; c += LOGITS_THREADS) {
         float xv = x[c];

@@ -16,6 +16,7 @@
 // (+inf, 0xffffffff) and only finite distances are admitted, so they never appear.
 
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 #ifndef NEAREST_BQ
 #define NEAREST_BQ 32
@@ -119,12 +120,12 @@ nearest_topk(const float *__restrict__ queries, const float *__restrict__ catalo
             for (int e = tid; e < BQ * NEAREST_BK; e += NEAREST_THREADS) {
                 const int r = e / NEAREST_BK, kk = e % NEAREST_BK;
                 const int gq = q0 + r, gk = k0 + kk;
-                Qs[kk][r] = (gq < b && gk < d) ? queries[(size_t)gq * d + gk] : 0.f;
+                Qs[kk][r] = (gq < b && gk < d) ? queries[(u64)gq * d + gk] : 0.f;
             }
             for (int e = tid; e < BI * NEAREST_BK; e += NEAREST_THREADS) {
                 const int r = e / NEAREST_BK, kk = e % NEAREST_BK;
                 const int gc = c0 + r, gk = k0 + kk;
-                Cs[kk][r] = (gc < n && gk < d) ? catalog[(size_t)gc * d + gk] : 0.f;
+                Cs[kk][r] = (gc < n && gk < d) ? catalog[(u64)gc * d + gk] : 0.f;
             }
             __syncthreads();
 #pragma unroll
@@ -181,7 +182,7 @@ nearest_topk(const float *__restrict__ queries, const float *__restrict__ catalo
     for (int w = 0; w < QPW; ++w) {
         const int gq = q0 + warp * QPW + w;
         if (gq < b) {
-            const size_t base = ((size_t)slice * b + gq) * k;
+            const u64 base = ((u64)slice * b + gq) * k;
             if (lane < k) { out_d[base + lane] = L0d[w]; out_i[base + lane] = L0i[w]; }
             if (32 + lane < k) { out_d[base + 32 + lane] = L1d[w]; out_i[base + 32 + lane] = L1i[w]; }
         }
@@ -193,7 +194,7 @@ extern "C" __global__ void row_sq_norms(const float *__restrict__ x, int rows, i
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const float *r = x + (size_t)row * d;
+    const float *r = x + (u64)row * d;
     float s = 0.f;
     for (int c = lane; c < d; c += 32) s = fmaf(r[c], r[c], s);
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);

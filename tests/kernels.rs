@@ -229,6 +229,43 @@ mod gpu {
         k
     }
 
+    /// Needs NVRTC only, not a GPU: runs here too with LD_LIBRARY_PATH pointing at the
+    /// nvidia-cuda-nvrtc 13.0 wheel's lib folder (docs/kernels.md).
+    #[test]
+    fn nvrtc_compiles_every_kernel() {
+        if !llm4dsr_kernels::backend::nvrtc_present() {
+            eprintln!(
+                "SKIP: NVRTC compile check: libnvrtc.so.13 not loadable (see docs/kernels.md)"
+            );
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            let ptx = llm4dsr_kernels::cuda::compile_sources(arch).unwrap();
+            let all: String = ptx.iter().map(|(_, p)| p.as_str()).collect();
+            for entry in [
+                "item_loglik_fused_bf16",
+                "item_loglik_fused_f16",
+                "item_loglik_fused_f32",
+                "item_loglik_combine",
+                "item_loglik_logits",
+                "item_segment_sum",
+                "nearest_topk",
+                "row_sq_norms",
+                "mark_excluded",
+            ] {
+                assert!(
+                    all.contains(&format!(".entry {entry}(")),
+                    "{arch}: no entry {entry}"
+                );
+            }
+            assert!(all.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+            assert!(
+                !all.contains(".local"),
+                "{arch}: a kernel uses local memory"
+            );
+        }
+    }
+
     /// (n, v, d): a partial row block, a partial vocabulary tile, several tiles per slice.
     const SHAPES: [(usize, usize, usize); 4] =
         [(1, 10, 8), (70, 1000, 64), (130, 20_011, 96), (64, 64, 128)];

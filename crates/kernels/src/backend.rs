@@ -27,6 +27,18 @@ pub fn driver_present() -> bool {
     })
 }
 
+/// Is NVRTC loadable (the run-time CUDA C compiler; needs no GPU)? Probes the names cudarc
+/// tries for CUDA 13. Used by the compile check of the `.cu` sources.
+pub fn nvrtc_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        ["libnvrtc.so", "libnvrtc.so.13"]
+            .iter()
+            // SAFETY: as above; no symbol is called.
+            .any(|n| unsafe { libloading::Library::new(n) }.is_ok())
+    })
+}
+
 /// What `LLM4DSR_KERNELS` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {

@@ -102,6 +102,34 @@ pub fn compile_and_load(
         .collect()
 }
 
+/// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
+/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs.
+pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
+    let mut out = Vec::new();
+    for (file, src) in [
+        ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU),
+        ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU),
+        ("nearest.cu", NEAREST_CU),
+        ("bench_fill.cu", crate::sources::BENCH_FILL_CU),
+    ] {
+        let ptx = std::panic::catch_unwind(|| {
+            compile_ptx_with_opts(
+                src,
+                CompileOptions {
+                    arch: Some(arch),
+                    options: nvrtc_defines(),
+                    name: Some(file.to_string()),
+                    ..Default::default()
+                },
+            )
+        })
+        .map_err(|p| anyhow!("NVRTC panicked: {}", panic_text(&p)))?
+        .map_err(|e| anyhow!("NVRTC compile of kernels/{file} for {arch} failed: {e}"))?;
+        out.push((file, ptx.to_src()));
+    }
+    Ok(out)
+}
+
 /// A plan's shape as cudarc's launch configuration.
 pub fn cfg(s: Shape) -> LaunchConfig {
     LaunchConfig {
