@@ -644,7 +644,7 @@ mod gpu {
             let mut cn = g.row_norms(&c, n, d)?;
             g.exclude_rows(&mut cn, n, &[0])?;
             let mut last = None;
-            let ms = event_ms(g, 1, if quick { 3 } else { 3 }, || {
+            let ms = event_ms(g, 1, 3, || {
                 last = Some(g.nearest_device(&q, &qn, &c, &cn, b, n, d, k)?);
                 Ok(())
             })?;

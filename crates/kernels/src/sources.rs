@@ -22,7 +22,7 @@ pub fn nvrtc_arch(cc: (i32, i32)) -> Result<&'static str> {
         (10, 0) => "compute_100",
         (12, 0) => "compute_120",
         (major, _) if major >= 9 => "compute_90",
-        (major, _) if major == 8 => "compute_80",
+        (8, _) => "compute_80",
         _ => bail!(
             "compute capability {}.{} < 8.0: the bf16 tensor-core kernels need sm_80+",
             cc.0,
@@ -77,8 +77,7 @@ mod tests {
         ] {
             for n in names {
                 assert!(
-                    src.contains(&format!("extern \"C\" __global__"))
-                        && src.contains(&format!("{n}(")),
+                    src.contains("extern \"C\" __global__") && src.contains(&format!("{n}(")),
                     "kernel {n} missing"
                 );
             }
