@@ -32,12 +32,16 @@ pub fn item_loglik(
     targets: &[u32],
     offsets: &[u32],
 ) -> Result<ItemLogLik> {
-    check_args(hidden, lm_head, targets, offsets)?;
+    let (_n, _, _) = check_args(hidden, lm_head, targets, offsets)?;
     #[cfg(feature = "cuda")]
-    if let Some(gpu) = crate::cuda::kernels() {
-        match gpu.item_loglik(hidden, lm_head, targets, offsets) {
-            Ok(r) => return Ok(r),
-            Err(e) => tracing::warn!("item_loglik: CUDA kernel failed ({e:#}); using the CPU path"),
+    if _n > 0 {
+        if let Some(gpu) = crate::cuda::kernels() {
+            match gpu.item_loglik(hidden, lm_head, targets, offsets) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!("item_loglik: CUDA kernel failed ({e:#}); using the CPU path")
+                }
+            }
         }
     }
     item_loglik_cpu(hidden, lm_head, targets, offsets)
