@@ -458,11 +458,7 @@ fn bad_inputs_give_clear_errors() {
 // ---------------------------------------------------------------- real models (asset cache)
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("LLM4DSR_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llm4dsr")
-        })
+    llm4dsr_data::assets::cache_dir()
 }
 
 fn smollm2_gguf() -> Option<PathBuf> {
@@ -532,7 +528,6 @@ fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
         .unwrap();
     let ql = q.forward(&input, 0).unwrap().squeeze(0).unwrap();
     let diff = max_abs_diff(&a, &ql);
-    let amax = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     eprintln!(
         "SmolLM2 next-token logits: ours (f32, dequantised) vs quantised Q4_1: max |diff| = {diff}"
     );
@@ -623,4 +618,71 @@ fn candle_transformers_quantized_llama(
 unsafe fn candle_nn_varbuilder(path: &Path) -> llm4dsr_llm::candle_nn::VarBuilder<'static> {
     llm4dsr_llm::candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu)
         .unwrap()
+}
+
+#[test]
+fn minilm_embeddings_are_unit_and_semantic() {
+    let dir = cache_dir().join("all-minilm-l6-v2");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!(
+            "SKIP: {} absent (run `llm4dsr assets fetch`)",
+            dir.display()
+        );
+        return;
+    }
+    let m = llm4dsr_llm::embed::MiniLm::load(&dir, &Device::Cpu).unwrap();
+    let titles = [
+        "Star Wars (1977)",
+        "Empire Strikes Back, The (1980)",
+        "A cat is sitting on the mat",
+        "The cat sits on a mat",
+    ];
+    let e = m.embed(&titles, 3).unwrap();
+    let d = m.hidden;
+    assert_eq!(e.len(), titles.len() * d);
+    let row = |i: usize| &e[i * d..(i + 1) * d];
+    for i in 0..titles.len() {
+        let n: f32 = row(i).iter().map(|x| x * x).sum();
+        assert!((n - 1.0).abs() < 1e-4, "row {i} has squared norm {n}");
+    }
+    let dist = |i: usize, j: usize| -> f32 {
+        row(i)
+            .iter()
+            .zip(row(j))
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum()
+    };
+    assert!(
+        dist(0, 1) < dist(0, 2),
+        "Star Wars nearer to Empire than to a cat"
+    );
+    assert!(dist(2, 3) < 0.2, "paraphrases are near: {}", dist(2, 3));
+    assert!(dist(2, 3) < dist(2, 0) && dist(2, 3) < dist(2, 1));
+    // Batch composition does not change an embedding.
+    let alone = m.embed(&titles[2..3], 1).unwrap();
+    let diff = alone
+        .iter()
+        .zip(row(2))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "padding changed the embedding by {diff}");
+}
+
+#[test]
+fn last_token_embeddings_are_batch_invariant() {
+    let (_tmp, llm) = tiny_model(Arch::Llama, false);
+    let texts = ["alpha bravo", "charlie", "delta echo foxtrot golf"];
+    let all = llm4dsr_llm::embed::last_token_embeddings(&llm, &texts, 8).unwrap();
+    let d = llm.decoder.hidden_size();
+    assert_eq!(all.len(), 3 * d);
+    for (i, t) in texts.iter().enumerate() {
+        let one = llm4dsr_llm::embed::last_token_embeddings(&llm, &[t], 1).unwrap();
+        let diff = one
+            .iter()
+            .zip(&all[i * d..(i + 1) * d])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "text {i}: {diff}");
+    }
+    assert!(all[..d] != all[d..2 * d]);
 }

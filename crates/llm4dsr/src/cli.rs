@@ -37,6 +37,11 @@ pub enum Command {
     Assets(cmd::assets::AssetsCommand),
     /// Import interactions + catalogue and write a windowed, split, noised dataset directory.
     Prepare(cmd::prepare::PrepareArgs),
+    /// Model utilities: convert a GGUF model to an HF directory.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Print the LLM's first-token and full-title noise scores of every item of a few windows.
+    InspectScores(cmd::inspect::InspectArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -53,6 +58,8 @@ pub fn main() -> Result<()> {
     match name {
         "assets" => cmd::assets::run(&config, sub),
         "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
+        "model" => cmd::model::run(&config, sub),
+        "inspect-scores" => cmd::inspect::run(config.resolve("inspect-scores", sub)?),
         other => unreachable!("unhandled subcommand {other}"),
     }
 }

@@ -1,4 +1,6 @@
 //! One module per subcommand: its flags and the call into the library crates.
 
 pub mod assets;
+pub mod inspect;
+pub mod model;
 pub mod prepare;
