@@ -3,6 +3,8 @@
 pub mod assets;
 pub mod comm_check;
 pub mod evaluate;
+pub mod inspect;
+pub mod model;
 pub mod prepare;
 pub mod score;
 pub mod train;
