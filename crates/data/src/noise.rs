@@ -37,9 +37,17 @@ pub struct DetectionMetrics {
 
 /// Flag the `k` highest-scoring positions of each sequence (ties: the earlier position) and
 /// compare with `mask` (non-zero = noise). Sequences are packed like [`NoiseScorer::score`].
-pub fn detection_metrics(scores: &[f32], mask: &[u8], offsets: &[u32], k: usize) -> DetectionMetrics {
+pub fn detection_metrics(
+    scores: &[f32],
+    mask: &[u8],
+    offsets: &[u32],
+    k: usize,
+) -> DetectionMetrics {
     assert_eq!(scores.len(), mask.len(), "scores and masks are not aligned");
-    let mut m = DetectionMetrics { k, ..Default::default() };
+    let mut m = DetectionMetrics {
+        k,
+        ..Default::default()
+    };
     let mut order: Vec<usize> = Vec::new();
     for w in offsets.windows(2) {
         let (a, b) = (w[0] as usize, w[1] as usize);
@@ -57,7 +65,11 @@ pub fn detection_metrics(scores: &[f32], mask: &[u8], offsets: &[u32], k: usize)
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     m.precision = ratio(m.true_positives, m.flagged);
     m.recall = ratio(m.true_positives, m.noisy_positions);
-    m.f1 = if m.precision + m.recall > 0.0 { 2.0 * m.precision * m.recall / (m.precision + m.recall) } else { 0.0 };
+    m.f1 = if m.precision + m.recall > 0.0 {
+        2.0 * m.precision * m.recall / (m.precision + m.recall)
+    } else {
+        0.0
+    };
     m.random_precision = ratio(m.noisy_positions, m.positions);
     m
 }

@@ -104,7 +104,14 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
     for (dir, p) in [(&clean, 0.0), (&noisy, args.noise_p)] {
         if comm.is_root() {
             tracing::info!("step 2/5: prepare {} (noise p = {p})", dir.display());
-            let mut argv = vec!["--out".into(), s(dir), "--noise-p".into(), p.to_string(), "--seed".into(), args.seed.to_string()];
+            let mut argv = vec![
+                "--out".into(),
+                s(dir),
+                "--noise-p".into(),
+                p.to_string(),
+                "--seed".into(),
+                args.seed.to_string(),
+            ];
             if args.overwrite {
                 argv.push("--overwrite".into());
             }
@@ -119,7 +126,14 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
         let out = wd.join(format!("scores-{method}"));
         if args.overwrite || !out.join("manifest.json").exists() {
             tracing::info!("step 3/5: score {} with {method}", noisy.display());
-            let mut argv = vec!["--dataset".into(), s(&noisy), "--out".into(), s(&out), "--method".into(), method.clone()];
+            let mut argv = vec![
+                "--dataset".into(),
+                s(&noisy),
+                "--out".into(),
+                s(&out),
+                "--method".into(),
+                method.clone(),
+            ];
             if out.exists() {
                 argv.push("--overwrite".into());
             }
@@ -133,8 +147,16 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
 
     // 4. The LLM's scores of a few windows (untuned SmolLM2: shows the engine, not the method).
     if args.llm_windows > 0 && comm.is_root() {
-        tracing::info!("step 4/5: LLM noise scores of {} test windows", args.llm_windows);
-        let argv = vec!["--dataset".into(), s(&noisy), "--windows".into(), args.llm_windows.to_string()];
+        tracing::info!(
+            "step 4/5: LLM noise scores of {} test windows",
+            args.llm_windows
+        );
+        let argv = vec![
+            "--dataset".into(),
+            s(&noisy),
+            "--windows".into(),
+            args.llm_windows.to_string(),
+        ];
         cmd::inspect::run(stage_args(config, "inspect-scores", &argv)?)?;
     }
     comm.barrier()?;
@@ -149,10 +171,22 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
             if args.overwrite || !metrics.exists() {
                 tracing::info!("step 5/5: train {model} on {label} data");
                 let mut argv = vec![
-                    "--dataset".into(), s(data), "--out".into(), s(&out), "--model".into(), model.clone(),
-                    "--epochs".into(), args.epochs.to_string(), "--patience".into(), args.patience.to_string(),
-                    "--seed".into(), args.seed.to_string(), "--results-csv".into(), s(&results_csv),
-                    "--label".into(), label.to_string(),
+                    "--dataset".into(),
+                    s(data),
+                    "--out".into(),
+                    s(&out),
+                    "--model".into(),
+                    model.clone(),
+                    "--epochs".into(),
+                    args.epochs.to_string(),
+                    "--patience".into(),
+                    args.patience.to_string(),
+                    "--seed".into(),
+                    args.seed.to_string(),
+                    "--results-csv".into(),
+                    s(&results_csv),
+                    "--label".into(),
+                    label.to_string(),
                 ];
                 if out.join("last").join("state.json").exists() && !args.overwrite {
                     argv.push("--resume".into());
@@ -167,7 +201,15 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
     }
 
     if comm.is_root() {
-        let report = write_report(wd, &args, &clean, &noisy, &detection, &runs, t0.elapsed().as_secs_f64())?;
+        let report = write_report(
+            wd,
+            &args,
+            &clean,
+            &noisy,
+            &detection,
+            &runs,
+            t0.elapsed().as_secs_f64(),
+        )?;
         println!("\nreport: {}", report.display());
     }
     Ok(())
@@ -184,9 +226,14 @@ fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<Detect
     }
     let (mut flat_scores, mut flat_mask, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
     for w in windows.iter() {
-        let &i = by_key
-            .get(&(w.user, w.pos))
-            .with_context(|| format!("{}: no scores for user {} pos {}", scores_dir.display(), w.user, w.pos))?;
+        let &i = by_key.get(&(w.user, w.pos)).with_context(|| {
+            format!(
+                "{}: no scores for user {} pos {}",
+                scores_dir.display(),
+                w.user,
+                w.pos
+            )
+        })?;
         let sc = &scores[i].2;
         flat_scores.extend_from_slice(sc);
         flat_mask.extend_from_slice(&w.mask[..sc.len()]);
@@ -212,28 +259,32 @@ fn write_report(
     writeln!(r, "|---|---:|---:|---:|---:|---:|---:|")?;
     for d in [clean, noisy] {
         let m = Manifest::read(d)?;
-        let c = |suffix: &str| {
-            m.counts.iter().find(|(k, _)| k.ends_with(suffix)).map(|(_, v)| v.to_string()).unwrap_or_else(|| "-".into())
+        let c = |key: &str| {
+            m.counts
+                .get(key)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
         };
-        let mut noisy_hist = 0u64;
-        for split in llm4dsr_data::windows::SPLITS {
-            let w = read_split(d, split)?;
-            noisy_hist += w.iter().map(|w| w.mask[..w.items.len() - 1].iter().filter(|&&x| x == 1).count() as u64).sum::<u64>();
-        }
         writeln!(
             r,
             "| `{}` | {} | {} | {} | {} | {} | {} |",
             d.file_name().unwrap().to_string_lossy(),
-            c("users"),
-            c("items"),
-            c("windows.train"),
-            c("windows.valid"),
-            c("windows.test"),
-            noisy_hist
+            c("05_kept.users"),
+            c("05_kept.items"),
+            c("07_windows.train"),
+            c("07_windows.valid"),
+            c("07_windows.test"),
+            c("08_noise.noisy_history_positions"),
         )?;
     }
-    writeln!(r, "\nCounts at every step are in each dataset's `manifest.json`.\n")?;
-    writeln!(r, "## Noise detection on the noisy data (top-1 flag per window history)\n")?;
+    writeln!(
+        r,
+        "\nCounts at every step are in each dataset's `manifest.json`.\n"
+    )?;
+    writeln!(
+        r,
+        "## Noise detection on the noisy data (top-1 flag per window history)\n"
+    )?;
     writeln!(r, "| detector | split | windows | noisy positions | precision | recall | F1 | random precision |")?;
     writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|")?;
     for (method, split, m) in detection {
@@ -243,16 +294,32 @@ fn write_report(
             m.sequences, m.noisy_positions, m.precision, m.recall, m.f1, m.random_precision
         )?;
     }
-    writeln!(r, "\nThe LLM detector (fine-tuned on the SFT instances) is the next stage of the roadmap; \
-`llm4dsr inspect-scores` shows the untuned LLM's scores of a few windows.\n")?;
-    writeln!(r, "## Backbones: clean vs noisy training data (test split, full ranking)\n")?;
-    writeln!(r, "| backbone | data | HR@10 | NDCG@10 | HR@20 | NDCG@20 | best epoch | epochs | s/epoch |")?;
+    writeln!(
+        r,
+        "\nThe LLM detector (fine-tuned on the SFT instances) is the next stage of the roadmap; \
+`llm4dsr inspect-scores` shows the untuned LLM's scores of a few windows.\n"
+    )?;
+    writeln!(
+        r,
+        "## Backbones: clean vs noisy training data (test split, full ranking)\n"
+    )?;
+    writeln!(
+        r,
+        "| backbone | data | HR@10 | NDCG@10 | HR@20 | NDCG@20 | best epoch | epochs | s/epoch |"
+    )?;
     writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut bars = Vec::new();
     for (model, label, path) in runs {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let t = |k: &str| v["test"]["values"][k].as_f64().or_else(|| v["test"][k].as_f64()).unwrap_or(f64::NAN);
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let t = |k: &str| {
+            v["test"]["values"][k]
+                .as_f64()
+                .or_else(|| v["test"][k].as_f64())
+                .unwrap_or(f64::NAN)
+        };
         writeln!(
             r,
             "| {model} | {label} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {:.2} |",
@@ -267,9 +334,19 @@ fn write_report(
         bars.push((format!("{model} {label}"), t("NDCG@10")));
     }
     let svg = wd.join("ndcg10.svg");
-    llm4dsr_data::atomic::write_file(&svg, bar_chart_svg("test NDCG@10: clean vs noisy training data", &bars).as_bytes())?;
-    writeln!(r, "\n![test NDCG@10]({})\n", svg.file_name().unwrap().to_string_lossy())?;
-    writeln!(r, "Rows of every training run are also appended to `results.csv`.")?;
+    llm4dsr_data::atomic::write_file(
+        &svg,
+        bar_chart_svg("test NDCG@10: clean vs noisy training data", &bars).as_bytes(),
+    )?;
+    writeln!(
+        r,
+        "\n![test NDCG@10]({})\n",
+        svg.file_name().unwrap().to_string_lossy()
+    )?;
+    writeln!(
+        r,
+        "Rows of every training run are also appended to `results.csv`."
+    )?;
     let path = wd.join("report.md");
     llm4dsr_data::atomic::write_file(&path, r.as_bytes())?;
     Ok(path)
@@ -277,7 +354,12 @@ fn write_report(
 
 /// A horizontal bar chart as a standalone SVG (no plotting dependency).
 pub fn bar_chart_svg(title: &str, bars: &[(String, f64)]) -> String {
-    let max = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).fold(0.0f64, f64::max).max(1e-9);
+    let max = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
     let (w, row, left, top) = (640.0, 26.0, 160.0, 40.0);
     let h = top + row * bars.len() as f64 + 20.0;
     let mut s = format!(
@@ -286,8 +368,16 @@ pub fn bar_chart_svg(title: &str, bars: &[(String, f64)]) -> String {
     );
     for (i, (label, v)) in bars.iter().enumerate() {
         let y = top + row * i as f64;
-        let bw = if v.is_finite() { (w - left - 80.0) * v / max } else { 0.0 };
-        let color = if label.ends_with("clean") { "#4c78a8" } else { "#e45756" };
+        let bw = if v.is_finite() {
+            (w - left - 80.0) * v / max
+        } else {
+            0.0
+        };
+        let color = if label.ends_with("clean") {
+            "#4c78a8"
+        } else {
+            "#e45756"
+        };
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text><rect x=\"{left}\" y=\"{}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.4}</text>",
@@ -309,21 +399,42 @@ fn read_scores(path: &Path) -> Result<Vec<(u32, u32, Vec<f32>)>> {
     use arrow_array::types::{Float32Type, UInt32Type};
     use arrow_schema::{DataType, Field};
     use llm4dsr_data::parquet_io::{read_columns, ColumnSpec};
-    let list = DataType::List(std::sync::Arc::new(Field::new("item", DataType::Float32, true)));
+    let list = DataType::List(std::sync::Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        true,
+    )));
     let batches = read_columns(
         path,
         &[
-            ColumnSpec { name: "user", accepts: &[DataType::UInt32] },
-            ColumnSpec { name: "pos", accepts: &[DataType::UInt32] },
-            ColumnSpec { name: "scores", accepts: std::slice::from_ref(&list) },
+            ColumnSpec {
+                name: "user",
+                accepts: &[DataType::UInt32],
+            },
+            ColumnSpec {
+                name: "pos",
+                accepts: &[DataType::UInt32],
+            },
+            ColumnSpec {
+                name: "scores",
+                accepts: std::slice::from_ref(&list),
+            },
         ],
     )?;
     let mut out = Vec::new();
     for b in &batches {
-        let (u, p, sc) = (b.column(0).as_primitive::<UInt32Type>(), b.column(1).as_primitive::<UInt32Type>(), b.column(2).as_list::<i32>());
+        let (u, p, sc) = (
+            b.column(0).as_primitive::<UInt32Type>(),
+            b.column(1).as_primitive::<UInt32Type>(),
+            b.column(2).as_list::<i32>(),
+        );
         for r in 0..b.num_rows() {
             let v = sc.value(r);
-            out.push((u.value(r), p.value(r), v.as_primitive::<Float32Type>().values().to_vec()));
+            out.push((
+                u.value(r),
+                p.value(r),
+                v.as_primitive::<Float32Type>().values().to_vec(),
+            ));
         }
     }
     Ok(out)
