@@ -35,6 +35,19 @@ fn source(name: &str) -> Source {
     }
 }
 
+/// CPU seconds (user + system) this process has used so far, from /proc (Linux; 0 elsewhere).
+/// Reported beside wall time because a shared 2-core machine makes wall time noisy.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -50,15 +63,19 @@ fn main() {
         "prepare benchmark: median of {reps} runs, 5-core, p = 0.1, time split, {threads} hardware threads"
     );
     println!(
-        "{:<8} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "{:<8} {:>12} {:>9} {:>13} {:>13} {:>13} {:>13} {:>11}",
         "dataset",
         "interactions",
         "windows",
-        "import_s",
-        "protocol_s",
-        "write_s",
-        "total_s",
+        "import",
+        "protocol",
+        "write",
+        "end-to-end",
         "M_inter/s"
+    );
+    println!(
+        "{:<8} {:>12} {:>9} {:>13} {:>13} {:>13} {:>13} {:>11}",
+        "", "", "", "wall/cpu s", "wall/cpu s", "wall/cpu s", "wall/cpu s", "(wall)"
     );
     for name in ["ml-100k", "ml-1m"] {
         let src = source(name);
@@ -72,58 +89,77 @@ fn main() {
             ..Default::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let (mut imp, mut proto, mut write, mut total) = (vec![], vec![], vec![], vec![]);
+        // Per phase: (wall, cpu) of every repetition.
+        let mut phases: [Vec<(f64, f64)>; 4] = Default::default();
         let (mut n, mut windows) = (0u64, 0u64);
         for rep in 0..reps {
-            // Phases, measured separately.
-            let t = Instant::now();
             let fields = llm4dsr_data::import::recbole::RecboleFields {
                 title: src.title_field.clone(),
                 year: (!src.year_field.is_empty()).then(|| src.year_field.clone()),
                 ..Default::default()
             };
-            let log = llm4dsr_data::import::recbole::read(
-                src.inter.as_ref().unwrap(),
-                src.item.as_ref().unwrap(),
-                &fields,
-            )
-            .unwrap();
-            imp.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let prepared = prepare::prepare_log(&log, &p).unwrap();
-            proto.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let m = prepare::new_manifest(serde_json::json!({}), p.seed, &src.inputs().unwrap())
-                .unwrap();
-            prepare::write_dataset(&prepared, &dir.path().join(format!("w{rep}")), m).unwrap();
-            write.push(t.elapsed().as_secs_f64());
+            let (log, m) = measure(|| {
+                llm4dsr_data::import::recbole::read(
+                    src.inter.as_ref().unwrap(),
+                    src.item.as_ref().unwrap(),
+                    &fields,
+                )
+                .unwrap()
+            });
+            phases[0].push(m);
+            let (prepared, m) = measure(|| prepare::prepare_log(&log, &p).unwrap());
+            phases[1].push(m);
+            let ((), m) = measure(|| {
+                let manifest =
+                    prepare::new_manifest(serde_json::json!({}), p.seed, &src.inputs().unwrap())
+                        .unwrap();
+                prepare::write_dataset(&prepared, &dir.path().join(format!("w{rep}")), manifest)
+                    .unwrap();
+            });
+            phases[2].push(m);
             n = log.len() as u64;
             windows = prepared.count("07_windows.total").unwrap();
             drop((log, prepared));
-            // End to end, as the command runs it (input hashing included).
-            let t = Instant::now();
-            prepare::run(
-                &src,
-                &p,
-                serde_json::json!({ "rep": rep }),
-                &dir.path().join(format!("e{rep}")),
-                false,
-                "bench",
-            )
-            .unwrap();
-            total.push(t.elapsed().as_secs_f64());
+            // End to end, as the command runs it (input and output hashing included).
+            let (_, m) = measure(|| {
+                prepare::run(
+                    &src,
+                    &p,
+                    serde_json::json!({ "rep": rep }),
+                    &dir.path().join(format!("e{rep}")),
+                    false,
+                    "bench",
+                )
+                .unwrap()
+            });
+            phases[3].push(m);
         }
-        let tot = median(total);
+        let cell = |v: &[(f64, f64)]| {
+            format!(
+                "{:.3}/{:.2}",
+                median(v.iter().map(|x| x.0).collect()),
+                median(v.iter().map(|x| x.1).collect())
+            )
+        };
+        let wall = median(phases[3].iter().map(|x| x.0).collect());
         println!(
-            "{:<8} {:>12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.2}",
+            "{:<8} {:>12} {:>9} {:>13} {:>13} {:>13} {:>13} {:>11.2}",
             name,
             n,
             windows,
-            median(imp),
-            median(proto),
-            median(write),
-            tot,
-            n as f64 / tot / 1e6
+            cell(&phases[0]),
+            cell(&phases[1]),
+            cell(&phases[2]),
+            cell(&phases[3]),
+            n as f64 / wall / 1e6
         );
     }
+}
+
+/// Run `f`, returning its value and its (wall, cpu) seconds.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, (f64, f64)) {
+    let t = Instant::now();
+    let c = cpu_secs();
+    let v = f();
+    (v, (t.elapsed().as_secs_f64(), cpu_secs() - c))
 }

@@ -96,7 +96,8 @@ pub type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 #[derive(Default)]
 pub struct Interner<'a> {
     map: FnvMap<&'a str, u32>,
-    order: Vec<&'a str>,
+    /// The distinct values in first-sight order (index = id).
+    pub order: Vec<&'a str>,
 }
 
 impl<'a> Interner<'a> {

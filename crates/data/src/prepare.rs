@@ -158,8 +158,16 @@ pub fn prepare_log(log: &RawLog, p: &Protocol) -> Result<Prepared> {
     c("01_read.catalog_items", n_src_items as u64);
 
     // Time order (stable: ties keep file order).
-    let mut by_time: Vec<u32> = (0..n as u32).collect();
-    by_time.sort_by_key(|&r| log.timestamp[r as usize]);
+    // (timestamp, row) pairs are unique, so an unstable sort gives the stable order, and
+    // sorting the pairs themselves avoids a random access per comparison.
+    let mut keyed: Vec<(i64, u32)> = log
+        .timestamp
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| (t, r as u32))
+        .collect();
+    keyed.sort_unstable();
+    let by_time: Vec<u32> = keyed.into_iter().map(|(_, r)| r).collect();
 
     // Group by source user, time-ordered within a user (counting sort keeps by_time's order).
     let mut ustart = vec![0u32; n_src_users + 1];
@@ -766,13 +774,25 @@ pub fn run(
             bail!("{}: input file not found", f.display());
         }
     }
-    let manifest = new_manifest(config, protocol.seed, &inputs)?;
-    if let Some(existing) = check_existing(out, overwrite, &manifest)? {
-        tracing::info!(out = %out.display(), "dataset is up to date (same config and inputs)");
-        return Ok(existing);
-    }
     let t = std::time::Instant::now();
-    let prepared = source.prepare(protocol)?;
+    let (manifest, prepared) = if out.exists() {
+        // The input hashes decide whether the existing dataset is up to date.
+        let manifest = new_manifest(config, protocol.seed, &inputs)?;
+        if let Some(existing) = check_existing(out, overwrite, &manifest)? {
+            tracing::info!(out = %out.display(), "dataset is up to date (same config and inputs)");
+            return Ok(existing);
+        }
+        (manifest, source.prepare(protocol)?)
+    } else {
+        // Nothing to compare against: hash the inputs while the protocol runs.
+        let (manifest, prepared) = std::thread::scope(|s| {
+            let h = s.spawn(|| new_manifest(config, protocol.seed, &inputs));
+            let prepared = source.prepare(protocol);
+            (h.join().expect("hashing thread panicked"), prepared)
+        });
+        let prepared = prepared?;
+        (manifest?, prepared)
+    };
     tracing::info!(secs = t.elapsed().as_secs_f64(), "protocol done");
     let m = write_dataset(&prepared, out, manifest)?;
     tracing::info!(out = %out.display(), secs = t.elapsed().as_secs_f64(), "dataset written");

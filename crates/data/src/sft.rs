@@ -20,7 +20,6 @@ use crate::parquet_io::{read_columns, write_batches, ColumnSpec};
 use crate::rng::{KeyedRng, Purpose};
 use crate::windows::{Windows, MASK_SFT_SWAP};
 use anyhow::{bail, Result};
-use arrow_array::builder::{ListBuilder, UInt32Builder, UInt8Builder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt32Type, UInt8Type};
 use arrow_array::{RecordBatch, UInt32Array};
@@ -62,23 +61,14 @@ impl SftInstances {
 
     pub fn write_parquet(&self, path: &Path) -> Result<()> {
         let w = &self.windows;
-        let n = w.len();
-        let mut items = ListBuilder::with_capacity(UInt32Builder::with_capacity(w.items.len()), n);
-        let mut mask = ListBuilder::with_capacity(UInt8Builder::with_capacity(w.mask.len()), n);
-        for i in 0..n {
-            let (a, b) = (w.offsets[i] as usize, w.offsets[i + 1] as usize);
-            items.values().append_slice(&w.items[a..b]);
-            items.append(true);
-            mask.values().append_slice(&w.mask[a..b]);
-            mask.append(true);
-        }
+        let offsets = crate::windows::list_offsets(&w.offsets);
         let batch = RecordBatch::try_new(
             Self::schema(),
             vec![
                 Arc::new(UInt32Array::from(w.user.clone())),
                 Arc::new(UInt32Array::from(w.pos.clone())),
-                Arc::new(items.finish()),
-                Arc::new(mask.finish()),
+                crate::windows::packed_list::<UInt32Type>(&offsets, w.items.clone()),
+                crate::windows::packed_list::<UInt8Type>(&offsets, w.mask.clone()),
                 Arc::new(UInt32Array::from(self.swap_pos.clone())),
                 Arc::new(UInt32Array::from(self.inserted.clone())),
                 Arc::new(UInt32Array::from(self.original.clone())),
