@@ -8,6 +8,7 @@
 
 use candle_core::Device;
 use llm4dsr_data::{assets, Catalog, KeyedRng, Purpose};
+use llm4dsr_llm::candle_transformers::models::llama as candle_llama;
 use llm4dsr_llm::embed::{last_token_embeddings, MiniLm};
 use llm4dsr_llm::{generate_greedy, prompt, GenerateOptions, Llm, LlmNoiseScorer, ScoreMode};
 use std::time::Instant;
@@ -52,6 +53,42 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<(String, String)> =
         vec![("load GGUF + dequantise".into(), format!("{load_s:.2} s"))];
     let mut scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FirstToken)?;
+    // One prompt's prefill: ours vs candle-transformers' own Llama on the same f32 weights.
+    {
+        let p = scorer.prompt_tokens(&windows[0])?;
+        llm.decoder.prefill(&p)?;
+        let t = Instant::now();
+        for _ in 0..3 {
+            llm.decoder.prefill(&p)?;
+        }
+        let ours = t.elapsed().as_secs_f64() / 3.0;
+        let m = llm4dsr_llm::gguf::read_gguf(&gguf)?;
+        let cfg_json = llm4dsr_llm::models::to_config_json(&m.config);
+        let ccfg: candle_llama::LlamaConfig = serde_json::from_value(cfg_json)?;
+        let ccfg = ccfg.into_config(false);
+        let vb = llm4dsr_llm::candle_nn::VarBuilder::from_tensors(
+            m.tensors,
+            candle_core::DType::F32,
+            &dev,
+        );
+        let reference = candle_llama::Llama::load(vb, &ccfg)?;
+        let input = candle_core::Tensor::new(p.as_slice(), &dev)?.unsqueeze(0)?;
+        let mut cache = candle_llama::Cache::new(false, candle_core::DType::F32, &ccfg, &dev)?;
+        reference.forward(&input, 0, &mut cache)?;
+        let t = Instant::now();
+        for _ in 0..3 {
+            reference.forward(&input, 0, &mut cache)?;
+        }
+        let theirs = t.elapsed().as_secs_f64() / 3.0;
+        rows.push((
+            format!("prefill of one {}-token prompt: ours", p.len()),
+            format!("{:.0} ms", ours * 1e3),
+        ));
+        rows.push((
+            "  same prompt, candle-transformers llama (last logits only)".into(),
+            format!("{:.0} ms", theirs * 1e3),
+        ));
+    }
     let prompt_len: usize = seqs
         .iter()
         .map(|s| scorer.prompt_tokens(s).map(|p| p.len()))
