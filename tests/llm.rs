@@ -341,6 +341,22 @@ fn first_token_equals_full_title_on_one_token_titles() {
         assert!((s_mean[k] - s_full[k] / 2.0).abs() < 1e-5);
     }
     assert_eq!(scorer.name(), "llm-full-title-mean");
+    // The template head is computed once and shared; the scores are those of full prompts.
+    assert!(
+        scorer.shared_prefix_len() > 40,
+        "{}",
+        scorer.shared_prefix_len()
+    );
+    scorer.set_share_template(false).unwrap();
+    assert_eq!(scorer.shared_prefix_len(), 0);
+    let unshared = scorer.score(&items, &offsets).unwrap();
+    scorer.mode = ScoreMode::FirstToken;
+    let unshared_first = scorer.score(&items, &offsets).unwrap();
+    for k in 0..12 {
+        assert!((unshared[k] - s_mean[k]).abs() < 1e-5, "item {k}");
+        assert!((unshared_first[k] - s_first[k]).abs() < 1e-5, "item {k}");
+    }
+    scorer.mode = ScoreMode::FullTitleMean;
     // Duplicate items of one window get identical scores (same prompt, same continuation).
     assert_eq!(s_full[8], s_full[9]);
     assert!(scorer.score(&[1, 99], &[0, 2]).is_err(), "unknown item id");
@@ -585,6 +601,37 @@ fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
     let diff = max_abs_diff(&a, &rl);
     eprintln!("SmolLM2 next-token logits: ours vs candle-transformers llama (both f32): max |diff| = {diff}");
     assert!(diff < 1e-3, "ours vs candle llama logits differ by {diff}");
+
+    // Scoring a real window: the shared template head (computed once) gives the scores of
+    // full prompts, and the first-token score is the first token of the full-title score.
+    let mut catalog = Catalog::new();
+    for t in [
+        "Toy Story (1995)",
+        "GoldenEye (1995)",
+        "Four Rooms (1995)",
+        "Get Shorty (1995)",
+        "Copycat (1995)",
+        "(500) Days of Summer (2009)",
+    ] {
+        catalog.push(t.into(), String::new());
+    }
+    let window: &[u32] = &[1, 2, 3, 4, 5, 6];
+    let mut scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle).unwrap();
+    assert!(
+        scorer.shared_prefix_len() > 60,
+        "{}",
+        scorer.shared_prefix_len()
+    );
+    let shared = scorer.score_all(&[window]).unwrap();
+    scorer.set_share_template(false).unwrap();
+    let full = scorer.score_all(&[window]).unwrap();
+    scorer.mode = ScoreMode::FirstToken;
+    let first = scorer.score_sequences(&[window]).unwrap();
+    for j in 0..window.len() {
+        assert!((shared[0][j].sum - full[0][j].sum).abs() < 1e-3, "item {j}");
+        assert!((first[0][j] - full[0][j].first).abs() < 1e-3, "item {j}");
+        assert!(full[0][j].sum < full[0][j].first);
+    }
 
     // ChatML: the capital of France.
     let g = generate_greedy(
