@@ -490,7 +490,7 @@ fn smollm2_gguf() -> Option<PathBuf> {
 const CHATML_FRANCE: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
 
 #[test]
-fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
+fn smollm2_gguf_converted_and_quantized_agree() {
     let Some(gguf) = smollm2_gguf() else { return };
     let llm = Llm::load(&gguf, &Device::Cpu).unwrap();
     let cfg = llm.config();
@@ -601,7 +601,13 @@ fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
     let diff = max_abs_diff(&a, &rl);
     eprintln!("SmolLM2 next-token logits: ours vs candle-transformers llama (both f32): max |diff| = {diff}");
     assert!(diff < 1e-3, "ours vs candle llama logits differ by {diff}");
+}
 
+#[test]
+fn smollm2_scores_real_titles_and_answers_paris() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let llm = Llm::load(&gguf, &Device::Cpu).unwrap();
+    let prompt = llm.encode_prompt(CHATML_FRANCE).unwrap();
     // Scoring a real window: the shared template head (computed once) gives the scores of
     // full prompts, and the first-token score is the first token of the full-title score.
     let mut catalog = Catalog::new();
