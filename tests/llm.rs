@@ -341,6 +341,22 @@ fn first_token_equals_full_title_on_one_token_titles() {
         assert!((s_mean[k] - s_full[k] / 2.0).abs() < 1e-5);
     }
     assert_eq!(scorer.name(), "llm-full-title-mean");
+    // The template head is computed once and shared; the scores are those of full prompts.
+    assert!(
+        scorer.shared_prefix_len() > 40,
+        "{}",
+        scorer.shared_prefix_len()
+    );
+    scorer.set_share_template(false).unwrap();
+    assert_eq!(scorer.shared_prefix_len(), 0);
+    let unshared = scorer.score(&items, &offsets).unwrap();
+    scorer.mode = ScoreMode::FirstToken;
+    let unshared_first = scorer.score(&items, &offsets).unwrap();
+    for k in 0..12 {
+        assert!((unshared[k] - s_mean[k]).abs() < 1e-5, "item {k}");
+        assert!((unshared_first[k] - s_first[k]).abs() < 1e-5, "item {k}");
+    }
+    scorer.mode = ScoreMode::FullTitleMean;
     // Duplicate items of one window get identical scores (same prompt, same continuation).
     assert_eq!(s_full[8], s_full[9]);
     assert!(scorer.score(&[1, 99], &[0, 2]).is_err(), "unknown item id");
@@ -474,7 +490,7 @@ fn smollm2_gguf() -> Option<PathBuf> {
 const CHATML_FRANCE: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
 
 #[test]
-fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
+fn smollm2_gguf_converted_and_quantized_agree() {
     let Some(gguf) = smollm2_gguf() else { return };
     let llm = Llm::load(&gguf, &Device::Cpu).unwrap();
     let cfg = llm.config();
@@ -585,6 +601,43 @@ fn smollm2_gguf_converted_and_quantized_agree_and_answer_paris() {
     let diff = max_abs_diff(&a, &rl);
     eprintln!("SmolLM2 next-token logits: ours vs candle-transformers llama (both f32): max |diff| = {diff}");
     assert!(diff < 1e-3, "ours vs candle llama logits differ by {diff}");
+}
+
+#[test]
+fn smollm2_scores_real_titles_and_answers_paris() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let llm = Llm::load(&gguf, &Device::Cpu).unwrap();
+    let prompt = llm.encode_prompt(CHATML_FRANCE).unwrap();
+    // Scoring a real window: the shared template head (computed once) gives the scores of
+    // full prompts, and the first-token score is the first token of the full-title score.
+    let mut catalog = Catalog::new();
+    for t in [
+        "Toy Story (1995)",
+        "GoldenEye (1995)",
+        "Four Rooms (1995)",
+        "Get Shorty (1995)",
+        "Copycat (1995)",
+        "(500) Days of Summer (2009)",
+    ] {
+        catalog.push(t.into(), String::new());
+    }
+    let window: &[u32] = &[1, 2, 3, 4, 5, 6];
+    let mut scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle).unwrap();
+    assert!(
+        scorer.shared_prefix_len() > 60,
+        "{}",
+        scorer.shared_prefix_len()
+    );
+    let shared = scorer.score_all(&[window]).unwrap();
+    scorer.set_share_template(false).unwrap();
+    let full = scorer.score_all(&[window]).unwrap();
+    scorer.mode = ScoreMode::FirstToken;
+    let first = scorer.score_sequences(&[window]).unwrap();
+    for j in 0..window.len() {
+        assert!((shared[0][j].sum - full[0][j].sum).abs() < 1e-3, "item {j}");
+        assert!((first[0][j] - full[0][j].first).abs() < 1e-3, "item {j}");
+        assert!(full[0][j].sum < full[0][j].first);
+    }
 
     // ChatML: the capital of France.
     let g = generate_greedy(
@@ -685,4 +738,226 @@ fn last_token_embeddings_are_batch_invariant() {
         assert!(diff < 1e-5, "text {i}: {diff}");
     }
     assert!(all[..d] != all[d..2 * d]);
+}
+
+// ------------------------------------------------------------------ GGUF fixtures, CLI
+
+/// llama.cpp's HF -> GGUF permutation of Llama q/k rows (convert_hf_to_gguf.py `permute`).
+fn llamacpp_permute(w: &Tensor, heads: usize) -> Tensor {
+    let dims = w.dims().to_vec();
+    let (out, inp) = (dims[0], dims[1]);
+    w.reshape((heads, 2, out / heads / 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let s = hf
+        .replace("model.embed_tokens", "token_embd")
+        .replace("model.norm", "output_norm")
+        .replace("lm_head", "output")
+        .replace("model.layers.", "blk.")
+        .replace("input_layernorm", "attn_norm")
+        .replace("post_attention_layernorm", "ffn_norm")
+        .replace("self_attn.q_proj", "attn_q")
+        .replace("self_attn.k_proj", "attn_k")
+        .replace("self_attn.v_proj", "attn_v")
+        .replace("self_attn.o_proj", "attn_output")
+        .replace("mlp.gate_proj", "ffn_gate")
+        .replace("mlp.up_proj", "ffn_up")
+        .replace("mlp.down_proj", "ffn_down");
+    s
+}
+
+/// Write `weights` as an f32 GGUF file the way llama.cpp lays a model out, with a byte-level
+/// BPE vocabulary (the 256 byte symbols + `<|im_end|>` as a control token) in the metadata.
+fn write_gguf(path: &Path, cfg: &ModelConfig, weights: &HashMap<String, Tensor>, pre: &str) {
+    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
+    let a = cfg.arch.name();
+    let mut alphabet: Vec<String> =
+        llm4dsr_llm::tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+    alphabet.sort();
+    let mut types = vec![Value::I32(1); alphabet.len()];
+    alphabet.push("<|im_end|>".into());
+    types.push(Value::I32(3));
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (
+            format!("{a}.context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        (
+            format!("{a}.embedding_length"),
+            Value::U32(cfg.hidden_size as u32),
+        ),
+        (
+            format!("{a}.block_count"),
+            Value::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(alphabet.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(256)),
+    ];
+    let mut tensors = Vec::new();
+    for (name, _) in weight_shapes(cfg) {
+        let mut t = weights[&name].clone();
+        if cfg.arch == Arch::Llama && name.contains("q_proj.weight") {
+            t = llamacpp_permute(&t, cfg.num_attention_heads);
+        } else if cfg.arch == Arch::Llama && name.contains("k_proj.weight") {
+            t = llamacpp_permute(&t, cfg.num_key_value_heads);
+        }
+        tensors.push((
+            gguf_name(&name),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    }
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+#[test]
+fn gguf_fixtures_load_like_their_hf_directories() {
+    for (arch, tie, pre) in [(Arch::Llama, false, "smollm"), (Arch::Qwen2, true, "qwen2")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(arch, tie);
+        cfg.vocab_size = 300;
+        cfg.eos_token_ids = vec![256];
+        let w = tiny_weights(&cfg, 11);
+        let gguf = tmp.path().join("tiny.gguf");
+        write_gguf(&gguf, &cfg, &w, pre);
+        let from_gguf = Llm::load(&gguf, &Device::Cpu).unwrap();
+        assert_eq!(
+            from_gguf.config(),
+            &cfg,
+            "{arch:?}: config from GGUF metadata"
+        );
+        // The rebuilt byte-level tokenizer: bytes map to their symbols, the control token is one id.
+        let ids = from_gguf.encode_prompt("hi <|im_end|>").unwrap();
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        assert_eq!(ids[3], 256);
+        assert_eq!(from_gguf.decode(&ids[..3]).unwrap(), "hi ");
+        // Same logits as the HF directory of the same weights (q/k un-permuted for Llama).
+        let dir = tmp.path().join("hf");
+        llm4dsr_llm::gguf::convert_to_hf_dir(&gguf, &dir, false).unwrap();
+        let hf_dir = tmp.path().join("hf-direct");
+        write_model_dir(&hf_dir, &cfg, &w, &from_gguf.tokenizer);
+        let direct = Llm::load(&hf_dir, &Device::Cpu).unwrap();
+        let converted = Llm::load(&dir, &Device::Cpu).unwrap();
+        let s = seqs();
+        let logits = |m: &Llm| {
+            let h = m
+                .decoder
+                .forward_packed(&PackedBatch::new(&s), &[], false)
+                .unwrap()
+                .hidden;
+            m.decoder.logits(&h).unwrap()
+        };
+        let (a, b, c) = (logits(&from_gguf), logits(&direct), logits(&converted));
+        assert!(max_abs_diff(&a, &b) < 1e-5, "{arch:?}: GGUF vs HF dir");
+        assert!(max_abs_diff(&c, &b) < 1e-5, "{arch:?}: converted vs HF dir");
+        // Converting onto an existing directory needs --overwrite.
+        let e = llm4dsr_llm::gguf::convert_to_hf_dir(&gguf, &dir, false).unwrap_err();
+        assert!(format!("{e:#}").contains("already exists"), "{e:#}");
+    }
+}
+
+#[test]
+fn cli_inspect_scores_and_model_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama, true);
+    let model = tmp.path().join("model");
+    write_model_dir(&model, &cfg, &tiny_weights(&cfg, 5), &tiny_tokenizer(0));
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("windows")).unwrap();
+    tiny_catalog()
+        .write_parquet(&data.join("catalog.parquet"))
+        .unwrap();
+    let mut w = llm4dsr_data::Windows::new();
+    w.push(
+        1,
+        4,
+        &[1, 2, 3, 4, 5],
+        &[0, 0, 1, 0, 0],
+        &[1, 2, 7, 4, 5],
+        100,
+    );
+    w.push(2, 3, &[6, 7, 8, 1], &[0, 0, 0, 0], &[6, 7, 8, 1], 200);
+    w.write_parquet(&data.join("windows/test.parquet")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_llm4dsr");
+    let out = std::process::Command::new(bin)
+        .args(["inspect-scores", "--dataset"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .args(["--windows", "5"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("first-token") && stdout.contains("full-title"),
+        "{stdout}"
+    );
+    // History only on test windows: items 1-4 of window 0 and 6, 7, 8 of window 1.
+    for t in [
+        "alpha", "bravo", "charlie", "delta", "foxtrot", "golf", "hotel",
+    ] {
+        assert!(stdout.contains(t), "{t} missing:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("window 1 (user 2, pos 3), 3 items scored"),
+        "{stdout}"
+    );
+    // A missing GGUF: non-zero exit, the path in the message, nothing written.
+    let dest = tmp.path().join("converted");
+    let out = std::process::Command::new(bin)
+        .args(["model", "convert", "--gguf"])
+        .arg(tmp.path().join("nope.gguf"))
+        .arg("--out")
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.gguf"));
+    assert!(!dest.exists());
 }

@@ -20,6 +20,12 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
 
+/// Sequences continuing the same cache share one attention call while the group holds at most
+/// this many tokens. Short continuations (item titles: ~10 x 12 tokens) batch well; long ones
+/// (whole prompts after a shared template head) would waste most of a block-diagonal
+/// `[n x (P+n)]` product on masked cells, so they get a call each.
+pub const MAX_GROUP_TOKENS: usize = 256;
+
 /// Cached keys and values of one sequence (or one sequence plus the prefix it continued):
 /// per layer `(k, v)`, each `[1, kv_heads, len, head_dim]` after RoPE.
 #[derive(Clone, Debug)]
@@ -451,7 +457,9 @@ impl Decoder {
             self.check_context(p0 + r.len())?;
             positions.extend((p0..p0 + r.len()).map(|p| p as u32));
             match (groups.last_mut(), batch.prefix[i]) {
-                (Some(g), Some(c)) if g.prefix == Some(c) => {
+                (Some(g), Some(c))
+                    if g.prefix == Some(c) && g.len + r.len() <= MAX_GROUP_TOKENS =>
+                {
                     g.seqs.push((r.start - g.start, r.len()));
                     g.len += r.len();
                 }

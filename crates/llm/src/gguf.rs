@@ -38,8 +38,9 @@ fn meta_f64(c: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
     match c.metadata.get(key) {
         None => Ok(None),
         Some(v) => Ok(Some(
+            // f32 -> shortest decimal -> f64, so 1e-6 stays 1e-6 (not 9.99999997e-7).
             v.to_f32()
-                .map(|x| x as f64)
+                .map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64))
                 .or_else(|_| v.to_f64())
                 .with_context(|| format!("metadata `{key}` is not a float"))?,
         )),

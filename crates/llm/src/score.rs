@@ -12,7 +12,7 @@
 //!
 //! [`LlmNoiseScorer`] wraps both as a `llm4dsr_data::NoiseScorer` over catalogue item ids.
 
-use crate::decoder::{log_softmax, PackedBatch};
+use crate::decoder::{log_softmax, KvCache, PackedBatch};
 use crate::load::Llm;
 use crate::prompt;
 use crate::tokenizer::TitleTokens;
@@ -63,19 +63,48 @@ impl ContinuationScore {
     }
 }
 
-/// Last-position hidden states `[prompts, hidden]` of prompts forwarded as one packed batch,
-/// plus their caches when requested.
+/// A token prefix that many prompts start with (the template's preamble and instruction, ~90
+/// of a ~230-token scoring prompt), forwarded once; prompts that start with exactly these ids
+/// continue its cache instead of recomputing it.
+pub struct SharedPrefix {
+    pub ids: Vec<u32>,
+    pub cache: KvCache,
+}
+
+impl SharedPrefix {
+    /// Forward `ids` once. Trailing tokens whose merge may depend on what follows are the
+    /// caller's concern: a prompt that does not start with `ids` is simply run in full.
+    pub fn new(llm: &Llm, ids: Vec<u32>) -> Result<Self> {
+        ensure!(!ids.is_empty(), "empty shared prefix");
+        let (_, cache) = llm.decoder.prefill(&ids)?;
+        Ok(Self { ids, cache })
+    }
+}
+
+/// Last-position hidden states `[prompts, hidden]` of prompts forwarded as one packed batch
+/// (continuing `shared` where a prompt starts with it), plus their full caches when requested.
 fn prompt_forward(
     llm: &Llm,
     prompts: &[Vec<u32>],
+    shared: Option<&SharedPrefix>,
     want_cache: bool,
-) -> Result<(Tensor, Vec<crate::decoder::KvCache>)> {
+) -> Result<(Tensor, Vec<KvCache>)> {
     ensure!(!prompts.is_empty(), "no prompts to score");
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         bail!("prompt {i} is empty");
     }
-    let batch = PackedBatch::new(prompts);
-    let f = llm.decoder.forward_packed(&batch, &[], want_cache)?;
+    let mut batch = PackedBatch::new::<Vec<u32>>(&[]);
+    let mut caches: Vec<&KvCache> = Vec::new();
+    for p in prompts {
+        match shared {
+            Some(s) if p.len() > s.ids.len() && p.starts_with(&s.ids) => {
+                caches = vec![&s.cache];
+                batch.push(&p[s.ids.len()..], Some(0));
+            }
+            _ => batch.push(p, None),
+        }
+    }
+    let f = llm.decoder.forward_packed(&batch, &caches, want_cache)?;
     let last = llm.decoder.rows(&f.hidden, &batch.last_positions())?;
     Ok((last, f.caches))
 }
@@ -86,13 +115,23 @@ pub fn first_token_scores(
     prompts: &[Vec<u32>],
     first_tokens: &[Vec<u32>],
 ) -> Result<Vec<Vec<f32>>> {
+    first_token_scores_shared(llm, prompts, None, first_tokens)
+}
+
+/// [`first_token_scores`], continuing `shared` for prompts that start with it.
+pub fn first_token_scores_shared(
+    llm: &Llm,
+    prompts: &[Vec<u32>],
+    shared: Option<&SharedPrefix>,
+    first_tokens: &[Vec<u32>],
+) -> Result<Vec<Vec<f32>>> {
     ensure!(
         prompts.len() == first_tokens.len(),
         "{} prompts but {} candidate lists",
         prompts.len(),
         first_tokens.len()
     );
-    let (last, _) = prompt_forward(llm, prompts, false)?;
+    let (last, _) = prompt_forward(llm, prompts, shared, false)?;
     let mut out = Vec::with_capacity(prompts.len());
     let mut start = 0;
     while start < prompts.len() {
@@ -124,14 +163,24 @@ pub fn continuation_scores(
     prompts: &[Vec<u32>],
     continuations: &[Vec<Vec<u32>>],
 ) -> Result<Vec<Vec<ContinuationScore>>> {
+    continuation_scores_shared(llm, prompts, None, continuations)
+}
+
+/// [`continuation_scores`], continuing `shared` for prompts that start with it.
+pub fn continuation_scores_shared(
+    llm: &Llm,
+    prompts: &[Vec<u32>],
+    shared: Option<&SharedPrefix>,
+    continuations: &[Vec<Vec<u32>>],
+) -> Result<Vec<Vec<ContinuationScore>>> {
     ensure!(
         prompts.len() == continuations.len(),
         "{} prompts but {} continuation lists",
         prompts.len(),
         continuations.len()
     );
-    let (last, caches) = prompt_forward(llm, prompts, true)?;
-    let cache_refs: Vec<&crate::decoder::KvCache> = caches.iter().collect();
+    let (last, caches) = prompt_forward(llm, prompts, shared, true)?;
+    let cache_refs: Vec<&KvCache> = caches.iter().collect();
     // Token t_k of a continuation is predicted by the hidden state of t_{k-1}, and t_1 by the
     // prompt's last position; so only t_1..t_{n-1} are forwarded.
     let mut batch = PackedBatch::new::<Vec<u32>>(&[]);
@@ -191,6 +240,8 @@ pub struct LlmNoiseScorer<'a> {
     pub windows_per_batch: usize,
     /// Show a progress bar.
     pub progress: bool,
+    /// The template head every scoring prompt starts with, forwarded once (None: disabled).
+    shared: Option<SharedPrefix>,
 }
 
 impl<'a> LlmNoiseScorer<'a> {
@@ -198,7 +249,7 @@ impl<'a> LlmNoiseScorer<'a> {
         let titles = TitleTokens::build(&llm.tokenizer, &catalog.titles)?;
         let close = llm.encode_piece(prompt::CLOSE_QUOTE)?;
         ensure!(!close.is_empty(), "the closing quote tokenises to nothing");
-        Ok(Self {
+        let mut s = Self {
             llm,
             catalog,
             titles,
@@ -206,7 +257,33 @@ impl<'a> LlmNoiseScorer<'a> {
             mode,
             windows_per_batch: 8,
             progress: false,
-        })
+            shared: None,
+        };
+        s.set_share_template(true)?;
+        Ok(s)
+    }
+
+    /// Forward the template head shared by all scoring prompts once and continue its cache
+    /// (on by default; exact: a prompt whose ids do not start with the head's is run in full).
+    pub fn set_share_template(&mut self, on: bool) -> Result<()> {
+        self.shared = None;
+        if on {
+            // The ids two prompts with different titles have in common (the preamble,
+            // instruction and input label), less two tokens that might merge with a title.
+            let mut ids = self.llm.encode_prompt(&prompt::scoring_prefix(&["x"]))?;
+            let other = self.llm.encode_prompt(&prompt::scoring_prefix(&["y z"]))?;
+            let common = ids.iter().zip(&other).take_while(|(a, b)| a == b).count();
+            ids.truncate(common.saturating_sub(2));
+            if !ids.is_empty() {
+                self.shared = Some(SharedPrefix::new(self.llm, ids)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of prompt tokens computed once and shared (0 when sharing is off).
+    pub fn shared_prefix_len(&self) -> usize {
+        self.shared.as_ref().map(|s| s.ids.len()).unwrap_or(0)
     }
 
     /// The cached title tokens (per catalogue id).
@@ -252,7 +329,12 @@ impl<'a> LlmNoiseScorer<'a> {
                 .iter()
                 .map(|s| s.iter().map(|&i| self.continuation(i)).collect())
                 .collect();
-            out.extend(continuation_scores(self.llm, &prompts, &conts)?);
+            out.extend(continuation_scores_shared(
+                self.llm,
+                &prompts,
+                self.shared.as_ref(),
+                &conts,
+            )?);
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
@@ -288,7 +370,12 @@ impl<'a> LlmNoiseScorer<'a> {
                     .iter()
                     .map(|s| s.iter().map(|&i| self.continuation(i)[0]).collect())
                     .collect();
-                out.extend(first_token_scores(self.llm, &prompts, &firsts)?);
+                out.extend(first_token_scores_shared(
+                    self.llm,
+                    &prompts,
+                    self.shared.as_ref(),
+                    &firsts,
+                )?);
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
