@@ -468,3 +468,93 @@ fn mpi_score_any_rank_count_kill_and_resume() {
     assert_eq!(file_bytes(&out), reference);
     assert!(!p("killed.parts").exists());
 }
+
+#[test]
+fn mpi_pipeline_prepare_on_rank_0_then_score() {
+    if mpirun("mpi_pipeline").is_none() {
+        return;
+    }
+    // A RecBole source written from the same sequences (distinct timestamps).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inter = vec!["user_id:token\titem_id:token\trating:float\ttimestamp:float".to_string()];
+    for (u, seq) in sequences() {
+        for (t, i) in seq.iter().enumerate() {
+            inter.push(format!("u{u}\t{i}\t4\t{}", 1_000 * t as u64 + u as u64));
+        }
+    }
+    let mut item = vec!["item_id:token\tmovie_title:token_seq\trelease_year:token".to_string()];
+    for i in 1..=NUM_ITEMS {
+        item.push(format!("{i}\tMovie {i}\t{}", 1950 + i));
+    }
+    let (fi, fm) = (tmp.path().join("x.inter"), tmp.path().join("x.item"));
+    std::fs::write(&fi, inter.join("\n") + "\n").unwrap();
+    std::fs::write(&fm, item.join("\n") + "\n").unwrap();
+    let prepare = |out: &Path| -> Vec<String> {
+        [
+            "prepare",
+            "--format",
+            "recbole",
+            "--inter",
+            fi.to_str().unwrap(),
+            "--item",
+            fm.to_str().unwrap(),
+            "--k-core",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    let single = tmp.path().join("single");
+    let args = prepare(&single);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = run(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Under 3 ranks `prepare` runs on rank 0 only; all ranks succeed, same dataset.
+    let multi = tmp.path().join("multi");
+    let args = prepare(&multi);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = mpi_run("mpi_pipeline", 3, &args, &[]).unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for s in ["train", "valid", "test"] {
+        let f = format!("windows/{s}.parquet");
+        assert_eq!(
+            std::fs::read(multi.join(&f)).unwrap(),
+            std::fs::read(single.join(&f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // ... and `score` on its output, 3 ranks, equals one process.
+    let (s1, s3) = (tmp.path().join("s1"), tmp.path().join("s3"));
+    let o = run(
+        &score_args(multi.to_str().unwrap(), s1.to_str().unwrap(), "popularity"),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = mpi_run(
+        "mpi_pipeline",
+        3,
+        &score_args(multi.to_str().unwrap(), s3.to_str().unwrap(), "popularity"),
+        &[],
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(file_bytes(&s3), file_bytes(&s1));
+
+    // A rank-0 failure reaches every rank: the job fails with the reason.
+    let args = prepare(&tmp.path().join("bad"));
+    let mut args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    args.extend(["--noise-p", "1.5"]);
+    let o = mpi_run("mpi_pipeline", 2, &args, &[]).unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("[rank 1/2]") && e.contains("failed on rank 0"),
+        "{e}"
+    );
+}
