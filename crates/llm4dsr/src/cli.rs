@@ -41,6 +41,15 @@ pub enum Command {
     Score(cmd::score::ScoreArgs),
     /// Check the communicator under the cluster's launcher: placement and every collective.
     CommCheck(cmd::comm_check::CommCheckArgs),
+    /// Train SASRec / GRU4Rec / Caser on a prepared dataset; checkpoints + test metrics.
+    Train(cmd::train::TrainArgs),
+    /// Full-ranking HR@K / NDCG@K of a checkpoint on a dataset split.
+    Evaluate(cmd::evaluate::EvaluateArgs),
+    /// Model utilities: convert a GGUF model to an HF directory.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Print the LLM's first-token and full-title noise scores of every item of a few windows.
+    InspectScores(cmd::inspect::InspectArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -81,6 +90,12 @@ pub fn main() -> Result<()> {
             }),
             "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
             "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
+            "train" => cmd::train::run_with(config.resolve("train", sub)?, comm),
+            "evaluate" => cmd::evaluate::run_with(config.resolve("evaluate", sub)?, comm),
+            "model" => root_only(comm, name, || cmd::model::run(&config, sub)),
+            "inspect-scores" => root_only(comm, name, || {
+                cmd::inspect::run(config.resolve("inspect-scores", sub)?)
+            }),
             other => unreachable!("unhandled subcommand {other}"),
         }
     })();

@@ -2,5 +2,9 @@
 
 pub mod assets;
 pub mod comm_check;
+pub mod evaluate;
+pub mod inspect;
+pub mod model;
 pub mod prepare;
 pub mod score;
+pub mod train;
