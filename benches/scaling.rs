@@ -204,7 +204,10 @@ fn run() -> Result<(), String> {
     let threads = env_or("LLM4DSR_BENCH_THREADS", "1");
     let epochs = env_or("LLM4DSR_BENCH_EPOCHS", "1");
 
-    println!("SASRec on ML-1M, same global batch, {threads} thread(s) per rank, {epochs} epoch(s)");
+    println!(
+        "SASRec on {}, same global batch, {threads} thread(s) per rank, {epochs} epoch(s)",
+        data.display()
+    );
     println!(
         "{:>5} {:>10} {:>10} {:>14} {:>14} {:>10}",
         "ranks", "s/epoch", "steps", "bytes/step", "allreduce_ms", "wall_s"
