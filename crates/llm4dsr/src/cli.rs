@@ -50,6 +50,9 @@ pub enum Command {
     Model(cmd::model::ModelCommand),
     /// Print the LLM's first-token and full-title noise scores of every item of a few windows.
     InspectScores(cmd::inspect::InspectArgs),
+    /// The main job: assets, prepare (clean + noisy), noise detectors, LLM scores, backbones on
+    /// clean vs noisy data, report. Without --config it runs the embedded ML-100K default.
+    Run(cmd::run::RunArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -94,6 +97,7 @@ pub fn main() -> Result<()> {
             "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
             "train" => cmd::train::run_with(config.resolve("train", sub)?, comm),
             "evaluate" => cmd::evaluate::run_with(config.resolve("evaluate", sub)?, comm),
+            "run" => cmd::run::run(config.resolve("run", sub)?, &config, comm),
             "model" => root_only(comm, name, || cmd::model::run(&config, sub)),
             "inspect-scores" => root_only(comm, name, || {
                 cmd::inspect::run(config.resolve("inspect-scores", sub)?)

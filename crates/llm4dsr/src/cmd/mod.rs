@@ -6,5 +6,6 @@ pub mod evaluate;
 pub mod inspect;
 pub mod model;
 pub mod prepare;
+pub mod run;
 pub mod score;
 pub mod train;
