@@ -221,8 +221,15 @@ impl Comm for ThreadComm {
         self.barrier.wait();
         Ok(())
     }
-    fn all_gather_bytes(&self, _mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-        unimplemented!()
+    fn all_gather_bytes(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+        self.slots.lock().unwrap()[self.rank] = mine.iter().map(|&b| b as f64).collect();
+        self.barrier.wait();
+        let all = self.slots.lock().unwrap().clone();
+        self.barrier.wait();
+        Ok(all
+            .into_iter()
+            .map(|v| v.into_iter().map(|x| x as u8).collect())
+            .collect())
     }
     fn all_gather_f32(&self, _mine: &[f32]) -> anyhow::Result<Vec<f32>> {
         unimplemented!()

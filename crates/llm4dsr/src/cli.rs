@@ -70,12 +70,14 @@ pub fn main() -> Result<()> {
     };
     crate::logging::init(cli.verbose, comm.rank(), comm.size());
     if comm.size() > 1 {
-        tracing::debug!(
-            backend = comm.backend(),
-            local_rank = comm.local_rank(),
-            local_size = comm.local_size(),
-            "joined a job of {} ranks",
-            comm.size()
+        // One line per rank: where each rank landed (the host picks the node's GPUs).
+        tracing::info!(
+            "joined a job of {} ranks via {}: local rank {} of {} on {}",
+            comm.size(),
+            comm.backend(),
+            comm.local_rank(),
+            comm.local_size(),
+            hostname()
         );
     }
     let result = (|| -> Result<()> {
@@ -141,4 +143,12 @@ fn root_only(
             anyhow::anyhow!("`{stage}` failed on rank 0: {msg}")
         }
     })
+}
+
+/// This machine's name, for logs.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "?".into())
 }

@@ -43,7 +43,9 @@ pub fn evaluate(
 ) -> Result<Metrics> {
     let insts = eval_instances(windows);
     let (lo, hi) = rank_slice(insts.len(), comm.rank(), comm.size());
-    let mut sums = MetricSums::default();
+    // Each rank keeps the target's rank per instance; the sums are formed after gathering, in
+    // instance order, so the metrics are bit-identical for any number of ranks.
+    let mut target_ranks: Vec<u8> = Vec::with_capacity((hi - lo) * 4);
     let l = model.cfg.max_len;
     for start in (lo..hi).step_by(opts.batch_size.max(1)) {
         let end = (start + opts.batch_size.max(1)).min(hi);
@@ -62,10 +64,15 @@ pub fn evaluate(
             let mut excl: Vec<u32> = excluded.to_vec();
             excl.sort_unstable();
             excl.dedup();
-            sums.add_rank(rank_of_target(row, t as usize, &excl)?);
+            let r = rank_of_target(row, t as usize, &excl)? as u32;
+            target_ranks.extend_from_slice(&r.to_le_bytes());
         }
     }
-    let mut buf = sums.to_buf();
-    comm.all_reduce_sum_f64(&mut buf)?;
-    Ok(MetricSums::from_buf(&buf).finish())
+    let mut sums = MetricSums::default();
+    for part in comm.all_gather_bytes(&target_ranks)? {
+        for r in part.chunks_exact(4) {
+            sums.add_rank(u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize);
+        }
+    }
+    Ok(sums.finish())
 }

@@ -37,7 +37,7 @@ pub fn run(args: CommCheckArgs, comm: &dyn Comm) -> Result<()> {
         report.size,
         report.local_rank,
         report.local_size,
-        hostname(),
+        crate::cli::hostname(),
         report.backend,
         report.passed
     );
@@ -94,11 +94,4 @@ fn bench_all_reduce(comm: &dyn Comm, n: usize, iters: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "?".into())
 }

@@ -431,15 +431,18 @@ impl NoiseScorer for Popularity {
 
 /// `cooccurrence`: low affinity of an item to the rest of its window.
 pub struct Cooccurrence {
-    /// Sorted (min item << 32 | max item) keys and their counts.
-    keys: Vec<u64>,
+    /// Compressed rows: the items co-occurring with item a are
+    /// `neighbours[row[a]..row[a + 1]]` (sorted), with `counts` alongside.
+    row: Vec<u64>,
+    neighbours: Vec<u32>,
     counts: Vec<u32>,
     item_count: Vec<u64>,
 }
 
 impl Cooccurrence {
     /// Count every pair of distinct items within `span - 1` positions in a training sequence.
-    /// Memory: 8 bytes per pair occurrence while sorting (~10 per interaction).
+    /// Memory: 8 bytes per pair occurrence while sorting (~20 per interaction, both orders),
+    /// then 8 bytes per distinct (item, neighbour).
     pub fn new(stats: &TrainStats) -> Self {
         let mut pairs = Vec::new();
         for seq in &stats.sequences {
@@ -449,23 +452,33 @@ impl Cooccurrence {
                         break;
                     }
                     if a != b {
-                        pairs.push(((a.min(b) as u64) << 32) | a.max(b) as u64);
+                        pairs.push(((a as u64) << 32) | b as u64);
+                        pairs.push(((b as u64) << 32) | a as u64);
                     }
                 }
             }
         }
         pairs.sort_unstable();
-        let (mut keys, mut counts) = (Vec::new(), Vec::new());
+        let num_items = stats.item_count.len();
+        let (mut neighbours, mut counts) = (Vec::new(), Vec::new());
+        let mut row = vec![0u64; num_items + 1];
+        let mut last = None;
         for k in pairs {
-            if keys.last() == Some(&k) {
+            if last == Some(k) {
                 *counts.last_mut().unwrap() += 1;
             } else {
-                keys.push(k);
+                last = Some(k);
+                row[(k >> 32) as usize + 1] += 1;
+                neighbours.push(k as u32);
                 counts.push(1u32);
             }
         }
+        for a in 1..=num_items {
+            row[a] += row[a - 1];
+        }
         Self {
-            keys,
+            row,
+            neighbours,
             counts,
             item_count: stats.item_count.clone(),
         }
@@ -476,9 +489,12 @@ impl Cooccurrence {
         if a == b {
             return self.item_count.get(a as usize).copied().unwrap_or(0);
         }
-        let key = ((a.min(b) as u64) << 32) | a.max(b) as u64;
-        match self.keys.binary_search(&key) {
-            Ok(i) => self.counts[i] as u64,
+        let Some(&lo) = self.row.get(a as usize) else {
+            return 0;
+        };
+        let (lo, hi) = (lo as usize, self.row[a as usize + 1] as usize);
+        match self.neighbours[lo..hi].binary_search(&b) {
+            Ok(i) => self.counts[lo + i] as u64,
             Err(_) => 0,
         }
     }
@@ -490,19 +506,27 @@ impl NoiseScorer for Cooccurrence {
     }
     fn score(&mut self, items: &[u32], offsets: &[u32]) -> Result<Vec<f32>> {
         let mut out = vec![0f32; items.len()];
+        let mut pair = Vec::new();
         for s in offsets.windows(2) {
             let seq = &items[s[0] as usize..s[1] as usize];
-            if seq.len() < 2 {
+            let m = seq.len();
+            if m < 2 {
                 continue;
             }
-            for (k, &a) in seq.iter().enumerate() {
-                let affinity: f64 = seq
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != k)
-                    .map(|(_, &b)| (1.0 + self.count(a, b) as f64).ln())
-                    .sum();
-                out[s[0] as usize + k] = -(affinity / (seq.len() - 1) as f64) as f32;
+            // Each pair looked up once; summed in a fixed order, so scores do not depend on
+            // how windows are batched.
+            pair.clear();
+            pair.resize(m * m, 0f64);
+            for i in 0..m {
+                for j in i + 1..m {
+                    let v = (1.0 + self.count(seq[i], seq[j]) as f64).ln();
+                    pair[i * m + j] = v;
+                    pair[j * m + i] = v;
+                }
+            }
+            for k in 0..m {
+                let sum: f64 = (0..m).filter(|&j| j != k).map(|j| pair[k * m + j]).sum();
+                out[s[0] as usize + k] = -(sum / (m - 1) as f64) as f32;
             }
         }
         Ok(out)

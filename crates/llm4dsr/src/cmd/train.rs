@@ -237,7 +237,10 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
     cfg.model.validate()?;
     // Every input is read and checked before anything is written.
     let data = RecDataset::load(&dataset)?;
-    if out.exists() && !args.resume {
+    let exists = out.exists();
+    // Every rank decides from the same state of the disk, before rank 0 changes it.
+    comm.barrier()?;
+    if exists && !args.resume {
         if !args.overwrite {
             bail!("{}: run directory exists (pass --resume to continue it or --overwrite to replace it)", out.display());
         }
