@@ -4,9 +4,19 @@
 //! - [`item_loglik`]: per-item sum of target-token log-probs from hidden states and the LM
 //!   head, never materialising the [tokens x vocab] logits for the whole batch.
 //! - [`nearest_items`]: top-k L2-nearest catalogue embeddings for a batch of queries.
+//!
+//! Both dispatch at run time ([`backend`]): the CUDA kernels when built with `cuda` and a GPU
+//! driver is present, otherwise the CPU paths (one log line says which and why).
 
+pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod item_loglik;
+pub mod launch;
 pub mod nearest;
+pub mod reference;
+pub mod sources;
 
-pub use item_loglik::{item_loglik, ItemLogLik};
-pub use nearest::{nearest_items, Nearest};
+pub use backend::{backend, Backend};
+pub use item_loglik::{item_loglik, item_loglik_cpu, ItemLogLik};
+pub use nearest::{nearest_items, nearest_items_cpu, Nearest};

@@ -1,6 +1,15 @@
 //! Grounding search: for each query embedding, the k catalogue rows nearest in L2 distance.
+//!
+//! [`nearest_items`] dispatches: with feature `cuda` and a GPU at run time, the tiled kernel
+//! of `kernels/nearest.cu` (running top-k per query, never storing queries x items); otherwise
+//! the blocked CPU path [`nearest_items_cpu`]: query tiles x catalogue tiles, each tile's dot
+//! products by one f32 matmul (candle/gemm, multi-threaded), distances as
+//! |q|^2 + |c|^2 - 2 q.c, and a running top-k per query behind a threshold test, so only a
+//! [`CPU_QUERY_TILE`] x [`CPU_ITEM_TILE`] block of distances is alive at a time.
+//! Cost: 2 B I d FLOPs; memory O(B k + tile).
 
 use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
 
 /// Top-k neighbours per query, nearest first.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,8 +21,14 @@ pub struct Nearest {
     pub dist2: Vec<f32>,
 }
 
+/// Queries per block of the CPU path.
+pub const CPU_QUERY_TILE: usize = 256;
+/// Catalogue rows per block of the CPU path (a [CPU_ITEM_TILE, d] copy feeds the matmul).
+pub const CPU_ITEM_TILE: usize = 2048;
+
 /// `queries` [b, d] and `catalog` [n, d], row-major f32. Ties break toward the lower index.
-/// Rows listed in `exclude` (e.g. padding row 0) are never returned.
+/// Rows listed in `exclude` (e.g. padding row 0) are never returned. Returns
+/// k' = min(k, rows not excluded) neighbours per query.
 pub fn nearest_items(
     queries: &[f32],
     catalog: &[f32],
@@ -21,35 +36,272 @@ pub fn nearest_items(
     k: usize,
     exclude: &[u32],
 ) -> Result<Nearest> {
-    if d == 0 || queries.len() % d != 0 || catalog.len() % d != 0 {
-        bail!("nearest_items: buffers are not multiples of d={d}");
+    check_nearest_args(queries, catalog, d)?;
+    #[cfg(feature = "cuda")]
+    if k <= crate::launch::NEAREST_KMAX {
+        if let Some(gpu) = crate::cuda::kernels() {
+            match gpu.nearest_items(queries, catalog, d, k, exclude) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!("nearest_items: CUDA kernel failed ({e:#}); using the CPU path")
+                }
+            }
+        }
     }
+    nearest_items_cpu(queries, catalog, d, k, exclude)
+}
+
+pub fn check_nearest_args(queries: &[f32], catalog: &[f32], d: usize) -> Result<()> {
+    if d == 0 || queries.len() % d != 0 || catalog.len() % d != 0 {
+        bail!(
+            "nearest_items: buffers ({} query values, {} catalogue values) are not multiples of d={d}",
+            queries.len(),
+            catalog.len()
+        );
+    }
+    if let Some(p) = queries.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "nearest_items: query {} has a non-finite value at dim {}",
+            p / d,
+            p % d
+        );
+    }
+    Ok(())
+}
+
+/// Neighbours actually returned per query: k, capped by the rows that are not excluded.
+pub fn effective_k(k: usize, n: usize, exclude: &[u32]) -> usize {
+    let mut ex: Vec<u32> = exclude
+        .iter()
+        .copied()
+        .filter(|&j| (j as usize) < n)
+        .collect();
+    ex.sort_unstable();
+    ex.dedup();
+    k.min(n - ex.len())
+}
+
+/// A query's best k so far, sorted by (distance, index).
+#[derive(Clone, Debug)]
+pub(crate) struct TopK {
+    k: usize,
+    best: Vec<(f32, u32)>,
+}
+
+impl TopK {
+    pub(crate) fn new(k: usize) -> Self {
+        TopK {
+            k,
+            best: Vec::with_capacity(k + 1),
+        }
+    }
+
+    /// Would (dist, idx) enter the list? Cheap: one comparison against the current k-th.
+    #[inline]
+    pub(crate) fn admits(&self, dist: f32, idx: u32) -> bool {
+        if self.k == 0 {
+            return false;
+        }
+        match self.best.last() {
+            Some(&(d, i)) if self.best.len() == self.k => dist < d || (dist == d && idx < i),
+            _ => true,
+        }
+    }
+
+    pub(crate) fn push(&mut self, dist: f32, idx: u32) {
+        let at = self
+            .best
+            .partition_point(|&(d, i)| d < dist || (d == dist && i < idx));
+        self.best.insert(at, (dist, idx));
+        self.best.truncate(self.k);
+    }
+
+    pub(crate) fn into_sorted(self) -> Vec<(f32, u32)> {
+        self.best
+    }
+}
+
+/// The blocked CPU path (see the module doc). Exact: every row is compared; the result is the
+/// k smallest (distance, index) pairs of the f32 distances.
+pub fn nearest_items_cpu(
+    queries: &[f32],
+    catalog: &[f32],
+    d: usize,
+    k: usize,
+    exclude: &[u32],
+) -> Result<Nearest> {
+    check_nearest_args(queries, catalog, d)?;
     let b = queries.len() / d;
     let n = catalog.len() / d;
-    let k = k.min(n.saturating_sub(exclude.len()));
-    let norms: Vec<f32> = catalog
-        .chunks_exact(d)
-        .map(|r| r.iter().map(|x| x * x).sum())
-        .collect();
+    let k = effective_k(k, n, exclude);
+    let mut excluded: Vec<u32> = exclude.to_vec();
+    excluded.sort_unstable();
+    excluded.dedup();
+    let sq = |r: &[f32]| r.iter().map(|x| x * x).sum::<f32>();
+    let qnorm: Vec<f32> = queries.chunks_exact(d).map(sq).collect();
+    let mut tops: Vec<TopK> = (0..b).map(|_| TopK::new(k)).collect();
+    if k > 0 {
+        for q0 in (0..b).step_by(CPU_QUERY_TILE) {
+            let qb = CPU_QUERY_TILE.min(b - q0);
+            let qt = Tensor::from_slice(&queries[q0 * d..(q0 + qb) * d], (qb, d), &Device::Cpu)?;
+            for c0 in (0..n).step_by(CPU_ITEM_TILE) {
+                let cb = CPU_ITEM_TILE.min(n - c0);
+                let rows = &catalog[c0 * d..(c0 + cb) * d];
+                let cnorm: Vec<f32> = rows.chunks_exact(d).map(sq).collect();
+                if let Some(j) = cnorm.iter().position(|x| !x.is_finite()) {
+                    bail!(
+                        "nearest_items: catalogue row {} has a non-finite norm",
+                        c0 + j
+                    );
+                }
+                let ct = Tensor::from_slice(rows, (cb, d), &Device::Cpu)?;
+                let dots = qt.matmul(&ct.t()?)?.contiguous()?; // [qb, cb]
+                let dots = dots.flatten_all()?.to_vec1::<f32>()?;
+                for (qi, drow) in dots.chunks_exact(cb).enumerate() {
+                    let top = &mut tops[q0 + qi];
+                    let qn = qnorm[q0 + qi];
+                    for (ci, &dot) in drow.iter().enumerate() {
+                        let dist = (qn + cnorm[ci] - 2.0 * dot).max(0.0);
+                        let j = (c0 + ci) as u32;
+                        if top.admits(dist, j) && excluded.binary_search(&j).is_err() {
+                            top.push(dist, j);
+                        }
+                    }
+                }
+            }
+        }
+    }
     let mut index = Vec::with_capacity(b * k);
     let mut dist2 = Vec::with_capacity(b * k);
+    for top in tops {
+        let best = top.into_sorted();
+        debug_assert_eq!(best.len(), k);
+        index.extend(best.iter().map(|x| x.1));
+        dist2.extend(best.iter().map(|x| x.0));
+    }
+    Ok(Nearest { k, index, dist2 })
+}
+
+/// The naive path: every (query, row) pair in a plain loop, full sort per query. For
+/// benchmarks against the blocked path.
+pub fn nearest_items_naive(
+    queries: &[f32],
+    catalog: &[f32],
+    d: usize,
+    k: usize,
+    exclude: &[u32],
+) -> Result<Nearest> {
+    check_nearest_args(queries, catalog, d)?;
+    let n = catalog.len() / d;
+    let k = effective_k(k, n, exclude);
+    let mut index = Vec::new();
+    let mut dist2 = Vec::new();
     for q in queries.chunks_exact(d) {
-        let qn: f32 = q.iter().map(|x| x * x).sum();
-        let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-        for (j, row) in catalog.chunks_exact(d).enumerate() {
-            if exclude.contains(&(j as u32)) {
-                continue;
+        let mut all: Vec<(f32, u32)> = (0..n)
+            .filter(|j| !exclude.contains(&(*j as u32)))
+            .map(|j| {
+                let c = &catalog[j * d..(j + 1) * d];
+                (
+                    q.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum(),
+                    j as u32,
+                )
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        index.extend(all.iter().take(k).map(|x| x.1));
+        dist2.extend(all.iter().take(k).map(|x| x.0));
+    }
+    Ok(Nearest { k, index, dist2 })
+}
+
+/// Merge per-slice candidate lists (each sorted, `k` per query, slice-major
+/// [slices, queries, k]; entries with index u32::MAX are empty) into the global top-k.
+pub fn merge_candidates(
+    dist: &[f32],
+    idx: &[u32],
+    slices: usize,
+    queries: usize,
+    k: usize,
+) -> Result<Nearest> {
+    if dist.len() != slices * queries * k || idx.len() != dist.len() {
+        bail!("merge_candidates: buffer lengths do not match slices x queries x k");
+    }
+    let mut index = Vec::with_capacity(queries * k);
+    let mut dist2 = Vec::with_capacity(queries * k);
+    for q in 0..queries {
+        let mut top = TopK::new(k);
+        for s in 0..slices {
+            let base = (s * queries + q) * k;
+            for e in base..base + k {
+                if idx[e] != u32::MAX && top.admits(dist[e], idx[e]) {
+                    top.push(dist[e], idx[e]);
+                }
             }
-            let dot: f32 = q.iter().zip(row).map(|(a, b)| a * b).sum();
-            let dd = (qn + norms[j] - 2.0 * dot).max(0.0);
-            if best.len() < k || dd < best[best.len() - 1].0 {
-                let at = best.partition_point(|&(x, _)| x <= dd);
-                best.insert(at, (dd, j as u32));
-                best.truncate(k);
-            }
+        }
+        let best = top.into_sorted();
+        if best.len() != k {
+            bail!(
+                "merge_candidates: query {q} has {} of {k} neighbours (a slice returned too few)",
+                best.len()
+            );
         }
         index.extend(best.iter().map(|x| x.1));
         dist2.extend(best.iter().map(|x| x.0));
     }
     Ok(Nearest { k, index, dist2 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_keeps_lexicographic_order_and_ties_low_index() {
+        let mut t = TopK::new(3);
+        for (d, i) in [(5.0, 0), (1.0, 1), (1.0, 2), (3.0, 3), (1.0, 4), (0.5, 5)] {
+            if t.admits(d, i) {
+                t.push(d, i);
+            }
+        }
+        assert_eq!(t.into_sorted(), vec![(0.5, 5), (1.0, 1), (1.0, 2)]);
+    }
+
+    #[test]
+    fn blocked_equals_naive_on_integer_grid() {
+        // Small integer coordinates: f32 distances are exact on both paths, so results match
+        // bit for bit, ties included. Crosses the item-tile boundary.
+        let d = 3;
+        let n = CPU_ITEM_TILE + 5;
+        let cat: Vec<f32> = (0..n * d).map(|i| ((i * 7919) % 11) as f32 - 5.0).collect();
+        let q: Vec<f32> = (0..4 * d).map(|i| ((i * 31) % 7) as f32 - 3.0).collect();
+        let a = nearest_items_cpu(&q, &cat, d, 7, &[0, 3, 3, 99_999]).unwrap();
+        let b = nearest_items_naive(&q, &cat, d, 7, &[0, 3, 3, 99_999]).unwrap();
+        assert_eq!(a, b);
+        assert!(!a.index.contains(&0) && !a.index.contains(&3));
+    }
+
+    #[test]
+    fn k_capped_by_rows_left_and_bad_input_refused() {
+        let cat = vec![0.0, 1.0, 2.0];
+        let r = nearest_items_cpu(&[0.4], &cat, 1, 10, &[1]).unwrap();
+        assert_eq!(r.k, 2);
+        assert_eq!(r.index, vec![0, 2]);
+        assert!(nearest_items_cpu(&[0.4, 1.0], &cat, 3, 1, &[]).is_err());
+        assert!(nearest_items_cpu(&[f32::NAN], &cat, 1, 1, &[]).is_err());
+        assert!(nearest_items_cpu(&[0.0], &[f32::INFINITY], 1, 1, &[]).is_err());
+    }
+
+    #[test]
+    fn merge_picks_global_best() {
+        // 2 slices, 1 query, k = 2.
+        let dist = [1.0, 4.0, 0.5, 1.0];
+        let idx = [7, 9, 100, 3];
+        let m = merge_candidates(&dist, &idx, 2, 1, 2).unwrap();
+        assert_eq!(m.index, vec![100, 3]);
+        let idx = [7, u32::MAX, 100, u32::MAX];
+        assert_eq!(
+            merge_candidates(&dist, &idx, 2, 1, 2).unwrap().index,
+            vec![100, 7]
+        );
+    }
 }

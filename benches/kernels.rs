@@ -1,0 +1,721 @@
+//! Kernel benchmarks: prints tables of time, achieved TB/s and TFLOP/s, and % of the floor.
+//!
+//!   cargo bench --bench kernels                   # CPU paths: chunked vs materialising,
+//!                                                 # blocked vs naive nearest
+//!   cargo bench --bench kernels -- --floors       # the floor model per card and shape (no run)
+//!   cargo bench --bench kernels -- --quick        # smaller CPU shapes
+//!   cargo bench --bench kernels --features cuda -- --gpu   # GPU kernels (jobs/gpu-check.sh)
+//!
+//! Floor = max(FLOPs / matrix peak, bytes / memory bandwidth, exps / special-function rate),
+//! with the bytes the fewest a kernel must move (each input read once, each output written
+//! once). Peaks are those measured on this workplace's machines (KINDS.md): bf16 dense
+//! ~790 TFLOP/s; copy bandwidth H100 3.0 TB/s, H200 4.3 TB/s; fp32 FMA 67 TFLOP/s and
+//! MUFU.EX2 16/clk/SM at 1.98 GHz (datasheet leads, not measured here).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use llm4dsr_data::rng::{KeyedRng, Purpose};
+use llm4dsr_kernels::item_loglik::{item_loglik_cpu, item_loglik_materialised, CPU_CHUNK_ROWS};
+use llm4dsr_kernels::nearest::{nearest_items_cpu, nearest_items_naive};
+
+/// A GPU's ceilings.
+#[derive(Clone, Copy, Debug)]
+struct Card {
+    name: &'static str,
+    bf16_tflops: f64,
+    fp32_tflops: f64,
+    tbs: f64,
+    /// exp() per second: MUFU 16/clk/SM x 132 SMs x 1.98 GHz.
+    exps_per_s: f64,
+}
+
+const H100: Card = Card {
+    name: "H100 SXM",
+    bf16_tflops: 790.0,
+    fp32_tflops: 67.0,
+    tbs: 3.0,
+    exps_per_s: 16.0 * 132.0 * 1.98e9,
+};
+const H200: Card = Card {
+    name: "H200",
+    bf16_tflops: 790.0,
+    fp32_tflops: 67.0,
+    tbs: 4.3,
+    exps_per_s: 16.0 * 132.0 * 1.98e9,
+};
+
+/// The work of one kernel call, for the floor and the achieved rates.
+#[derive(Clone, Copy, Debug)]
+struct Work {
+    flops: f64,
+    bytes: f64,
+    exps: f64,
+    /// Does the matrix work run on tensor cores (bf16 peak) or CUDA cores (fp32 peak)?
+    tensor_cores: bool,
+}
+
+impl Work {
+    fn floor_s(&self, c: &Card) -> f64 {
+        let peak = if self.tensor_cores {
+            c.bf16_tflops
+        } else {
+            c.fp32_tflops
+        } * 1e12;
+        (self.flops / peak)
+            .max(self.bytes / (c.tbs * 1e12))
+            .max(self.exps / c.exps_per_s)
+    }
+    fn bound(&self, c: &Card) -> &'static str {
+        let peak = if self.tensor_cores {
+            c.bf16_tflops
+        } else {
+            c.fp32_tflops
+        } * 1e12;
+        let (f, b, e) = (
+            self.flops / peak,
+            self.bytes / (c.tbs * 1e12),
+            self.exps / c.exps_per_s,
+        );
+        if f >= b && f >= e {
+            "matrix"
+        } else if b >= e {
+            "memory"
+        } else {
+            "exp"
+        }
+    }
+}
+
+/// Item-likelihood scoring shape: N title tokens, vocabulary V, hidden d.
+#[derive(Clone, Copy, Debug)]
+struct ScoringShape {
+    name: &'static str,
+    n: usize,
+    v: usize,
+    d: usize,
+}
+
+/// The shapes of ../shared/bench/hf_scoring_baseline.py's full-title case: batch windows x 10
+/// items x 8 title tokens (smollm2 and qwen2-like at batch 64, llama3-8b at batch 16, and the
+/// issue's 32-window Llama batch).
+const SCORING: [ScoringShape; 4] = [
+    ScoringShape {
+        name: "smollm2-135m b64",
+        n: 64 * 80,
+        v: 49_152,
+        d: 576,
+    },
+    ScoringShape {
+        name: "qwen2-0.5b-like b64",
+        n: 64 * 80,
+        v: 151_936,
+        d: 896,
+    },
+    ScoringShape {
+        name: "llama3-8b b16",
+        n: 16 * 80,
+        v: 128_256,
+        d: 4096,
+    },
+    ScoringShape {
+        name: "llama3-8b b32",
+        n: 32 * 80,
+        v: 128_256,
+        d: 4096,
+    },
+];
+
+fn fused_work(s: &ScoringShape, elem: f64, tc: bool) -> Work {
+    let (n, v, d) = (s.n as f64, s.v as f64, s.d as f64);
+    Work {
+        flops: 2.0 * n * v * d,
+        // head + hidden once; targets in, per-token out (4 + 4 bytes per row)
+        bytes: elem * (v * d + n * d) + 8.0 * n,
+        exps: n * v,
+        tensor_cores: tc,
+    }
+}
+
+fn materialised_work(s: &ScoringShape, elem: f64, tc: bool) -> Work {
+    let mut w = fused_work(s, elem, tc);
+    w.bytes += 8.0 * s.n as f64 * s.v as f64; // N x V f32 logits written, then read
+    w
+}
+
+#[derive(Clone, Copy, Debug)]
+struct NearestShape {
+    name: &'static str,
+    b: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+}
+
+const NEAREST: [NearestShape; 2] = [
+    NearestShape {
+        name: "1M x 4096, 1024 q",
+        b: 1024,
+        n: 1_000_000,
+        d: 4096,
+        k: 10,
+    },
+    NearestShape {
+        name: "100k x 384, 1024 q",
+        b: 1024,
+        n: 100_000,
+        d: 384,
+        k: 10,
+    },
+];
+
+fn nearest_work(s: &NearestShape, tc: bool) -> Work {
+    let (b, n, d, k) = (s.b as f64, s.n as f64, s.d as f64, s.k as f64);
+    Work {
+        flops: 2.0 * b * n * d,
+        bytes: 4.0 * (n * d + b * d + n) + 8.0 * b * k,
+        exps: 0.0,
+        tensor_cores: tc,
+    }
+}
+
+struct Row {
+    case: String,
+    shape: String,
+    ms: f64,
+    work: Work,
+    note: String,
+}
+
+fn print_table(title: &str, card: Option<&Card>, rows: &[Row]) {
+    println!("\n## {title}");
+    match card {
+        Some(c) => {
+            println!(
+                "| case | shape | time ms | TB/s | TFLOP/s | floor ms | % of floor | bound | note |"
+            );
+            println!("|---|---|---:|---:|---:|---:|---:|---|---|");
+            for r in rows {
+                let floor = r.work.floor_s(c) * 1e3;
+                println!(
+                    "| {} | {} | {:.3} | {:.3} | {:.2} | {:.3} | {:.1}% | {} | {} |",
+                    r.case,
+                    r.shape,
+                    r.ms,
+                    r.work.bytes / (r.ms * 1e-3) / 1e12,
+                    r.work.flops / (r.ms * 1e-3) / 1e12,
+                    floor,
+                    100.0 * floor / r.ms,
+                    r.work.bound(c),
+                    r.note
+                );
+            }
+        }
+        None => {
+            println!("| case | shape | time ms | GFLOP/s | note |");
+            println!("|---|---|---:|---:|---|");
+            for r in rows {
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {} |",
+                    r.case,
+                    r.shape,
+                    r.ms,
+                    r.work.flops / (r.ms * 1e-3) / 1e9,
+                    r.note
+                );
+            }
+        }
+    }
+}
+
+/// The floor model table for docs/kernels.md (no kernel runs).
+fn print_floors() {
+    for card in [H100, H200] {
+        let mut rows = Vec::new();
+        for s in SCORING {
+            let shape = format!("{}: N={} V={} d={}", s.name, s.n, s.v, s.d);
+            for (case, w) in [
+                ("fused bf16", fused_work(&s, 2.0, true)),
+                ("materialised bf16", materialised_work(&s, 2.0, true)),
+                ("fused f32 (CUDA cores)", fused_work(&s, 4.0, false)),
+            ] {
+                rows.push(Row {
+                    case: case.into(),
+                    shape: shape.clone(),
+                    ms: w.floor_s(&card) * 1e3,
+                    work: w,
+                    note: format!(
+                        "{:.2} TFLOP, {:.3} GB, {:.2e} exp",
+                        w.flops / 1e12,
+                        w.bytes / 1e9,
+                        w.exps
+                    ),
+                });
+            }
+        }
+        for s in NEAREST {
+            let shape = format!("{}: B={} I={} d={} k={}", s.name, s.b, s.n, s.d, s.k);
+            for (case, w) in [
+                ("nearest f32 (CUDA cores)", nearest_work(&s, false)),
+                ("nearest if on tensor cores", nearest_work(&s, true)),
+            ] {
+                rows.push(Row {
+                    case: case.into(),
+                    shape: shape.clone(),
+                    ms: w.floor_s(&card) * 1e3,
+                    work: w,
+                    note: format!("{:.2} TFLOP, {:.3} GB", w.flops / 1e12, w.bytes / 1e9),
+                });
+            }
+        }
+        print_table(
+            &format!("Floor model, {} (time = floor)", card.name),
+            Some(&card),
+            &rows,
+        );
+    }
+}
+
+fn randn(key: u64, rows: usize, cols: usize, scale: f64) -> Vec<f32> {
+    let mut rng = KeyedRng::new(7, Purpose::Other, key);
+    (0..rows * cols)
+        .map(|_| (rng.normal() * scale) as f32)
+        .collect()
+}
+
+/// Median wall time of `reps` runs after one warm-up.
+fn wall_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn cpu_bench(quick: bool) {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut rows = Vec::new();
+    // SmolLM2's head, a batch of windows x 10 items x 8 title tokens.
+    let (v, d) = (49_152, 576);
+    let n = if quick { 128 } else { 640 };
+    let h = Tensor::from_vec(randn(1, n, d, 1.0), (n, d), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(randn(2, v, d, 0.05), (v, d), &Device::Cpu).unwrap();
+    let mut rng = KeyedRng::new(7, Purpose::Other, 3);
+    let t: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+    let o: Vec<u32> = (0..=n / 8).map(|j| (j * 8) as u32).collect();
+    let s = ScoringShape {
+        name: "smollm2 head",
+        n,
+        v,
+        d,
+    };
+    let shape = format!("{}: N={n} V={v} d={d}", s.name);
+    let reps = if quick { 2 } else { 3 };
+    let a = item_loglik_cpu(&h, &w, &t, &o).unwrap();
+    let b = item_loglik_materialised(&h, &w, &t, &o).unwrap();
+    let max_diff = a
+        .per_token
+        .iter()
+        .zip(&b.per_token)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    rows.push(Row {
+        case: "item_loglik chunked (CPU path)".into(),
+        shape: shape.clone(),
+        ms: wall_ms(reps, || {
+            item_loglik_cpu(&h, &w, &t, &o).unwrap();
+        }),
+        work: fused_work(&s, 4.0, false),
+        note: format!(
+            "logits alive: {CPU_CHUNK_ROWS} x V x 4 B = {:.1} MB; max |diff| vs naive {max_diff:.1e}",
+            (CPU_CHUNK_ROWS * v * 4) as f64 / 1e6
+        ),
+    });
+    rows.push(Row {
+        case: "item_loglik materialised (naive)".into(),
+        shape: shape.clone(),
+        ms: wall_ms(reps, || {
+            item_loglik_materialised(&h, &w, &t, &o).unwrap();
+        }),
+        work: materialised_work(&s, 4.0, false),
+        note: format!(
+            "logits alive: N x V x 4 B = {:.1} MB (x3 with log_softmax temporaries)",
+            (n * v * 4) as f64 / 1e6
+        ),
+    });
+    // Grounding with MiniLM-sized embeddings.
+    let (b, n, d, k) = if quick {
+        (32, 5_000, 384, 10)
+    } else {
+        (128, 20_000, 384, 10)
+    };
+    let q = randn(4, b, d, 1.0);
+    let c = randn(5, n, d, 1.0);
+    let ns = NearestShape {
+        name: "minilm",
+        b,
+        n,
+        d,
+        k,
+    };
+    let shape = format!("{}: B={b} I={n} d={d} k={k}", ns.name);
+    let same = nearest_items_cpu(&q, &c, d, k, &[0]).unwrap().index
+        == nearest_items_naive(&q, &c, d, k, &[0]).unwrap().index;
+    rows.push(Row {
+        case: "nearest blocked (CPU path)".into(),
+        shape: shape.clone(),
+        ms: wall_ms(reps, || {
+            nearest_items_cpu(&q, &c, d, k, &[0]).unwrap();
+        }),
+        work: nearest_work(&ns, false),
+        note: format!("same indices as naive: {same}"),
+    });
+    rows.push(Row {
+        case: "nearest naive loop".into(),
+        shape,
+        ms: wall_ms(1, || {
+            nearest_items_naive(&q, &c, d, k, &[0]).unwrap();
+        }),
+        work: nearest_work(&ns, false),
+        note: "per-pair loop, full sort per query".into(),
+    });
+    print_table(
+        &format!("CPU paths ({threads} threads, median of {reps} after a warm-up)"),
+        None,
+        &rows,
+    );
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use anyhow::{Context, Result};
+    use llm4dsr_kernels::cuda::cudarc::driver::{sys, CudaFunction, CudaSlice, PushKernelArg};
+    use llm4dsr_kernels::cuda::{cfg, kernels, CudaKernels, DeviceMatrix, ScoreMode};
+    use llm4dsr_kernels::launch::{FusedVariant, Shape};
+    use llm4dsr_kernels::sources::BENCH_FILL_CU;
+
+    struct Fill {
+        f32_: CudaFunction,
+        bf16: CudaFunction,
+        ids: CudaFunction,
+    }
+
+    const FILL_SHAPE: Shape = Shape {
+        grid: (132 * 8, 1, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+
+    impl Fill {
+        fn f32(
+            &self,
+            g: &CudaKernels,
+            len: usize,
+            seed: u64,
+            scale: f32,
+        ) -> Result<CudaSlice<f32>> {
+            let mut x = unsafe { g.stream.alloc::<f32>(len) }?;
+            let l = len as u64;
+            let mut b = g.stream.launch_builder(&self.f32_);
+            b.arg(&mut x).arg(&l).arg(&seed).arg(&scale);
+            unsafe { b.launch(cfg(FILL_SHAPE)) }?;
+            Ok(x)
+        }
+        fn bf16(
+            &self,
+            g: &CudaKernels,
+            len: usize,
+            seed: u64,
+            scale: f32,
+        ) -> Result<CudaSlice<u16>> {
+            let mut x = unsafe { g.stream.alloc::<u16>(len) }?;
+            let l = len as u64;
+            let mut b = g.stream.launch_builder(&self.bf16);
+            b.arg(&mut x).arg(&l).arg(&seed).arg(&scale);
+            unsafe { b.launch(cfg(FILL_SHAPE)) }?;
+            Ok(x)
+        }
+        fn ids(
+            &self,
+            g: &CudaKernels,
+            len: usize,
+            seed: u64,
+            modulo: u32,
+        ) -> Result<CudaSlice<u32>> {
+            let mut x = unsafe { g.stream.alloc::<u32>(len) }?;
+            let l = len as u64;
+            let mut b = g.stream.launch_builder(&self.ids);
+            b.arg(&mut x).arg(&l).arg(&seed).arg(&modulo);
+            unsafe { b.launch(cfg(FILL_SHAPE)) }?;
+            Ok(x)
+        }
+    }
+
+    /// Median of `reps` event-timed runs after `warm` warm-ups.
+    fn event_ms(
+        g: &CudaKernels,
+        warm: usize,
+        reps: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        for _ in 0..warm {
+            f()?;
+        }
+        g.stream.synchronize()?;
+        let mut t = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let a = g
+                .stream
+                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            f()?;
+            let b = g
+                .stream
+                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            t.push(a.elapsed_ms(&b)? as f64);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        if a.iter().chain(b).any(|x| !x.is_finite()) {
+            return f64::NAN;
+        }
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    pub fn bench(quick: bool) -> Result<()> {
+        let Some(g) = kernels() else {
+            eprintln!("SKIP: GPU benchmarks: no usable GPU (see the log line above)");
+            return Ok(());
+        };
+        let card = if g.name.contains("H200") { H200 } else { H100 };
+        println!(
+            "\nGPU: {} (sm_{}{}, {} SMs); floor model of {} (peaks in benches/kernels.rs)",
+            g.name, g.cc.0, g.cc.1, g.sm_count, card.name
+        );
+        let f = g.load_extra(
+            "bench_fill.cu",
+            BENCH_FILL_CU,
+            &["fill_f32", "fill_bf16", "fill_ids"],
+        )?;
+        let fill = Fill {
+            f32_: f[0].clone(),
+            bf16: f[1].clone(),
+            ids: f[2].clone(),
+        };
+        let reps = if quick { 5 } else { 20 };
+        let mut rows = Vec::new();
+        let shapes: Vec<ScoringShape> = if quick {
+            SCORING[..1].to_vec()
+        } else {
+            SCORING.to_vec()
+        };
+        for (si, s) in shapes.iter().enumerate() {
+            let (n, v, d) = (s.n, s.v, s.d);
+            let seed = 1000 + si as u64 * 10;
+            let scale_w = 3.0 / (d as f32).sqrt();
+            let h = DeviceMatrix::Bf16(fill.bf16(g, n * d, seed, 1.0)?, n, d);
+            let w = DeviceMatrix::Bf16(fill.bf16(g, v * d, seed + 1, scale_w)?, v, d);
+            let t = fill.ids(g, n, seed + 2, v as u32)?;
+            let offsets: Vec<u32> = (0..=n / 8).map(|j| (j * 8) as u32).collect();
+            let o = g.stream.clone_htod(&offsets)?;
+            let items = offsets.len() - 1;
+            let shape = format!("{}: N={n} V={v} d={d}", s.name);
+            let mut fused = g.score_buffers(
+                FusedVariant::TensorCoreBf16,
+                n,
+                v,
+                d,
+                items,
+                ScoreMode::Fused,
+            )?;
+            let ms_fused = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut fused))?;
+            let fused_tok = g.stream.clone_dtoh(&fused.per_token)?;
+            let mut mat = g.score_buffers(
+                FusedVariant::TensorCoreBf16,
+                n,
+                v,
+                d,
+                items,
+                ScoreMode::Materialised,
+            )?;
+            let ms_mat = event_ms(g, 1, reps.min(5), || {
+                g.score_device(&h, &w, &t, &o, &mut mat)
+            })?;
+            let mat_tok = g.stream.clone_dtoh(&mat.per_token)?;
+            drop(mat);
+            // f64 reference for two rows (first and last) from the device's own inputs.
+            let hb = match &h {
+                DeviceMatrix::Bf16(x, ..) => g.stream.clone_dtoh(x)?,
+                _ => unreachable!(),
+            };
+            let wb = match &w {
+                DeviceMatrix::Bf16(x, ..) => g.stream.clone_dtoh(x)?,
+                _ => unreachable!(),
+            };
+            let tg = g.stream.clone_dtoh(&t)?;
+            let bf = |x: u16| f32::from_bits((x as u32) << 16) as f64;
+            let mut ref_rows = Vec::new();
+            let mut got_rows = Vec::new();
+            for r in [0, n - 1] {
+                let hr: Vec<f64> = hb[r * d..(r + 1) * d].iter().map(|&x| bf(x)).collect();
+                let logits: Vec<f64> = (0..v)
+                    .map(|j| {
+                        wb[j * d..(j + 1) * d]
+                            .iter()
+                            .zip(&hr)
+                            .map(|(&a, b)| bf(a) * b)
+                            .sum()
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                ref_rows.push((logits[tg[r] as usize] - lse) as f32);
+                got_rows.push(fused_tok[r]);
+            }
+            let e_ref = rel_err(&got_rows, &ref_rows);
+            let e_mat = rel_err(&fused_tok, &mat_tok);
+            rows.push(Row {
+                case: "fused bf16 (mma.sync)".into(),
+                shape: shape.clone(),
+                ms: ms_fused,
+                work: fused_work(s, 2.0, true),
+                note: format!("rel err vs f64 (2 rows) {e_ref:.1e}; vs materialised {e_mat:.1e}"),
+            });
+            rows.push(Row {
+                case: "materialise + logits kernel".into(),
+                shape: shape.clone(),
+                ms: ms_mat,
+                work: materialised_work(s, 2.0, true),
+                note: format!("fused speed-up x{:.2}", ms_mat / ms_fused),
+            });
+            if si == 0 {
+                // The f32 CUDA-core kernel at the smallest shape.
+                let hf = DeviceMatrix::F32(fill.f32(g, n * d, seed, 1.0)?, n, d);
+                let wf = DeviceMatrix::F32(fill.f32(g, v * d, seed + 1, scale_w)?, v, d);
+                let mut b32 =
+                    g.score_buffers(FusedVariant::F32, n, v, d, items, ScoreMode::Fused)?;
+                let ms = event_ms(g, 1, reps.min(5), || {
+                    g.score_device(&hf, &wf, &t, &o, &mut b32)
+                })?;
+                rows.push(Row {
+                    case: "fused f32 (CUDA cores)".into(),
+                    shape: shape.clone(),
+                    ms,
+                    work: fused_work(s, 4.0, false),
+                    note: String::new(),
+                });
+            }
+            g.stream.synchronize()?;
+        }
+        print_table(
+            "Item-likelihood scoring on the GPU (median of events)",
+            Some(&card),
+            &rows,
+        );
+
+        let mut rows = Vec::new();
+        let nshapes: Vec<NearestShape> = if quick {
+            NEAREST[1..].to_vec()
+        } else {
+            NEAREST.to_vec()
+        };
+        for (si, s) in nshapes.iter().enumerate() {
+            let (b, n, d, k) = (s.b, s.n, s.d, s.k);
+            let seed = 2000 + si as u64 * 10;
+            let q = fill.f32(g, b * d, seed, 1.0)?;
+            let c = fill.f32(g, n * d, seed + 1, 1.0)?;
+            let qn = g.row_norms(&q, b, d)?;
+            let mut cn = g.row_norms(&c, n, d)?;
+            g.exclude_rows(&mut cn, n, &[0])?;
+            let mut last = None;
+            let ms = event_ms(g, 1, 3, || {
+                last = Some(g.nearest_device(&q, &qn, &c, &cn, b, n, d, k)?);
+                Ok(())
+            })?;
+            let (od, oi, plan) = last.context("no run")?;
+            let dist = g.stream.clone_dtoh(&od)?;
+            let idx = g.stream.clone_dtoh(&oi)?;
+            let merged = llm4dsr_kernels::nearest::merge_candidates(
+                &dist,
+                &idx,
+                plan.split.slices as usize,
+                b,
+                k,
+            )?;
+            // Exactness spot check: query 0 against an f64 scan of the whole catalogue
+            // (skipped above 1e9 values: the download and scan would cost more than the run).
+            let same = if n * d <= 1_000_000_000 {
+                let qh = g.stream.clone_dtoh(&q)?;
+                let ch = g.stream.clone_dtoh(&c)?;
+                let want = llm4dsr_kernels::reference::nearest_items(&qh[..d], &ch, d, k, &[0])?;
+                (want.index == merged.index[..k]).to_string()
+            } else {
+                "not checked (size)".to_string()
+            };
+            rows.push(Row {
+                case: "nearest f32 top-k".into(),
+                shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                ms,
+                work: nearest_work(s, false),
+                note: format!(
+                    "query 0 top-{k} equals f64 reference: {same}; {} slices",
+                    plan.split.slices
+                ),
+            });
+        }
+        print_table(
+            "Grounding search on the GPU (median of events)",
+            Some(&card),
+            &rows,
+        );
+        Ok(())
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    if has("--floors") {
+        print_floors();
+        return;
+    }
+    let quick = has("--quick");
+    let gpu_only = has("--gpu");
+    if !gpu_only {
+        cpu_bench(quick);
+    }
+    if gpu_only || has("--all") {
+        #[cfg(feature = "cuda")]
+        {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .try_init();
+            if let Err(e) = gpu::bench(quick) {
+                eprintln!("GPU benchmark failed: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        eprintln!("SKIP: GPU benchmarks: built without --features cuda");
+    }
+}

@@ -1,0 +1,578 @@
+//! The CUDA path (feature `cuda`): NVRTC compiles `kernels/*.cu` at run time for the device's
+//! compute capability, cudarc loads them; the wrappers here own device buffers and turn the
+//! plans of [`crate::launch`] into launches. No CUDA toolkit at build time, and no CUDA
+//! library is linked: libcuda and libnvrtc are opened when [`kernels`] is first called, and
+//! only after [`crate::backend`] has seen `libcuda.so.1`.
+//!
+//! Start-up cost (seen on an H200 with a probe of this design): NVRTC ~80 ms per module,
+//! module load ~150 ms; paid once per process by [`kernels`].
+
+use std::sync::{Arc, OnceLock};
+
+pub use cudarc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use crate::backend::{backend, request, Backend, Request};
+use crate::item_loglik::{check_args, ItemLogLik};
+use crate::launch::{self, FusedPlan, FusedVariant, NearestPlan, Shape};
+use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
+use crate::sources::{
+    nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU,
+};
+
+/// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
+/// log line) when the start fails: the callers then take the CPU path.
+pub fn kernels() -> Option<&'static CudaKernels> {
+    static KERNELS: OnceLock<Option<CudaKernels>> = OnceLock::new();
+    KERNELS
+        .get_or_init(|| {
+            if backend() != Backend::Cuda {
+                return None;
+            }
+            // cudarc's loader panics when a library (e.g. libnvrtc) is missing: contain it.
+            let started = std::panic::catch_unwind(|| CudaKernels::new(0))
+                .unwrap_or_else(|p| Err(anyhow!("CUDA start panicked: {}", panic_text(&p))));
+            match started {
+                Ok(k) => {
+                    tracing::info!(
+                        "kernels: CUDA device 0 {} (sm_{}{}, {} SMs), NVRTC modules ready",
+                        k.name,
+                        k.cc.0,
+                        k.cc.1,
+                        k.sm_count
+                    );
+                    Some(k)
+                }
+                Err(e) => {
+                    if request() == Request::Cuda {
+                        tracing::error!("kernels: LLM4DSR_KERNELS=cuda but the GPU start failed: {e:#}; CPU path");
+                    } else {
+                        tracing::warn!("kernels: GPU start failed ({e:#}); CPU path");
+                    }
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+/// NVRTC-compile `src` (named `kernels/<file>` in errors) for `arch` and load `names` from it.
+pub fn compile_and_load(
+    ctx: &Arc<CudaContext>,
+    arch: &'static str,
+    file: &str,
+    src: &str,
+    names: &[&str],
+) -> Result<Vec<CudaFunction>> {
+    let t0 = std::time::Instant::now();
+    let ptx = compile_ptx_with_opts(
+        src,
+        CompileOptions {
+            arch: Some(arch),
+            options: nvrtc_defines(),
+            name: Some(file.to_string()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("NVRTC compile of kernels/{file} for {arch} failed: {e}"))?;
+    let module = ctx
+        .load_module(ptx)
+        .with_context(|| format!("loading the PTX of kernels/{file}"))?;
+    tracing::debug!("kernels/{file}: NVRTC + load {:?}", t0.elapsed());
+    names
+        .iter()
+        .map(|n| {
+            module
+                .load_function(n)
+                .with_context(|| format!("function {n} in kernels/{file}"))
+        })
+        .collect()
+}
+
+/// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
+/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs.
+pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
+    let mut out = Vec::new();
+    for (file, src) in [
+        ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU),
+        ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU),
+        ("nearest.cu", NEAREST_CU),
+        ("bench_fill.cu", crate::sources::BENCH_FILL_CU),
+    ] {
+        let ptx = std::panic::catch_unwind(|| {
+            compile_ptx_with_opts(
+                src,
+                CompileOptions {
+                    arch: Some(arch),
+                    options: nvrtc_defines(),
+                    name: Some(file.to_string()),
+                    ..Default::default()
+                },
+            )
+        })
+        .map_err(|p| anyhow!("NVRTC panicked: {}", panic_text(&p)))?
+        .map_err(|e| anyhow!("NVRTC compile of kernels/{file} for {arch} failed: {e}"))?;
+        out.push((file, ptx.to_src()));
+    }
+    Ok(out)
+}
+
+/// A plan's shape as cudarc's launch configuration.
+pub fn cfg(s: Shape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: s.grid,
+        block_dim: s.block,
+        shared_mem_bytes: s.shared_bytes,
+    }
+}
+
+/// A matrix in device memory, row-major [rows, cols]; 16-bit floats travel as raw bits.
+pub enum DeviceMatrix {
+    Bf16(CudaSlice<u16>, usize, usize),
+    F16(CudaSlice<u16>, usize, usize),
+    F32(CudaSlice<f32>, usize, usize),
+}
+
+impl DeviceMatrix {
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            DeviceMatrix::Bf16(_, r, c)
+            | DeviceMatrix::F16(_, r, c)
+            | DeviceMatrix::F32(_, r, c) => (*r, *c),
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            DeviceMatrix::Bf16(..) => DType::BF16,
+            DeviceMatrix::F16(..) => DType::F16,
+            DeviceMatrix::F32(..) => DType::F32,
+        }
+    }
+    pub fn bytes(&self) -> usize {
+        let (r, c) = self.dims();
+        r * c * self.dtype().size_in_bytes()
+    }
+}
+
+/// How the item-likelihood is computed on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreMode {
+    /// The fused kernel: online log-sum-exp, no [N, V] buffer.
+    Fused,
+    /// The same GEMM writing all [N, V] f32 logits, then the logits kernel over them (the
+    /// materialising path, kept to time against and to test the logits kernel).
+    Materialised,
+}
+
+/// Device buffers of one scoring call (reusable across calls of the same shape).
+pub struct ScoreBuffers {
+    pub plan: FusedPlan,
+    pub part_m: CudaSlice<f32>,
+    pub part_s: CudaSlice<f32>,
+    pub tgt_logit: CudaSlice<f32>,
+    pub per_token: CudaSlice<f32>,
+    pub per_item: CudaSlice<f32>,
+    /// [N, V] logits, only for [`ScoreMode::Materialised`].
+    pub logits: Option<CudaSlice<f32>>,
+    pub items: usize,
+}
+
+/// Compiled kernels on one device, with the stream they run on.
+pub struct CudaKernels {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub cc: (i32, i32),
+    pub arch: &'static str,
+    pub sm_count: u32,
+    fused_bf16: CudaFunction,
+    fused_f16: CudaFunction,
+    fused_f32: CudaFunction,
+    combine: CudaFunction,
+    logits: CudaFunction,
+    segment_sum: CudaFunction,
+    nearest: CudaFunction,
+    row_norms: CudaFunction,
+    mark_excluded: CudaFunction,
+}
+
+impl CudaKernels {
+    /// Open device `ordinal`, compile the three modules with NVRTC, load every function.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal).context("cuInit / context creation")?;
+        let name = ctx.name().unwrap_or_else(|_| "?".into());
+        let cc = ctx.compute_capability()?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
+        let arch = nvrtc_arch(cc)?;
+        let stream = ctx.default_stream();
+        let load =
+            |file: &str, src: &str, names: &[&str]| compile_and_load(&ctx, arch, file, src, names);
+        let mut fused = load(
+            "item_loglik_fused.cu",
+            ITEM_LOGLIK_FUSED_CU,
+            &[
+                "item_loglik_fused_bf16",
+                "item_loglik_fused_f16",
+                "item_loglik_fused_f32",
+                "item_loglik_combine",
+            ],
+        )?
+        .into_iter();
+        let mut logits = load(
+            "item_loglik_logits.cu",
+            ITEM_LOGLIK_LOGITS_CU,
+            &["item_loglik_logits", "item_segment_sum"],
+        )?
+        .into_iter();
+        let mut near = load(
+            "nearest.cu",
+            NEAREST_CU,
+            &["nearest_topk", "row_sq_norms", "mark_excluded"],
+        )?
+        .into_iter();
+        let next = |it: &mut std::vec::IntoIter<CudaFunction>| it.next().unwrap();
+        Ok(CudaKernels {
+            fused_bf16: next(&mut fused),
+            fused_f16: next(&mut fused),
+            fused_f32: next(&mut fused),
+            combine: next(&mut fused),
+            logits: next(&mut logits),
+            segment_sum: next(&mut logits),
+            nearest: next(&mut near),
+            row_norms: next(&mut near),
+            mark_excluded: next(&mut near),
+            ctx,
+            stream,
+            name,
+            cc,
+            arch,
+            sm_count,
+        })
+    }
+
+    /// Compile and load another module for this device (benchmarks' input generators).
+    pub fn load_extra(&self, file: &str, src: &str, names: &[&str]) -> Result<Vec<CudaFunction>> {
+        compile_and_load(&self.ctx, self.arch, file, src, names)
+    }
+
+    /// Copy a CPU tensor [rows, cols] to the device as `dtype` (BF16, F16 or F32).
+    pub fn upload(&self, t: &Tensor, dtype: DType) -> Result<DeviceMatrix> {
+        let (r, c) = t.dims2()?;
+        let flat = t.to_dtype(dtype)?.flatten_all()?;
+        Ok(match dtype {
+            DType::BF16 => {
+                let bits: Vec<u16> = flat
+                    .to_vec1::<half::bf16>()?
+                    .into_iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                DeviceMatrix::Bf16(self.stream.clone_htod(&bits)?, r, c)
+            }
+            DType::F16 => {
+                let bits: Vec<u16> = flat
+                    .to_vec1::<half::f16>()?
+                    .into_iter()
+                    .map(|x| x.to_bits())
+                    .collect();
+                DeviceMatrix::F16(self.stream.clone_htod(&bits)?, r, c)
+            }
+            DType::F32 => DeviceMatrix::F32(self.stream.clone_htod(&flat.to_vec1::<f32>()?)?, r, c),
+            other => bail!("upload: no device kernels for {other:?}"),
+        })
+    }
+
+    /// Which fused kernel serves an LM head of this dtype and hidden size.
+    pub fn variant_for(dtype: DType, d: usize) -> FusedVariant {
+        match dtype {
+            DType::BF16 if d % 8 == 0 => FusedVariant::TensorCoreBf16,
+            DType::F16 if d % 8 == 0 => FusedVariant::TensorCoreF16,
+            _ => FusedVariant::F32,
+        }
+    }
+
+    /// Allocate the buffers for scoring `n` rows against vocabulary `v` in `items` items.
+    pub fn score_buffers(
+        &self,
+        variant: FusedVariant,
+        n: usize,
+        v: usize,
+        d: usize,
+        items: usize,
+        mode: ScoreMode,
+    ) -> Result<ScoreBuffers> {
+        let plan = launch::fused_plan(variant, n, v, d, self.sm_count)?;
+        let s = &self.stream;
+        Ok(ScoreBuffers {
+            plan,
+            part_m: s.alloc_zeros::<f32>(plan.partial_len)?,
+            part_s: s.alloc_zeros::<f32>(plan.partial_len)?,
+            tgt_logit: s.alloc_zeros::<f32>(n)?,
+            per_token: s.alloc_zeros::<f32>(n)?,
+            per_item: s.alloc_zeros::<f32>(items.max(1))?,
+            logits: match mode {
+                ScoreMode::Fused => None,
+                ScoreMode::Materialised => Some(s.alloc_zeros::<f32>(n * v)?),
+            },
+            items,
+        })
+    }
+
+    /// Launch the scoring of device-resident inputs into `buf` (asynchronous: synchronise the
+    /// stream before reading). `targets` [N], `offsets` [items + 1] are device copies.
+    pub fn score_device(
+        &self,
+        hidden: &DeviceMatrix,
+        head: &DeviceMatrix,
+        targets: &CudaSlice<u32>,
+        offsets: &CudaSlice<u32>,
+        buf: &mut ScoreBuffers,
+    ) -> Result<()> {
+        let (n, d) = hidden.dims();
+        let (v, d2) = head.dims();
+        let plan = buf.plan;
+        if d != d2 || plan.rows as usize != n || plan.vocab as usize != v {
+            bail!(
+                "score_device: buffers planned for {}x{} but got hidden {n}x{d}, head {v}x{d2}",
+                plan.rows,
+                plan.vocab
+            );
+        }
+        let (func, same) = match (plan.variant, hidden, head) {
+            (FusedVariant::TensorCoreBf16, DeviceMatrix::Bf16(..), DeviceMatrix::Bf16(..)) => {
+                (&self.fused_bf16, true)
+            }
+            (FusedVariant::TensorCoreF16, DeviceMatrix::F16(..), DeviceMatrix::F16(..)) => {
+                (&self.fused_f16, true)
+            }
+            (FusedVariant::F32, DeviceMatrix::F32(..), DeviceMatrix::F32(..)) => {
+                (&self.fused_f32, true)
+            }
+            _ => (&self.fused_f32, false),
+        };
+        if !same {
+            bail!(
+                "score_device: {:?} needs hidden and head of its dtype (got {:?}, {:?})",
+                plan.variant,
+                hidden.dtype(),
+                head.dtype()
+            );
+        }
+        let (ni, vi, di) = (n as i32, v as i32, d as i32);
+        let per_slice = plan.split.per_slice as i32;
+        let slices = plan.split.slices as i32;
+        // Poison: a target logit nobody writes stays NaN and fails every comparison.
+        self.stream
+            .memcpy_htod(&vec![f32::NAN; n], &mut buf.tgt_logit)?;
+        let null: u64 = 0;
+        {
+            let mut b = self.stream.launch_builder(func);
+            match hidden {
+                DeviceMatrix::Bf16(h, ..) | DeviceMatrix::F16(h, ..) => b.arg(h),
+                DeviceMatrix::F32(h, ..) => b.arg(h),
+            };
+            match head {
+                DeviceMatrix::Bf16(w, ..) | DeviceMatrix::F16(w, ..) => b.arg(w),
+                DeviceMatrix::F32(w, ..) => b.arg(w),
+            };
+            b.arg(targets).arg(&ni).arg(&vi).arg(&di).arg(&per_slice);
+            b.arg(&mut buf.part_m)
+                .arg(&mut buf.part_s)
+                .arg(&mut buf.tgt_logit);
+            match buf.logits.as_mut() {
+                Some(l) => b.arg(l),
+                None => b.arg(&null),
+            };
+            // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu; the
+            // buffers were sized by the same plan (partials slices x n, logits n x v).
+            unsafe { b.launch(cfg(plan.fused)) }
+                .context("launching the fused item_loglik kernel")?;
+        }
+        match buf.logits.as_ref() {
+            None => {
+                let mut b = self.stream.launch_builder(&self.combine);
+                b.arg(&buf.part_m)
+                    .arg(&buf.part_s)
+                    .arg(&buf.tgt_logit)
+                    .arg(&ni)
+                    .arg(&slices);
+                b.arg(&mut buf.per_token);
+                unsafe { b.launch(cfg(plan.combine)) }.context("launching item_loglik_combine")?;
+            }
+            Some(l) => {
+                let mut b = self.stream.launch_builder(&self.logits);
+                b.arg(l)
+                    .arg(targets)
+                    .arg(&ni)
+                    .arg(&vi)
+                    .arg(&mut buf.per_token);
+                unsafe { b.launch(cfg(launch::logits_shape(n)?)) }
+                    .context("launching item_loglik_logits")?;
+            }
+        }
+        let items = buf.items as i32;
+        if items > 0 {
+            let mut b = self.stream.launch_builder(&self.segment_sum);
+            b.arg(&buf.per_token)
+                .arg(offsets)
+                .arg(&items)
+                .arg(&mut buf.per_item);
+            unsafe { b.launch(cfg(launch::elementwise(buf.items))) }
+                .context("launching item_segment_sum")?;
+        }
+        Ok(())
+    }
+
+    /// The whole call: upload, score with `mode`, download. The LM head's dtype picks the
+    /// kernel (bf16/f16: tensor cores; f32 or other: CUDA cores); hidden is cast to it.
+    pub fn item_loglik_mode(
+        &self,
+        hidden: &Tensor,
+        lm_head: &Tensor,
+        targets: &[u32],
+        offsets: &[u32],
+        mode: ScoreMode,
+    ) -> Result<ItemLogLik> {
+        let (n, v, d) = check_args(hidden, lm_head, targets, offsets)?;
+        let variant = Self::variant_for(lm_head.dtype(), d);
+        let dt = match variant {
+            FusedVariant::TensorCoreBf16 => DType::BF16,
+            FusedVariant::TensorCoreF16 => DType::F16,
+            FusedVariant::F32 => DType::F32,
+        };
+        let h = self.upload(hidden, dt)?;
+        let w = self.upload(lm_head, dt)?;
+        let t = self.stream.clone_htod(targets)?;
+        let o = self.stream.clone_htod(offsets)?;
+        let items = offsets.len() - 1;
+        let mut buf = self.score_buffers(variant, n, v, d, items, mode)?;
+        self.score_device(&h, &w, &t, &o, &mut buf)?;
+        self.stream.synchronize().context("item_loglik kernels")?;
+        let per_token = self.stream.clone_dtoh(&buf.per_token)?;
+        let mut per_item = self.stream.clone_dtoh(&buf.per_item)?;
+        per_item.truncate(items);
+        Ok(ItemLogLik {
+            per_token,
+            per_item,
+        })
+    }
+
+    /// [`crate::item_loglik`] on the GPU (fused kernel).
+    pub fn item_loglik(
+        &self,
+        hidden: &Tensor,
+        lm_head: &Tensor,
+        targets: &[u32],
+        offsets: &[u32],
+    ) -> Result<ItemLogLik> {
+        self.item_loglik_mode(hidden, lm_head, targets, offsets, ScoreMode::Fused)
+    }
+
+    /// |row|^2 for each row of a device matrix [rows, d].
+    pub fn row_norms(&self, x: &CudaSlice<f32>, rows: usize, d: usize) -> Result<CudaSlice<f32>> {
+        let mut out = self.stream.alloc_zeros::<f32>(rows.max(1))?;
+        let (r, di) = (rows as i32, d as i32);
+        let mut b = self.stream.launch_builder(&self.row_norms);
+        b.arg(x).arg(&r).arg(&di).arg(&mut out);
+        unsafe { b.launch(cfg(launch::row_norms_shape(rows))) }
+            .context("launching row_sq_norms")?;
+        Ok(out)
+    }
+
+    /// Set the norms of `exclude`d rows to +inf (they are then never returned).
+    pub fn exclude_rows(
+        &self,
+        norms: &mut CudaSlice<f32>,
+        n: usize,
+        exclude: &[u32],
+    ) -> Result<()> {
+        if exclude.is_empty() {
+            return Ok(());
+        }
+        let rows = self.stream.clone_htod(exclude)?;
+        let (c, ni) = (exclude.len() as i32, n as i32);
+        let mut b = self.stream.launch_builder(&self.mark_excluded);
+        b.arg(norms).arg(&rows).arg(&c).arg(&ni);
+        unsafe { b.launch(cfg(launch::elementwise(exclude.len()))) }
+            .context("launching mark_excluded")?;
+        Ok(())
+    }
+
+    /// Launch the top-k kernel on device-resident data; returns the per-slice candidates
+    /// ([slices, b, k] distances and indices) and the plan. Asynchronous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn nearest_device(
+        &self,
+        queries: &CudaSlice<f32>,
+        qnorm: &CudaSlice<f32>,
+        catalog: &CudaSlice<f32>,
+        cnorm: &CudaSlice<f32>,
+        b: usize,
+        n: usize,
+        d: usize,
+        k: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<u32>, NearestPlan)> {
+        let plan = launch::nearest_plan(b, n, d, k, self.sm_count)?;
+        let mut out_d = self.stream.alloc_zeros::<f32>(plan.candidates_len)?;
+        let mut out_i = self.stream.alloc_zeros::<u32>(plan.candidates_len)?;
+        let (bi, ni, di, ki) = (b as i32, n as i32, d as i32, k as i32);
+        let per_slice = plan.split.per_slice as i32;
+        let mut lb = self.stream.launch_builder(&self.nearest);
+        lb.arg(queries).arg(catalog).arg(qnorm).arg(cnorm);
+        lb.arg(&bi).arg(&ni).arg(&di).arg(&ki).arg(&per_slice);
+        lb.arg(&mut out_d).arg(&mut out_i);
+        // SAFETY: arguments match nearest_topk in nearest.cu; outputs sized by the plan.
+        unsafe { lb.launch(cfg(plan.topk)) }.context("launching nearest_topk")?;
+        Ok((out_d, out_i, plan))
+    }
+
+    /// [`crate::nearest_items`] on the GPU: upload, norms, exclusions, top-k, host merge.
+    pub fn nearest_items(
+        &self,
+        queries: &[f32],
+        catalog: &[f32],
+        d: usize,
+        k: usize,
+        exclude: &[u32],
+    ) -> Result<Nearest> {
+        check_nearest_args(queries, catalog, d)?;
+        let b = queries.len() / d;
+        let n = catalog.len() / d;
+        let k = effective_k(k, n, exclude);
+        if k == 0 || b == 0 {
+            return Ok(Nearest {
+                k,
+                index: vec![],
+                dist2: vec![],
+            });
+        }
+        let q = self.stream.clone_htod(queries)?;
+        let c = self.stream.clone_htod(catalog)?;
+        let qn = self.row_norms(&q, b, d)?;
+        let mut cn = self.row_norms(&c, n, d)?;
+        let norms = self.stream.clone_dtoh(&cn)?;
+        if let Some(j) = norms.iter().position(|x| !x.is_finite()) {
+            bail!("nearest_items: catalogue row {j} has a non-finite norm");
+        }
+        self.exclude_rows(&mut cn, n, exclude)?;
+        let (od, oi, plan) = self.nearest_device(&q, &qn, &c, &cn, b, n, d, k)?;
+        self.stream.synchronize().context("nearest kernels")?;
+        let dist = self.stream.clone_dtoh(&od)?;
+        let idx = self.stream.clone_dtoh(&oi)?;
+        merge_candidates(&dist, &idx, plan.split.slices as usize, b, k)
+    }
+}

@@ -1,0 +1,106 @@
+//! The CUDA C sources of `kernels/`, embedded with `include_str!` so the binary carries them to
+//! the GPU machine, and the NVRTC options they are compiled with. Free of any CUDA dependency:
+//! the default (CPU) build checks here that every kernel the wrappers launch exists and that
+//! every tile constant the wrappers assume is set from [`crate::launch`].
+
+use anyhow::{bail, Result};
+
+pub const ITEM_LOGLIK_LOGITS_CU: &str = include_str!("../../../kernels/item_loglik_logits.cu");
+pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_loglik_fused.cu");
+pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
+/// Device-side random fills for the benchmarks (not used by the stages).
+pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
+
+/// NVRTC `--gpu-architecture` for a compute capability (virtual arch: the driver JITs it).
+pub fn nvrtc_arch(cc: (i32, i32)) -> Result<&'static str> {
+    Ok(match cc {
+        (9, 0) => "compute_90",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (major, _) if major >= 9 => "compute_90",
+        (8, _) => "compute_80",
+        _ => bail!(
+            "compute capability {}.{} < 8.0: the bf16 tensor-core kernels need sm_80+",
+            cc.0,
+            cc.1
+        ),
+    })
+}
+
+/// The `-D` options that pin the `.cu` tile constants to [`crate::launch`]'s.
+pub fn nvrtc_defines() -> Vec<String> {
+    use crate::launch::*;
+    vec![
+        format!("-DFUSED_BM={FUSED_BM}"),
+        format!("-DFUSED_BN={FUSED_BN}"),
+        format!("-DFUSED_TC_BK={FUSED_TC_BK}"),
+        format!("-DFUSED_TC_THREADS={FUSED_TC_THREADS}"),
+        format!("-DFUSED_F32_BK={FUSED_F32_BK}"),
+        format!("-DFUSED_F32_THREADS={FUSED_F32_THREADS}"),
+        format!("-DLOGITS_THREADS={LOGITS_THREADS}"),
+        format!("-DNEAREST_BQ={NEAREST_BQ}"),
+        format!("-DNEAREST_BI={NEAREST_BI}"),
+        format!("-DNEAREST_BK={NEAREST_BK}"),
+        format!("-DNEAREST_THREADS={NEAREST_THREADS}"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_embedded_and_define_every_kernel() {
+        for (src, names) in [
+            (
+                ITEM_LOGLIK_FUSED_CU,
+                &[
+                    "item_loglik_fused_bf16",
+                    "item_loglik_fused_f16",
+                    "item_loglik_fused_f32",
+                    "item_loglik_combine",
+                ][..],
+            ),
+            (
+                ITEM_LOGLIK_LOGITS_CU,
+                &["item_loglik_logits", "item_segment_sum"][..],
+            ),
+            (
+                NEAREST_CU,
+                &["nearest_topk", "row_sq_norms", "mark_excluded"][..],
+            ),
+            (BENCH_FILL_CU, &["fill_f32", "fill_bf16", "fill_ids"][..]),
+        ] {
+            for n in names {
+                assert!(
+                    src.contains("extern \"C\" __global__") && src.contains(&format!("{n}(")),
+                    "kernel {n} missing"
+                );
+            }
+            assert!(
+                !src.contains("#include"),
+                "NVRTC sources must not need toolkit headers"
+            );
+        }
+        // Every -D the wrapper passes names a macro the sources guard with #ifndef.
+        let all = [ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU].concat();
+        for def in nvrtc_defines() {
+            let name = def.trim_start_matches("-D").split('=').next().unwrap();
+            assert!(
+                all.contains(&format!("#ifndef {name}")),
+                "{name} not configurable"
+            );
+        }
+    }
+
+    #[test]
+    fn arch_table() {
+        assert_eq!(nvrtc_arch((9, 0)).unwrap(), "compute_90");
+        assert_eq!(nvrtc_arch((8, 6)).unwrap(), "compute_86");
+        assert!(nvrtc_arch((7, 5)).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# GPU check of the custom kernels (issue 6): correctness and timing in one run of at most
+# ~8 minutes on one H100/H200. Not part of CI or the default build.
+#
+#   jobs/gpu-check.sh build   on this (GPU-less) machine: release build with --features cuda of
+#                             the test binary (tests/kernels.rs) and the benchmark
+#                             (benches/kernels.rs); stripped copies in target-gpu/bin
+#                             (git-ignored: carry it to the GPU machine). No CUDA toolkit needed:
+#                             cudarc opens libcuda/libnvrtc at run time.
+#   jobs/gpu-check.sh run     on the GPU machine: nvidia-smi; the GPU tests (fail if they SKIP);
+#                             the GPU benchmarks; the PyTorch baselines at the same shapes
+#                             (jobs/torch_baselines.py); hf_scoring_baseline.py if present. Logs go
+#                             to $OUT; the tables are printed last.
+#   jobs/gpu-check.sh run --quick   smallest shapes only (~2 minutes).
+#
+# Device call (the session's run tool):
+#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 560
+# Budget (estimated, not yet measured): tests ~40 s, Rust GPU bench ~150 s, torch ~90 s,
+# HF baseline ~60 s; each step has its own timeout so one hang cannot eat the lease.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=target-gpu/bin
+mode=${1:-run}
+shift || true
+
+if [ "$mode" = build ]; then
+  set -e
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  json=$(mktemp)
+  cargo test --release --features cuda --test kernels --bench kernels --no-run \
+    --message-format=json > "$json"
+  mkdir -p "$BIN"
+  python3 - "$json" "$BIN" <<'PY'
+import json, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+found = {}
+for line in open(src):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
+        kind = m["target"]["kind"][0]
+        found[kind] = m["executable"]
+for kind, out in (("test", "kernels-test"), ("bench", "kernels-bench")):
+    if kind not in found:
+        sys.exit(f"no {kind} executable named kernels in cargo's output")
+    shutil.copy(found[kind], f"{dst}/{out}")
+    print(f"{found[kind]} -> {dst}/{out}")
+PY
+  strip "$BIN/kernels-test" "$BIN/kernels-bench"
+  ls -la "$BIN"
+  echo "carry target-gpu/bin and run: bash jobs/gpu-check.sh run"
+  exit 0
+fi
+
+[ "$mode" = run ] || { echo "usage: $0 build | run [--quick]" >&2; exit 2; }
+quick=""
+[ "${1:-}" = --quick ] && quick=--quick
+OUT=${OUT:-$(mktemp -d)}
+for f in kernels-test kernels-bench; do
+  [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run 'jobs/gpu-check.sh build' here and carry target-gpu/bin" >&2; exit 2; }
+done
+
+# libnvrtc: cudarc dlopens libnvrtc.so.13 by name; add the toolkit's and PyTorch's wheel dirs.
+extra=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         $(python3 -c 'import nvidia, os; r = nvidia.__path__[0]; print(" ".join(os.path.join(r, x, "lib") for x in os.listdir(r)))' 2>/dev/null); do
+  [ -d "$d" ] && ls "$d"/libnvrtc.so* >/dev/null 2>&1 && extra="$extra:$d"
+done
+export LD_LIBRARY_PATH="${extra#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LLM4DSR_KERNELS=cuda RUST_LOG=${RUST_LOG:-info}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+status=0
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi; } \
+  > "$OUT/nvidia-smi.txt" 2>&1
+head -3 "$OUT/nvidia-smi.txt"
+
+echo "== GPU tests (tests/kernels.rs)"
+t0=$(date +%s)
+timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+rc=$?
+echo "tests: exit $rc in $(( $(date +%s) - t0 )) s"
+grep -E "^test |test result|SKIP|panicked|error" "$OUT/tests.log" | head -40
+if [ $rc -ne 0 ]; then status=1; fi
+if grep -q "SKIP: GPU" "$OUT/tests.log"; then
+  echo "FAILED: the GPU tests skipped on a GPU machine (see $OUT/tests.log)"; status=1
+fi
+
+echo "== GPU benchmarks (benches/kernels.rs --gpu $quick)"
+t0=$(date +%s)
+timeout 240 "$BIN/kernels-bench" --gpu $quick > "$OUT/bench.log" 2> "$OUT/bench.err"
+rc=$?
+echo "bench: exit $rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/bench.err"
+[ $rc -ne 0 ] && status=1
+
+echo "== PyTorch baselines (jobs/torch_baselines.py $quick)"
+t0=$(date +%s)
+timeout 150 python3 jobs/torch_baselines.py $quick > "$OUT/torch.log" 2> "$OUT/torch.err"
+echo "torch: exit $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/torch.err"
+
+HF=${HF_BASELINE:-}
+for c in shared/bench/hf_scoring_baseline.py ../shared/bench/hf_scoring_baseline.py; do
+  [ -z "$HF" ] && [ -f "$c" ] && HF=$c
+done
+if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ]; then
+  echo "== $HF (smollm2-135m, 128 windows, batch 64)"
+  timeout 120 python3 "$HF" --config smollm2-135m --windows 128 --batch 64 > "$OUT/hf.log" 2> "$OUT/hf.err"
+  echo "hf: exit $?"; cat "$OUT/hf.log"
+else
+  echo "SKIP: hf_scoring_baseline.py not found (set HF_BASELINE=path) or --quick"
+fi
+
+echo
+echo "==================== tables ===================="
+cat "$OUT/bench.log" "$OUT/torch.log" 2>/dev/null | grep -v '^{'
+echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
+exit $status

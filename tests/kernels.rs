@@ -1,0 +1,359 @@
+//! Kernels against their f64 references on random inputs.
+//!
+//! CPU part (runs everywhere, CI included): the f64 reference vs the naive materialising
+//! tensor implementation vs the chunked/blocked CPU paths.
+//! GPU part (feature `cuda`, and only when a GPU is present; otherwise a visible SKIP line):
+//! every CUDA kernel vs the f64 reference, tolerances per dtype, NaN never passes.
+//!
+//!   cargo test --test kernels                       # CPU part
+//!   cargo test --test kernels --features cuda       # + GPU part where a GPU is present
+
+use candle_core::{DType, Device, Tensor};
+use llm4dsr_data::rng::{KeyedRng, Purpose};
+use llm4dsr_kernels::item_loglik::{item_loglik_cpu, item_loglik_materialised};
+use llm4dsr_kernels::nearest::{nearest_items_cpu, nearest_items_naive, Nearest};
+use llm4dsr_kernels::{reference, ItemLogLik};
+
+/// A [rows, cols] tensor of N(0, scale^2) draws keyed by `key`, cast to `dtype`.
+fn randn(key: u64, rows: usize, cols: usize, scale: f64, dtype: DType) -> Tensor {
+    let mut rng = KeyedRng::new(20261127, Purpose::Other, key);
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| (rng.normal() * scale) as f32)
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn rand_vec(key: u64, len: usize, scale: f64) -> Vec<f32> {
+    let mut rng = KeyedRng::new(20261127, Purpose::Other, key);
+    (0..len).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+/// Random targets and item segments (some items empty) for n tokens.
+fn targets_offsets(key: u64, n: usize, v: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = KeyedRng::new(20261127, Purpose::Other, key);
+    let targets = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+    let mut offsets = vec![0u32];
+    while (*offsets.last().unwrap() as usize) < n {
+        let next = (*offsets.last().unwrap() as usize + rng.below(9) as usize).min(n);
+        offsets.push(next as u32);
+    }
+    (targets, offsets)
+}
+
+/// ||a - b|| / ||b||; fails on any non-finite value (NaN never passes).
+fn rel_err(what: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    assert!(
+        a.iter().chain(b).all(|x| x.is_finite()),
+        "{what}: non-finite value"
+    );
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn check_loglik(what: &str, got: &ItemLogLik, want: &ItemLogLik, tol: f64) {
+    let e = rel_err(
+        &format!("{what} per_token"),
+        &got.per_token,
+        &want.per_token,
+    );
+    assert!(
+        e <= tol,
+        "{what}: per-token relative error {e:.3e} > {tol:.0e}"
+    );
+    let e = rel_err(&format!("{what} per_item"), &got.per_item, &want.per_item);
+    assert!(
+        e <= tol,
+        "{what}: per-item relative error {e:.3e} > {tol:.0e}"
+    );
+}
+
+/// Neighbour lists agree with the exact reference: same distances (within `tol` of the
+/// query's scale) and each returned row truly within tolerance of the k-th distance (ties
+/// may resolve differently when distances differ only by rounding).
+fn check_nearest(
+    what: &str,
+    got: &Nearest,
+    want: &Nearest,
+    q: &[f32],
+    cat: &[f32],
+    d: usize,
+    tol: f64,
+) {
+    assert_eq!(got.k, want.k, "{what}: k");
+    assert_eq!(got.index.len(), want.index.len(), "{what}: length");
+    let k = want.k;
+    for (qi, qv) in q.chunks_exact(d).enumerate() {
+        let scale = 1.0 + qv.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+        for p in 0..k {
+            let (g, w) = (got.dist2[qi * k + p] as f64, want.dist2[qi * k + p] as f64);
+            assert!(
+                g.is_finite(),
+                "{what}: query {qi} rank {p} distance not finite"
+            );
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}: query {qi} rank {p}: {g} vs {w}"
+            );
+            let j = got.index[qi * k + p] as usize;
+            let true_d: f64 = qv
+                .iter()
+                .zip(&cat[j * d..(j + 1) * d])
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum();
+            assert!(
+                (true_d - w).abs() <= tol * scale,
+                "{what}: query {qi} rank {p}: row {j} is at {true_d}, reference {w}"
+            );
+        }
+        let mut ids: Vec<u32> = got.index[qi * k..(qi + 1) * k].to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), k, "{what}: query {qi} has a repeated row");
+    }
+}
+
+#[test]
+fn cpu_item_loglik_matches_reference_and_naive() {
+    for (case, (n, v, d, scale)) in [
+        (1usize, 7usize, 3usize, 0.5f64),
+        (70, 301, 32, 0.3),
+        (130, 1000, 48, 0.2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = 100 + case as u64 * 10;
+        let h = randn(key, n, d, 1.0, DType::F32);
+        let w = randn(key + 1, v, d, scale, DType::F32);
+        let (t, o) = targets_offsets(key + 2, n, v);
+        let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+        let chunked = item_loglik_cpu(&h, &w, &t, &o).unwrap();
+        let naive = item_loglik_materialised(&h, &w, &t, &o).unwrap();
+        check_loglik(&format!("chunked n={n} v={v}"), &chunked, &want, 1e-5);
+        check_loglik(&format!("naive n={n} v={v}"), &naive, &want, 1e-5);
+        assert_eq!(want.per_item.len(), o.len() - 1);
+    }
+    // bf16 inputs: both paths see the same rounded values, so f32 accuracy still holds.
+    let (n, v, d) = (65, 200, 16);
+    let h = randn(7, n, d, 1.0, DType::BF16);
+    let w = randn(8, v, d, 0.5, DType::BF16);
+    let (t, o) = targets_offsets(9, n, v);
+    let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+    check_loglik(
+        "chunked bf16",
+        &item_loglik_cpu(&h, &w, &t, &o).unwrap(),
+        &want,
+        1e-5,
+    );
+}
+
+#[test]
+fn cpu_item_loglik_sums_to_one_over_vocabulary() {
+    // A property, not a comparison: for one hidden row, exp(log p) summed over every possible
+    // target is 1.
+    let (v, d) = (50, 8);
+    let h = randn(11, 1, d, 1.0, DType::F32).repeat((v, 1)).unwrap();
+    let w = randn(12, v, d, 1.0, DType::F32);
+    let t: Vec<u32> = (0..v as u32).collect();
+    let r = item_loglik_cpu(&h, &w, &t, &[0, v as u32]).unwrap();
+    let total: f64 = r.per_token.iter().map(|&x| (x as f64).exp()).sum();
+    assert!((total - 1.0).abs() < 1e-5, "sum of probabilities {total}");
+}
+
+#[test]
+fn cpu_nearest_matches_reference_and_naive() {
+    for (case, (b, n, d, k)) in [
+        (3usize, 10usize, 4usize, 3usize),
+        (37, 2100, 24, 10),
+        (300, 700, 8, 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = 300 + case as u64 * 10;
+        let q = rand_vec(key, b * d, 1.0);
+        let cat = rand_vec(key + 1, n * d, 1.0);
+        let exclude = [0u32, 5, 5, (n + 3) as u32];
+        let want = reference::nearest_items(&q, &cat, d, k, &exclude).unwrap();
+        let blocked = nearest_items_cpu(&q, &cat, d, k, &exclude).unwrap();
+        let naive = nearest_items_naive(&q, &cat, d, k, &exclude).unwrap();
+        check_nearest(
+            &format!("blocked b={b} n={n}"),
+            &blocked,
+            &want,
+            &q,
+            &cat,
+            d,
+            1e-5,
+        );
+        check_nearest(
+            &format!("naive b={b} n={n}"),
+            &naive,
+            &want,
+            &q,
+            &cat,
+            d,
+            1e-5,
+        );
+        assert!(!blocked.index.iter().any(|&j| j == 0 || j == 5));
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use llm4dsr_kernels::cuda::{kernels, CudaKernels, ScoreMode};
+
+    fn gpu() -> Option<&'static CudaKernels> {
+        let k = kernels();
+        if k.is_none() {
+            eprintln!(
+                "SKIP: GPU kernel tests: no usable GPU ({}); CPU paths tested above",
+                llm4dsr_kernels::backend::decide(
+                    true,
+                    llm4dsr_kernels::backend::request(),
+                    llm4dsr_kernels::backend::driver_present()
+                )
+                .1
+            );
+        }
+        k
+    }
+
+    /// Needs NVRTC only, not a GPU: runs here too with LD_LIBRARY_PATH pointing at the
+    /// nvidia-cuda-nvrtc 13.0 wheel's lib folder (docs/kernels.md).
+    #[test]
+    fn nvrtc_compiles_every_kernel() {
+        if !llm4dsr_kernels::backend::nvrtc_present() {
+            eprintln!(
+                "SKIP: NVRTC compile check: libnvrtc.so.13 not loadable (see docs/kernels.md)"
+            );
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            let ptx = llm4dsr_kernels::cuda::compile_sources(arch).unwrap();
+            let all: String = ptx.iter().map(|(_, p)| p.as_str()).collect();
+            for entry in [
+                "item_loglik_fused_bf16",
+                "item_loglik_fused_f16",
+                "item_loglik_fused_f32",
+                "item_loglik_combine",
+                "item_loglik_logits",
+                "item_segment_sum",
+                "nearest_topk",
+                "row_sq_norms",
+                "mark_excluded",
+            ] {
+                assert!(
+                    all.contains(&format!(".entry {entry}(")),
+                    "{arch}: no entry {entry}"
+                );
+            }
+            assert!(all.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+            assert!(
+                !all.contains(".local"),
+                "{arch}: a kernel uses local memory"
+            );
+        }
+    }
+
+    /// (n, v, d): a partial row block, a partial vocabulary tile, several tiles per slice.
+    const SHAPES: [(usize, usize, usize); 4] =
+        [(1, 10, 8), (70, 1000, 64), (130, 20_011, 96), (64, 64, 128)];
+
+    #[test]
+    fn gpu_fused_item_loglik_matches_reference() {
+        let Some(g) = gpu() else { return };
+        for (case, (n, v, d)) in SHAPES.into_iter().enumerate() {
+            for (dt, tol) in [(DType::F32, 2e-5), (DType::BF16, 2e-3), (DType::F16, 2e-3)] {
+                let key = 500 + case as u64 * 10;
+                let h = randn(key, n, d, 1.0, dt);
+                let w = randn(key + 1, v, d, 1.0 / (d as f64).sqrt() * 3.0, dt);
+                let (t, o) = targets_offsets(key + 2, n, v);
+                let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+                for mode in [ScoreMode::Fused, ScoreMode::Materialised] {
+                    let got = g.item_loglik_mode(&h, &w, &t, &o, mode).unwrap();
+                    check_loglik(
+                        &format!("GPU {mode:?} {dt:?} n={n} v={v} d={d}"),
+                        &got,
+                        &want,
+                        tol,
+                    );
+                }
+            }
+        }
+        // Dispatch: the public entry point takes the GPU and agrees too.
+        let h = randn(1, 33, 16, 1.0, DType::F32);
+        let w = randn(2, 77, 16, 0.5, DType::F32);
+        let (t, o) = targets_offsets(3, 33, 77);
+        let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+        check_loglik(
+            "dispatch",
+            &llm4dsr_kernels::item_loglik(&h, &w, &t, &o).unwrap(),
+            &want,
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn gpu_fused_results_are_repeatable() {
+        // A moving error is a race: the same inputs must give bit-identical outputs.
+        let Some(g) = gpu() else { return };
+        let (n, v, d) = (200, 5000, 64);
+        let h = randn(41, n, d, 1.0, DType::BF16);
+        let w = randn(42, v, d, 0.3, DType::BF16);
+        let (t, o) = targets_offsets(43, n, v);
+        let a = g.item_loglik(&h, &w, &t, &o).unwrap();
+        for _ in 0..3 {
+            assert_eq!(g.item_loglik(&h, &w, &t, &o).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn gpu_nearest_matches_reference() {
+        let Some(g) = gpu() else { return };
+        for (case, (b, n, d, k)) in [
+            (1usize, 5usize, 3usize, 5usize),
+            (37, 2100, 24, 10),
+            (70, 5000, 64, 64),
+            (33, 129, 17, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = 700 + case as u64 * 10;
+            let q = rand_vec(key, b * d, 1.0);
+            let cat = rand_vec(key + 1, n * d, 1.0);
+            let exclude = [0u32, 2, 2];
+            let want = reference::nearest_items(&q, &cat, d, k, &exclude).unwrap();
+            let got = g.nearest_items(&q, &cat, d, k, &exclude).unwrap();
+            check_nearest(
+                &format!("GPU nearest b={b} n={n} d={d} k={k}"),
+                &got,
+                &want,
+                &q,
+                &cat,
+                d,
+                1e-4,
+            );
+            assert!(!got.index.iter().any(|&j| j == 0 || j == 2));
+            let again = g.nearest_items(&q, &cat, d, k, &exclude).unwrap();
+            assert_eq!(got, again, "GPU nearest not repeatable");
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_tests_skipped_without_feature() {
+    eprintln!("SKIP: GPU kernel tests: built without --features cuda");
+}
