@@ -112,31 +112,49 @@ impl Backbone for Sasrec {
         let x = self.drop(&x, SITE_EMB, p, dropout, ids)?;
         let mut x = x.broadcast_mul(&real)?;
         let scale = 1.0 / (dh as f64).sqrt();
+        // With one target per row at the last slot (every-prefix / last), the last block only
+        // needs the last slot's query: keys and values still span all slots, but its query
+        // projection, attention output and feed-forward shrink by a factor L.
+        let last_only = batch.last_slot_only();
+        let split = |t: Tensor, q: usize| -> Result<Tensor> {
+            Ok(if h == 1 {
+                t.reshape((b, 1, q, d))?
+            } else {
+                t.reshape((b, q, h, dh))?.transpose(1, 2)?.contiguous()?
+            })
+        };
+        let merge = |t: Tensor, q: usize| -> Result<Tensor> {
+            Ok(if h == 1 {
+                t.reshape((b, q, d))?
+            } else {
+                t.transpose(1, 2)?.contiguous()?.reshape((b, q, d))?
+            })
+        };
+        let n_blocks = self.blocks.len();
         for (bi, blk) in self.blocks.iter().enumerate() {
             let site = 1 + 5 * bi as u64;
             let hn = blk.ln_attn.forward(&x)?;
-            let split = |t: Tensor| -> Result<Tensor> {
-                Ok(if h == 1 {
-                    t.reshape((b, 1, l, d))?
-                } else {
-                    t.reshape((b, l, h, dh))?.transpose(1, 2)?.contiguous()?
-                })
+            let k = split(blk.k.forward(&hn)?, l)?;
+            let v = split(blk.v.forward(&hn)?, l)?;
+            let (nq, hq, xq, bias_q, real_q) = if last_only && bi + 1 == n_blocks {
+                (
+                    1,
+                    hn.narrow(1, l - 1, 1)?,
+                    x.narrow(1, l - 1, 1)?,
+                    bias.narrow(2, l - 1, 1)?,
+                    real.narrow(1, l - 1, 1)?,
+                )
+            } else {
+                (l, hn, x.clone(), bias.clone(), real.clone())
             };
-            let q = split(blk.q.forward(&hn)?)?;
-            let k = split(blk.k.forward(&hn)?)?;
-            let v = split(blk.v.forward(&hn)?)?;
-            let s = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let q = split(blk.q.forward(&hq)?, nq)?;
+            let s = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias_q)?;
             let a = softmax_last(&s)?;
             let a = self.drop(&a, site, self.cfg.attn_dropout, dropout, ids)?;
-            let o = a.matmul(&v)?;
-            let o = if h == 1 {
-                o.reshape((b, l, d))?
-            } else {
-                o.transpose(1, 2)?.contiguous()?.reshape((b, l, d))?
-            };
+            let o = merge(a.matmul(&v)?, nq)?;
             let o = self.drop(&blk.o.forward(&o)?, site + 1, p, dropout, ids)?;
-            x = (x + o)?;
-            let hn = blk.ln_ffn.forward(&x)?;
+            let y = (xq + o)?;
+            let hn = blk.ln_ffn.forward(&y)?;
             let f = blk.ff1.forward(&hn)?;
             let f = if self.cfg.act == "gelu" {
                 f.gelu_erf()?
@@ -145,7 +163,12 @@ impl Backbone for Sasrec {
             };
             let f = self.drop(&f, site + 2, p, dropout, ids)?;
             let f = self.drop(&blk.ff2.forward(&f)?, site + 3, p, dropout, ids)?;
-            x = (x + f)?.broadcast_mul(&real)?;
+            x = (y + f)?.broadcast_mul(&real_q)?;
+        }
+        let rows = x.dim(1)?;
+        if rows == 1 {
+            // Already one row per target, in target order.
+            return self.ln_final.forward(&x.reshape((b, d))?);
         }
         // Layer norm is per row: gather the target slots first.
         let x = x
