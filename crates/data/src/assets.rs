@@ -340,7 +340,7 @@ mod tests {
             std::fs::write(dir.path().join(a.name).join(f), b"x").unwrap();
         }
         let out = fetch(dir.path(), &["ml-1m".to_string()]).unwrap();
-        assert_eq!(out[0].downloaded, false);
+        assert!(!out[0].downloaded);
         assert_eq!(out[0].present, 3);
         assert_eq!(out[0].extracted, 0);
     }

@@ -108,7 +108,7 @@ pub fn read_columns(path: &Path, columns: &[ColumnSpec<'_>]) -> Result<Vec<Recor
             .collect::<Result<Vec<_>>>()?;
         let fields: Vec<_> = columns
             .iter()
-            .map(|c| b.schema().field_with_name(c.name).map(|f| f.clone()))
+            .map(|c| b.schema().field_with_name(c.name).cloned())
             .collect::<std::result::Result<_, _>>()?;
         out.push(RecordBatch::try_new(
             std::sync::Arc::new(arrow_schema::Schema::new(fields)),

@@ -894,7 +894,7 @@ mod tests {
             assert_eq!(w.pos, 11);
         }
         // Train windows end at 10 .. 9 (len 12: last train target index 9).
-        assert_eq!(out.splits[0].len(), 0 + 4 * 1);
+        assert_eq!(out.splits[0].len(), 4);
     }
 
     #[test]

@@ -248,7 +248,7 @@ impl Windows {
                 let mk = mk.as_primitive::<UInt8Type>();
                 let og = orig.value(r);
                 let og = og.as_primitive::<UInt32Type>();
-                if it.len() == 0 {
+                if it.is_empty() {
                     bail!("{}: row {r}: field `items` is empty", path.display());
                 }
                 if it.len() != mk.len() || it.len() != og.len() {

@@ -457,4 +457,82 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].1[1], "[\"x\", 'y']");
     }
+
+    fn files(dir: &Path, train_row: &str) -> [std::path::PathBuf; 4] {
+        let cat = dir.join("id2name4Rec.json");
+        std::fs::write(
+            &cat,
+            r#"{"1": "A &amp; B", "2": "C", "3": "D", "4": "E", "5": "D"}"#,
+        )
+        .unwrap();
+        let header = "user_id,item_ids,mask,item_titles,replaced_item_titles,timestamp\n";
+        let ok = "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A &amp; B', 'C', 'D']\",\"['E']\",100\n";
+        let mk = |name: &str, row: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("{header}{row}")).unwrap();
+            p
+        };
+        [
+            mk("train.csv", train_row),
+            mk("valid.csv", ok),
+            mk("test.csv", ok),
+            cat,
+        ]
+    }
+
+    #[test]
+    fn imports_windows_with_originals_and_refuses_bad_rows() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A &amp; B', 'C', 'D']\",\"['E']\",100\n";
+        let [tr, va, te, cat] = files(d.path(), ok);
+        let p = Protocol::default();
+        let out = prepare(&tr, &va, &te, &cat, &p).unwrap();
+        assert_eq!(out.catalog.title(1), "A & B");
+        let w = out.splits[0].get(0);
+        assert_eq!(w.items, &[1, 2, 3]);
+        assert_eq!(w.mask, &[0, 1, 0]);
+        assert_eq!(w.original, &[1, 4, 3]);
+        assert_eq!(out.users, vec!["7"]);
+        // The second window of user 7 (valid) has pos 1.
+        assert_eq!(out.splits[1].get(0).pos, 1);
+        assert_eq!(out.count("01_read.title_mismatches"), Some(0));
+
+        let cases = [
+            (
+                "7,\"[1, 9, 3]\",\"[0, 0, 0]\",\"['A', 'C', 'D']\",[],1\n",
+                "field `item_ids`: unknown item id 9",
+            ),
+            (
+                "7,\"[1, 2, 3]\",\"[0, 0]\",\"['A', 'C', 'D']\",[],1\n",
+                "field `mask`: lengths differ",
+            ),
+            (
+                "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A', 'C', 'D']\",[],1\n",
+                "field `replaced_item_titles`: fewer titles",
+            ),
+            (
+                "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A', 'C', 'D']\",\"['Z']\",1\n",
+                "field `replaced_item_titles`: title `Z` is not in the catalogue",
+            ),
+            (
+                "7,\"[1, 2, x]\",\"[0, 0, 0]\",\"['A', 'C', 'D']\",[],1\n",
+                "field `item_ids`: `x` is not an integer",
+            ),
+            (
+                "7,\"[1, 2, 3]\",\"[0, 0, 0]\",\"['A', 'C', 'D']\",[],soon\n",
+                "field `timestamp`",
+            ),
+        ];
+        for (row, want) in cases {
+            let [tr, va, te, cat] = files(d.path(), row);
+            let e = prepare(&tr, &va, &te, &cat, &p).unwrap_err().to_string();
+            assert!(e.contains("train.csv: line 2, ") && e.contains(want), "{e}");
+        }
+        // A title shared by ids 3 and 5 resolves to 3 and is counted.
+        let amb = "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A', 'C', 'D']\",\"['D']\",100\n";
+        let [tr, va, te, cat] = files(d.path(), amb);
+        let out = prepare(&tr, &va, &te, &cat, &p).unwrap();
+        assert_eq!(out.splits[0].get(0).original, &[1, 3, 3]);
+        assert_eq!(out.count("01_read.original_ambiguous"), Some(1));
+    }
 }

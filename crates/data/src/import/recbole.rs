@@ -94,7 +94,7 @@ fn header_line(bytes: &[u8]) -> &[u8] {
 
 /// Split a line into fields, returning those at `want` (indices), or the number of fields found.
 #[inline]
-fn pick<'a, const N: usize>(line: &'a str, want: [usize; N]) -> Result<[&'a str; N], usize> {
+fn pick<const N: usize>(line: &str, want: [usize; N]) -> Result<[&str; N], usize> {
     let mut out = [""; N];
     let mut found = 0usize;
     let max = *want.iter().max().unwrap();
