@@ -13,6 +13,8 @@ pub fn init(verbose: u8, rank: usize, size: usize) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: Slurm/CI log files stay free of escape codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = if size > 1 {
         // Each line carries the rank so interleaved logs from many ranks stay readable.
