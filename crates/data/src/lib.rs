@@ -4,18 +4,24 @@
 //!
 //! ```text
 //! <dataset>/catalog.parquet            item_id, title, source_id
+//! <dataset>/users.parquet              user, source_id
 //! <dataset>/interactions.parquet       user, item, timestamp, noise, original
 //! <dataset>/windows/{train,valid,test}.parquet   (see `windows`)
 //! <dataset>/sft.parquet                one-swap SFT instances
 //! <dataset>/manifest.json              config, seed, input/output sha256, counts
 //! ```
 
+pub mod assets;
 pub mod atomic;
 pub mod catalog;
+pub mod import;
+pub mod interactions;
 pub mod manifest;
 pub mod noise;
 pub mod parquet_io;
+pub mod prepare;
 pub mod rng;
+pub mod sft;
 pub mod shard;
 pub mod windows;
 

@@ -16,7 +16,10 @@ pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+        // Dictionary encoding cost ~18% of `prepare` on ML-1M (hashing every value) and zstd
+        // already finds the repeats in id columns: plain encoding + zstd is faster at a similar size.
+        .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         // Fixed `created_by` so files are byte-identical across builds of the same version.

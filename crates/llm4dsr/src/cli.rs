@@ -37,6 +37,22 @@ pub enum Command {
     Assets(cmd::assets::AssetsCommand),
     /// Import interactions + catalogue and write a windowed, split, noised dataset directory.
     Prepare(cmd::prepare::PrepareArgs),
+    /// Score every item of every window with a noise detector (sharded over the job's ranks).
+    Score(cmd::score::ScoreArgs),
+    /// Check the communicator under the cluster's launcher: placement and every collective.
+    CommCheck(cmd::comm_check::CommCheckArgs),
+    /// Train SASRec / GRU4Rec / Caser on a prepared dataset; checkpoints + test metrics.
+    Train(cmd::train::TrainArgs),
+    /// Full-ranking HR@K / NDCG@K of a checkpoint on a dataset split.
+    Evaluate(cmd::evaluate::EvaluateArgs),
+    /// Model utilities: convert a GGUF model to an HF directory.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Print the LLM's first-token and full-title noise scores of every item of a few windows.
+    InspectScores(cmd::inspect::InspectArgs),
+    /// The main job: assets, prepare (clean + noisy), noise detectors, LLM scores, backbones on
+    /// clean vs noisy data, report. Without --config it runs the embedded ML-100K default.
+    Run(cmd::run::RunArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -44,15 +60,95 @@ pub fn main() -> Result<()> {
     let cli = Cli::from_arg_matches(&matches)
         .map_err(|e| e.exit())
         .unwrap();
-    crate::logging::init(cli.verbose, 0, 1);
-    let config = match &cli.config {
-        Some(p) => ConfigFile::load(p)?,
-        None => ConfigFile::default(),
+    // The communicator comes first: every log line of a multi-rank job carries its rank.
+    let comm = match llm4dsr_comm::init() {
+        Ok(c) => c,
+        Err(e) => {
+            crate::logging::init(cli.verbose, 0, 1);
+            return Err(e.context("choosing the communicator"));
+        }
     };
-    let (name, sub) = matches.subcommand().expect("subcommand required");
-    match name {
-        "assets" => cmd::assets::run(&config, sub),
-        "prepare" => cmd::prepare::run(config.resolve("prepare", sub)?, &config),
-        other => unreachable!("unhandled subcommand {other}"),
+    crate::logging::init(cli.verbose, comm.rank(), comm.size());
+    if comm.size() > 1 {
+        // One line per rank: where each rank landed (the host picks the node's GPUs).
+        tracing::info!(
+            "joined a job of {} ranks via {}: local rank {} of {} on {}",
+            comm.size(),
+            comm.backend(),
+            comm.local_rank(),
+            comm.local_size(),
+            hostname()
+        );
     }
+    let result = (|| -> Result<()> {
+        let config = match &cli.config {
+            Some(p) => ConfigFile::load(p)?,
+            None => ConfigFile::default(),
+        };
+        let comm = comm.as_ref();
+        let (name, sub) = matches.subcommand().expect("subcommand required");
+        match name {
+            // Single-process stages: rank 0 runs them, the other ranks wait for its outcome.
+            "assets" => root_only(comm, name, || cmd::assets::run(&config, sub)),
+            "prepare" => root_only(comm, name, || {
+                cmd::prepare::run(config.resolve("prepare", sub)?, &config)
+            }),
+            "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
+            "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
+            "train" => cmd::train::run_with(config.resolve("train", sub)?, comm),
+            "evaluate" => cmd::evaluate::run_with(config.resolve("evaluate", sub)?, comm),
+            "run" => cmd::run::run(config.resolve("run", sub)?, &config, comm),
+            "model" => root_only(comm, name, || cmd::model::run(&config, sub)),
+            "inspect-scores" => root_only(comm, name, || {
+                cmd::inspect::run(config.resolve("inspect-scores", sub)?)
+            }),
+            other => unreachable!("unhandled subcommand {other}"),
+        }
+    })();
+    if let Err(e) = &result {
+        if comm.size() > 1 {
+            // Other ranks may be waiting in a collective for this one: stop the whole job, with
+            // the reason in this rank's log.
+            tracing::error!("{e:#}");
+            tracing::error!("aborting all {} ranks of the job", comm.size());
+            comm.abort(1);
+        }
+    }
+    result
+}
+
+/// Run a stage that is not written for many ranks on rank 0 only; every rank returns its
+/// outcome, so a pipeline script can run all stages under one launcher.
+fn root_only(
+    comm: &dyn llm4dsr_comm::Comm,
+    stage: &str,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return f();
+    }
+    let mut outcome = Vec::new();
+    if comm.is_root() {
+        let r: std::result::Result<(), String> = f().map_err(|e| format!("{e:#}"));
+        outcome = serde_json::to_vec(&r)?;
+    } else {
+        tracing::debug!("`{stage}` runs on rank 0 only; waiting for it");
+    }
+    comm.broadcast_bytes(0, &mut outcome)?;
+    let r: std::result::Result<(), String> = serde_json::from_slice(&outcome)?;
+    r.map_err(|msg| {
+        if comm.is_root() {
+            anyhow::anyhow!(msg)
+        } else {
+            anyhow::anyhow!("`{stage}` failed on rank 0: {msg}")
+        }
+    })
+}
+
+/// This machine's name, for logs.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "?".into())
 }

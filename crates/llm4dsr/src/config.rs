@@ -28,6 +28,16 @@ impl ConfigFile {
         })
     }
 
+    /// A config from text (e.g. one embedded in the binary); `origin` names it in errors.
+    pub fn from_str(text: &str, origin: &str) -> Result<Self> {
+        let table: toml::Table =
+            toml::from_str(text).with_context(|| format!("parsing config {origin}"))?;
+        Ok(Self {
+            path: Some(origin.into()),
+            table,
+        })
+    }
+
     /// The `[section]` table, if present.
     pub fn section(&self, section: &str) -> Result<Option<&toml::Table>> {
         match self.table.get(section) {

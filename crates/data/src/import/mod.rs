@@ -1,0 +1,144 @@
+//! Importers: source files in, a [`RawLog`](crate::interactions::RawLog) (or, for the
+//! reference CSV windows, ready-made windows) out. Each importer checks what it reads and names
+//! the file, the line or row, and the field when something is wrong.
+//!
+//! - [`recbole`]: RecBole atomic files (`.inter` + `.item`, tab-separated, typed headers),
+//!   including ML-1M's CRLF line ends, `1m_` user prefixes and title-as-id items.
+//! - [`parquet`]: generic Parquet logs and catalogues with configurable column names.
+//! - [`movie_csv`]: the LLM4DSR reference repository's window CSVs (Python-literal lists,
+//!   HTML-escaped titles, masks 1 and 2).
+
+pub mod movie_csv;
+pub mod parquet;
+pub mod recbole;
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Read a whole file, naming it when it is missing or unreadable.
+pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    if !path.exists() {
+        bail!("{}: {what} file not found", path.display());
+    }
+    std::fs::read(path).with_context(|| format!("{}: cannot read {what} file", path.display()))
+}
+
+/// Check `bytes` is UTF-8; otherwise name the line and (for delimited files) the field by its
+/// header name.
+pub fn check_utf8<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    delimiter: u8,
+    field_names: &[String],
+) -> Result<&'a str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let at = e.valid_up_to();
+            let line_start = bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            let col = bytes[line_start..at]
+                .iter()
+                .filter(|&&b| b == delimiter)
+                .count();
+            let field = field_names
+                .get(col)
+                .map(|s| format!("field `{s}`"))
+                .unwrap_or_else(|| format!("column {}", col + 1));
+            bail!(
+                "{}: line {line}, {field}: text is not valid UTF-8 (byte offset {at})",
+                path.display()
+            )
+        }
+    }
+}
+
+/// Parse a timestamp written as an integer or a float (RecBole writes `:float`).
+#[inline]
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(v) = s.parse::<i64>() {
+        return Some(v);
+    }
+    let f = s.parse::<f64>().ok()?;
+    (f.is_finite() && f.abs() < 9.0e18).then_some(f as i64)
+}
+
+/// Decode the HTML character references the reference data uses (`&amp;`, `&quot;`, `&#39;`,
+/// `&#NNN;`, `&#xHH;`, `&lt;`, `&gt;`, `&apos;`, `&nbsp;`). Unknown references stay as written.
+pub fn html_unescape(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(end) = rest[..rest.len().min(12)].find(';') else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let name = &rest[1..end];
+        let decoded = match name {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "nbsp" => Some('\u{a0}'),
+            _ if name.starts_with("#x") || name.starts_with("#X") => {
+                u32::from_str_radix(&name[2..], 16)
+                    .ok()
+                    .and_then(char::from_u32)
+            }
+            _ if name.starts_with('#') => name[1..].parse::<u32>().ok().and_then(char::from_u32),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_html() {
+        assert_eq!(html_unescape("Law &amp; Order"), "Law & Order");
+        assert_eq!(html_unescape("a &#39;b&#x27; &quot;c&quot;"), "a 'b' \"c\"");
+        assert_eq!(html_unescape("AT&T &bogus; &"), "AT&T &bogus; &");
+    }
+
+    #[test]
+    fn timestamps_int_or_float() {
+        assert_eq!(parse_timestamp("881250949"), Some(881250949));
+        assert_eq!(parse_timestamp("881250949.0"), Some(881250949));
+        assert_eq!(parse_timestamp("abc"), None);
+        assert_eq!(parse_timestamp("nan"), None);
+    }
+
+    #[test]
+    fn utf8_error_names_line_and_field() {
+        let names = vec!["user_id".to_string(), "item_id".to_string()];
+        let e = check_utf8(Path::new("x.inter"), b"a\tb\n1\t\xff\n", b'\t', &names)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.inter: line 2, field `item_id`"), "{e}");
+    }
+}

@@ -1,0 +1,211 @@
+//! [`Llm`]: a loaded causal LM (decoder + tokenizer) from an HF directory or a GGUF file. This
+//! is what the scoring, generation, embedding and fine-tuning code holds.
+
+use crate::config::ModelConfig;
+use crate::decoder::Decoder;
+use crate::tokenizer::{check_against_model, load_tokenizer_json};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// A causal LM ready to run.
+pub struct Llm {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    /// Where it was loaded from (recorded in manifests).
+    pub source: PathBuf,
+}
+
+/// The runtime dtype for a device: f32 on CPU (bf16 is 1.4-5x slower there), bf16 on GPU.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// The `.safetensors` files of an HF directory: the shards of `model.safetensors.index.json`,
+/// else `model.safetensors`, else every `*.safetensors`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?,
+        )
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: field `weight_map` missing", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if !f.exists() {
+                bail!("{}: shard {} is missing", index.display(), f.display());
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no *.safetensors weights", dir.display());
+    }
+    Ok(files)
+}
+
+/// Read and parse `<dir>/config.json`.
+pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        bail!(
+            "{}: no config.json (expected an HF model directory with config.json, *.safetensors and tokenizer.json, or a .gguf file)",
+            dir.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    crate::models::parse_config_json(&text, &path)
+}
+
+impl Llm {
+    /// Load `path`: a directory (HF layout) or a `.gguf` file, in the device's default dtype.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_dtype(path, device, default_dtype(device))
+    }
+
+    pub fn load_with_dtype(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let t0 = std::time::Instant::now();
+        let llm = if !path.exists() {
+            bail!("model {} does not exist", path.display());
+        } else if path.is_dir() {
+            Self::load_hf_dir(path, device, dtype)?
+        } else if path.extension().is_some_and(|x| x == "gguf") {
+            Self::load_gguf(path, device, dtype)?
+        } else {
+            bail!(
+                "model {}: expected an HF model directory or a .gguf file",
+                path.display()
+            );
+        };
+        tracing::info!(
+            model = %path.display(),
+            arch = llm.decoder.cfg.arch.name(),
+            layers = llm.decoder.cfg.num_hidden_layers,
+            hidden = llm.decoder.cfg.hidden_size,
+            ?dtype,
+            secs = t0.elapsed().as_secs_f32(),
+            "loaded model"
+        );
+        Ok(llm)
+    }
+
+    fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = read_hf_config(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            bail!("{}: no tokenizer.json", dir.display());
+        }
+        let tokenizer = load_tokenizer_json(&tok_path)?;
+        check_against_model(&tokenizer, cfg.vocab_size, &tok_path.display().to_string())?;
+        let files = safetensors_files(dir)?;
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        // SAFETY: the files are memory-mapped read-only; nothing here writes them while the
+        // model is loaded (the usual candle caveat: another process truncating them would fault).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .with_context(|| format!("reading {}", names.join(", ")))?;
+        let decoder = Decoder::load(vb, &cfg)
+            .with_context(|| format!("loading weights of {}", dir.display()))?;
+        Ok(Self {
+            decoder,
+            tokenizer,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let m = crate::gguf::read_gguf(path)?;
+        let vb = VarBuilder::from_tensors(m.tensors, dtype, device);
+        let decoder = Decoder::load(vb, &m.config)
+            .with_context(|| format!("loading weights of {}", path.display()))?;
+        Ok(Self {
+            decoder,
+            tokenizer: m.tokenizer,
+            source: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.decoder.device()
+    }
+
+    /// Token ids of a prompt, with the tokenizer's special tokens (BOS where the model wants it).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow!("tokenising prompt: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Token ids of a piece of text to be appended to something (no special tokens).
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenising text: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding tokens: {e}"))
+    }
+
+    /// Ids that end generation: the config's EOS ids, plus `<|im_end|>` / `<|endoftext|>` /
+    /// `<|eot_id|>` where the tokenizer has them (chat models end turns with those).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = self.decoder.cfg.eos_token_ids.clone();
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+            if let Some(id) = self.tokenizer.token_to_id(t) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// Pad id for padded batches: the tokenizer's padding token, else EOS, else 0.
+    pub fn pad_id(&self) -> u32 {
+        self.tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| self.decoder.cfg.eos_token_ids.first().copied())
+            .unwrap_or(0)
+    }
+}

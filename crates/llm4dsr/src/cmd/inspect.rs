@@ -1,0 +1,117 @@
+//! `llm4dsr inspect-scores`: a readable table of the LLM's noise scores (first-token, full-title
+//! sum and length-normalised) of every item of a few real windows of a prepared dataset, with
+//! each item's noise mask, so a person can see what the detector sees. A diagnostic, not a
+//! stage: it writes nothing.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use llm4dsr_data::{read_split, Catalog};
+use llm4dsr_llm::{Llm, LlmNoiseScorer, ScoreMode};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Serialize, Deserialize)]
+pub struct InspectArgs {
+    /// Prepared dataset directory (catalog.parquet + windows/<split>.parquet).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Model: HF directory or .gguf file (default: the SmolLM2-135M-Instruct asset).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Split to read windows from (train, valid, test).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Number of windows to show.
+    #[arg(long, default_value_t = 3)]
+    pub windows: usize,
+    /// Index of the first window shown.
+    #[arg(long, default_value_t = 0)]
+    pub start: usize,
+    /// Score the whole window (target included) instead of the history only. The history is
+    /// what the denoiser scores on valid/test; train windows are scored whole.
+    #[arg(long)]
+    pub whole_window: bool,
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let catalog = Catalog::read_dataset(&args.dataset)?;
+    let windows = read_split(&args.dataset, &args.split)?;
+    if args.start >= windows.len() {
+        bail!(
+            "--start {} but the {} split has {} windows",
+            args.start,
+            args.split,
+            windows.len()
+        );
+    }
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
+    };
+    let llm = Llm::load(&model, &Device::Cpu)?;
+    let scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle)?;
+    let end = (args.start + args.windows).min(windows.len());
+    let whole = args.whole_window || args.split == "train";
+    let views: Vec<_> = (args.start..end).map(|i| windows.get(i)).collect();
+    let seqs: Vec<&[u32]> = views
+        .iter()
+        .map(|w| if whole { w.items } else { w.history() })
+        .collect();
+    let scores = scorer.score_all(&seqs)?;
+    println!(
+        "model {}  dataset {}  split {}  scored: {}",
+        model.display(),
+        args.dataset.display(),
+        args.split,
+        if whole { "whole window" } else { "history" }
+    );
+    println!("mask: 0 clean, 1 synthetic noise, 2 SFT swap. Scores are log-probs of naming the item as noise (higher = more suspect); [n] = rank by that score.");
+    for (k, (w, s)) in views.iter().zip(&scores).enumerate() {
+        let seq = seqs[k];
+        let prompt_len = scorer.prompt_tokens(seq)?.len();
+        println!();
+        println!(
+            "window {} (user {}, pos {}), {} items scored, prompt {} tokens, target: {}",
+            args.start + k,
+            w.user,
+            w.pos,
+            seq.len(),
+            prompt_len,
+            catalog.title(w.target())
+        );
+        let rank = |v: &[f32]| -> Vec<usize> {
+            let mut idx: Vec<usize> = (0..v.len()).collect();
+            idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
+            let mut r = vec![0; v.len()];
+            for (pos, &i) in idx.iter().enumerate() {
+                r[i] = pos + 1;
+            }
+            r
+        };
+        let first: Vec<f32> = s.iter().map(|x| x.first).collect();
+        let sum: Vec<f32> = s.iter().map(|x| x.sum).collect();
+        let mean: Vec<f32> = s.iter().map(|x| x.mean()).collect();
+        let (rf, rs, rm) = (rank(&first), rank(&sum), rank(&mean));
+        println!(
+            "{:>3} {:>6} {:>4} {:>13} {:>13} {:>13} {:>4}  title",
+            "pos", "item", "mask", "first-token", "full-title", "full-mean", "tok"
+        );
+        for (j, &item) in seq.iter().enumerate() {
+            println!(
+                "{:>3} {:>6} {:>4} {:>8.3} [{:>2}] {:>8.3} [{:>2}] {:>8.3} [{:>2}] {:>4}  {}",
+                j,
+                item,
+                w.mask[j],
+                first[j],
+                rf[j],
+                sum[j],
+                rs[j],
+                mean[j],
+                rm[j],
+                s[j].tokens,
+                catalog.title(item)
+            );
+        }
+    }
+    Ok(())
+}

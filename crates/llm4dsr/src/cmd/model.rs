@@ -1,0 +1,58 @@
+//! `llm4dsr model convert`: write a GGUF model (e.g. the SmolLM2 asset) out as an HF model
+//! directory (`config.json`, f32 `model.safetensors`, `tokenizer.json`, `manifest.json`), the
+//! form fine-tuning and every other stage load fastest and that HF tools read.
+
+use crate::config::ConfigFile;
+use anyhow::{anyhow, Result};
+use clap::{ArgMatches, Subcommand};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The SmolLM2 asset, relative to the cache root.
+pub const SMOLLM2_GGUF: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Convert a GGUF model to an HF directory (dequantised to f32; llama.cpp's q/k row
+    /// permutation undone; tokenizer rebuilt from the GGUF metadata).
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args, Debug, Serialize, Deserialize)]
+pub struct ConvertArgs {
+    /// GGUF file to convert (default: the SmolLM2-135M-Instruct asset in the cache).
+    #[arg(long)]
+    pub gguf: Option<PathBuf>,
+    /// Output directory (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run(config: &ConfigFile, matches: &ArgMatches) -> Result<()> {
+    let (name, sub) = matches
+        .subcommand()
+        .ok_or_else(|| anyhow!("`model` needs a subcommand (convert)"))?;
+    match name {
+        "convert" => {
+            let args: ConvertArgs = config.resolve("model-convert", sub)?;
+            let gguf = match args.gguf {
+                Some(p) => p,
+                None => llm4dsr_data::assets::require(SMOLLM2_GGUF)?,
+            };
+            let t0 = std::time::Instant::now();
+            llm4dsr_llm::gguf::convert_to_hf_dir(&gguf, &args.out, args.overwrite)?;
+            tracing::info!(
+                gguf = %gguf.display(),
+                out = %args.out.display(),
+                secs = t0.elapsed().as_secs_f32(),
+                "converted"
+            );
+            println!("{}", args.out.display());
+            Ok(())
+        }
+        other => unreachable!("unhandled model subcommand {other}"),
+    }
+}

@@ -1,0 +1,441 @@
+//! `llm4dsr run`: the main job on one dataset, end to end, as far as the pipeline goes today.
+//!
+//! ```text
+//! assets -> prepare (clean, noisy p) -> score (noise detectors vs the injected masks)
+//!        -> LLM noise scores of a few windows -> train + evaluate backbones (clean vs noisy)
+//!        -> report.md (+ SVG plot)
+//! ```
+//!
+//! Each step writes its own directory under `--workdir` and is skipped when its output is
+//! already complete, so a killed job re-run picks up where it stopped. Without `--config`, the
+//! embedded default (configs/ml-100k.toml, compiled into the binary) is used.
+
+use crate::cmd;
+use crate::config::ConfigFile;
+use anyhow::{Context, Result};
+use clap::{Args, FromArgMatches};
+use llm4dsr_comm::Comm;
+use llm4dsr_data::noise::{detection_metrics, DetectionMetrics};
+use llm4dsr_data::{read_split, Manifest};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration of `llm4dsr run`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../../configs/ml-100k.toml");
+
+#[derive(clap::Args, Debug, Serialize, Deserialize)]
+pub struct RunArgs {
+    /// Work directory: one sub-directory per step, plus report.md.
+    #[arg(long, default_value = "runs/ml-100k")]
+    pub workdir: PathBuf,
+    /// Probability of synthetic noise in the noisy dataset (the paper's noisy sets use 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    pub noise_p: f64,
+    /// Backbones trained on clean and on noisy data, comma-separated (sasrec, gru4rec, caser).
+    #[arg(long, value_delimiter = ',', default_values_t = ["sasrec".to_string(), "gru4rec".to_string(), "caser".to_string()])]
+    pub backbones: Vec<String>,
+    /// Maximum epochs per backbone.
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Early-stopping patience (epochs without a better valid NDCG@10).
+    #[arg(long, default_value_t = 3)]
+    pub patience: usize,
+    /// Noise detectors run by the `score` step, comma-separated (popularity, cooccurrence).
+    #[arg(long, value_delimiter = ',', default_values_t = ["popularity".to_string(), "cooccurrence".to_string()])]
+    pub detectors: Vec<String>,
+    /// Windows of the noisy test split whose LLM scores are printed (0 skips the LLM step).
+    #[arg(long, default_value_t = 3)]
+    pub llm_windows: usize,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Redo every step even when its output is complete.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Build a stage's arguments as if its flags were given on the command line, with the
+/// config's table for that stage filling the rest.
+fn stage_args<A>(config: &ConfigFile, section: &str, argv: &[String]) -> Result<A>
+where
+    A: Args + FromArgMatches + Serialize + DeserializeOwned,
+{
+    let command = A::augment_args(clap::Command::new("stage").no_binary_name(true));
+    let matches = command
+        .try_get_matches_from(argv)
+        .with_context(|| format!("building `{section}` arguments from {argv:?}"))?;
+    config.resolve(section, &matches)
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
+    let embedded;
+    let config = if config.table.is_empty() {
+        embedded = ConfigFile::from_str(DEFAULT_CONFIG, "<embedded configs/ml-100k.toml>")?;
+        &embedded
+    } else {
+        config
+    };
+    let wd = &args.workdir;
+    if comm.is_root() {
+        std::fs::create_dir_all(wd).with_context(|| format!("creating {}", wd.display()))?;
+    }
+    let t0 = std::time::Instant::now();
+
+    // 1. Assets: the dataset of the config (and the LLM when its step runs).
+    let prepare_probe: cmd::prepare::PrepareArgs = stage_args(config, "prepare", &[])?;
+    let mut wanted: Vec<String> = prepare_probe.asset.iter().cloned().collect();
+    if args.llm_windows > 0 {
+        wanted.push("smollm2-135m-instruct".into());
+    }
+    if comm.is_root() && !wanted.is_empty() {
+        tracing::info!("step 1/5: assets {}", wanted.join(", "));
+        llm4dsr_data::assets::fetch(&llm4dsr_data::assets::cache_dir(), &wanted)?;
+    }
+    comm.barrier()?;
+
+    // 2. Prepare the clean and the noisy dataset (rank 0; the others wait).
+    let clean = wd.join("clean");
+    let noisy = wd.join(format!("noisy-p{}", args.noise_p));
+    for (dir, p) in [(&clean, 0.0), (&noisy, args.noise_p)] {
+        if comm.is_root() {
+            tracing::info!("step 2/5: prepare {} (noise p = {p})", dir.display());
+            let mut argv = vec![
+                "--out".into(),
+                s(dir),
+                "--noise-p".into(),
+                p.to_string(),
+                "--seed".into(),
+                args.seed.to_string(),
+            ];
+            if args.overwrite {
+                argv.push("--overwrite".into());
+            }
+            cmd::prepare::run(stage_args(config, "prepare", &argv)?, config)?;
+        }
+    }
+    comm.barrier()?;
+
+    // 3. Noise detectors on the noisy data, judged against the injected masks.
+    let mut detection: Vec<(String, String, DetectionMetrics)> = Vec::new();
+    for method in &args.detectors {
+        let out = wd.join(format!("scores-{method}"));
+        if args.overwrite || !out.join("manifest.json").exists() {
+            tracing::info!("step 3/5: score {} with {method}", noisy.display());
+            let mut argv = vec![
+                "--dataset".into(),
+                s(&noisy),
+                "--out".into(),
+                s(&out),
+                "--method".into(),
+                method.clone(),
+            ];
+            if out.exists() {
+                argv.push("--overwrite".into());
+            }
+            cmd::score::run(stage_args(config, "score", &argv)?, config, comm)?;
+        }
+        for split in ["valid", "test"] {
+            let m = detection_of(&noisy, &out, split)?;
+            detection.push((method.clone(), split.to_string(), m));
+        }
+    }
+
+    // 4. The LLM's scores of a few windows (untuned SmolLM2: shows the engine, not the method).
+    if args.llm_windows > 0 && comm.is_root() {
+        tracing::info!(
+            "step 4/5: LLM noise scores of {} test windows",
+            args.llm_windows
+        );
+        let argv = vec![
+            "--dataset".into(),
+            s(&noisy),
+            "--windows".into(),
+            args.llm_windows.to_string(),
+        ];
+        cmd::inspect::run(stage_args(config, "inspect-scores", &argv)?)?;
+    }
+    comm.barrier()?;
+
+    // 5. Backbones on clean and noisy data.
+    let results_csv = wd.join("results.csv");
+    let mut runs = Vec::new();
+    for model in &args.backbones {
+        for (label, data) in [("clean", &clean), ("noisy", &noisy)] {
+            let out = wd.join("train").join(format!("{model}-{label}"));
+            let metrics = out.join("metrics.json");
+            if args.overwrite || !metrics.exists() {
+                tracing::info!("step 5/5: train {model} on {label} data");
+                let mut argv = vec![
+                    "--dataset".into(),
+                    s(data),
+                    "--out".into(),
+                    s(&out),
+                    "--model".into(),
+                    model.clone(),
+                    "--epochs".into(),
+                    args.epochs.to_string(),
+                    "--patience".into(),
+                    args.patience.to_string(),
+                    "--seed".into(),
+                    args.seed.to_string(),
+                    "--results-csv".into(),
+                    s(&results_csv),
+                    "--label".into(),
+                    label.to_string(),
+                ];
+                if out.join("last").join("state.json").exists() && !args.overwrite {
+                    argv.push("--resume".into());
+                } else if out.exists() {
+                    argv.push("--overwrite".into());
+                }
+                cmd::train::run_with(stage_args(config, "train", &argv)?, comm)?;
+            }
+            comm.barrier()?;
+            runs.push((model.clone(), label.to_string(), metrics));
+        }
+    }
+
+    if comm.is_root() {
+        let report = write_report(
+            wd,
+            &args,
+            &clean,
+            &noisy,
+            &detection,
+            &runs,
+            t0.elapsed().as_secs_f64(),
+        )?;
+        println!("\nreport: {}", report.display());
+    }
+    Ok(())
+}
+
+/// Detection precision/recall of one detector's scores of `split` (top-1 and top-3 flags).
+fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<DetectionMetrics> {
+    let windows = read_split(dataset, split)?;
+    let scores = read_scores(&scores_dir.join("scores").join(format!("{split}.parquet")))?;
+    // Align by (user, pos): the score stage may order rows by shard.
+    let mut by_key = std::collections::HashMap::with_capacity(scores.len());
+    for (i, (u, p, _)) in scores.iter().enumerate() {
+        by_key.insert((*u, *p), i);
+    }
+    let (mut flat_scores, mut flat_mask, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
+    for w in windows.iter() {
+        let &i = by_key.get(&(w.user, w.pos)).with_context(|| {
+            format!(
+                "{}: no scores for user {} pos {}",
+                scores_dir.display(),
+                w.user,
+                w.pos
+            )
+        })?;
+        let sc = &scores[i].2;
+        flat_scores.extend_from_slice(sc);
+        flat_mask.extend_from_slice(&w.mask[..sc.len()]);
+        offsets.push(flat_scores.len() as u32);
+    }
+    Ok(detection_metrics(&flat_scores, &flat_mask, &offsets, 1))
+}
+
+fn write_report(
+    wd: &Path,
+    args: &RunArgs,
+    clean: &Path,
+    noisy: &Path,
+    detection: &[(String, String, DetectionMetrics)],
+    runs: &[(String, String, PathBuf)],
+    seconds: f64,
+) -> Result<PathBuf> {
+    let mut r = String::new();
+    writeln!(r, "# llm4dsr run report\n")?;
+    writeln!(r, "Work directory `{}`; seed {}; {:.0} s for this invocation (steps already complete were skipped).\n", wd.display(), args.seed, seconds)?;
+    writeln!(r, "## Datasets\n")?;
+    writeln!(r, "| dataset | users | items | train windows | valid windows | test windows | noisy history positions |")?;
+    writeln!(r, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for d in [clean, noisy] {
+        let m = Manifest::read(d)?;
+        let c = |key: &str| {
+            m.counts
+                .get(key)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        writeln!(
+            r,
+            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            d.file_name().unwrap().to_string_lossy(),
+            c("05_kept.users"),
+            c("05_kept.items"),
+            c("07_windows.train"),
+            c("07_windows.valid"),
+            c("07_windows.test"),
+            c("08_noise.noisy_history_positions"),
+        )?;
+    }
+    writeln!(
+        r,
+        "\nCounts at every step are in each dataset's `manifest.json`.\n"
+    )?;
+    writeln!(
+        r,
+        "## Noise detection on the noisy data (top-1 flag per window history)\n"
+    )?;
+    writeln!(r, "| detector | split | windows | noisy positions | precision | recall | F1 | random precision |")?;
+    writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    for (method, split, m) in detection {
+        writeln!(
+            r,
+            "| {method} | {split} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            m.sequences, m.noisy_positions, m.precision, m.recall, m.f1, m.random_precision
+        )?;
+    }
+    writeln!(
+        r,
+        "\nThe LLM detector (fine-tuned on the SFT instances) is the next stage of the roadmap; \
+`llm4dsr inspect-scores` shows the untuned LLM's scores of a few windows.\n"
+    )?;
+    writeln!(
+        r,
+        "## Backbones: clean vs noisy training data (test split, full ranking)\n"
+    )?;
+    writeln!(
+        r,
+        "| backbone | data | HR@10 | NDCG@10 | HR@20 | NDCG@20 | best epoch | epochs | s/epoch |"
+    )?;
+    writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut bars = Vec::new();
+    for (model, label, path) in runs {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let t = |k: &str| {
+            v["test"]["values"][k]
+                .as_f64()
+                .or_else(|| v["test"][k].as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        writeln!(
+            r,
+            "| {model} | {label} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {:.2} |",
+            t("HR@10"),
+            t("NDCG@10"),
+            t("HR@20"),
+            t("NDCG@20"),
+            v["best_epoch"],
+            v["epochs_run"],
+            v["seconds_per_epoch"].as_f64().unwrap_or(f64::NAN)
+        )?;
+        bars.push((format!("{model} {label}"), t("NDCG@10")));
+    }
+    let svg = wd.join("ndcg10.svg");
+    llm4dsr_data::atomic::write_file(
+        &svg,
+        bar_chart_svg("test NDCG@10: clean vs noisy training data", &bars).as_bytes(),
+    )?;
+    writeln!(
+        r,
+        "\n![test NDCG@10]({})\n",
+        svg.file_name().unwrap().to_string_lossy()
+    )?;
+    writeln!(
+        r,
+        "Rows of every training run are also appended to `results.csv`."
+    )?;
+    let path = wd.join("report.md");
+    llm4dsr_data::atomic::write_file(&path, r.as_bytes())?;
+    Ok(path)
+}
+
+/// A horizontal bar chart as a standalone SVG (no plotting dependency).
+pub fn bar_chart_svg(title: &str, bars: &[(String, f64)]) -> String {
+    let max = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let (w, row, left, top) = (640.0, 26.0, 160.0, 40.0);
+    let h = top + row * bars.len() as f64 + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"14\">{title}</text>\n"
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = top + row * i as f64;
+        let bw = if v.is_finite() {
+            (w - left - 80.0) * v / max
+        } else {
+            0.0
+        };
+        let color = if label.ends_with("clean") {
+            "#4c78a8"
+        } else {
+            "#e45756"
+        };
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text><rect x=\"{left}\" y=\"{}\" width=\"{bw:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{v:.4}</text>",
+            left - 8.0,
+            y + 16.0,
+            y + 4.0,
+            row - 8.0,
+            left + bw + 6.0,
+            y + 16.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// (user, pos, scores) rows of a `scores/<split>.parquet` file.
+fn read_scores(path: &Path) -> Result<Vec<(u32, u32, Vec<f32>)>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type};
+    use arrow_schema::{DataType, Field};
+    use llm4dsr_data::parquet_io::{read_columns, ColumnSpec};
+    let list = DataType::List(std::sync::Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        true,
+    )));
+    let batches = read_columns(
+        path,
+        &[
+            ColumnSpec {
+                name: "user",
+                accepts: &[DataType::UInt32],
+            },
+            ColumnSpec {
+                name: "pos",
+                accepts: &[DataType::UInt32],
+            },
+            ColumnSpec {
+                name: "scores",
+                accepts: std::slice::from_ref(&list),
+            },
+        ],
+    )?;
+    let mut out = Vec::new();
+    for b in &batches {
+        let (u, p, sc) = (
+            b.column(0).as_primitive::<UInt32Type>(),
+            b.column(1).as_primitive::<UInt32Type>(),
+            b.column(2).as_list::<i32>(),
+        );
+        for r in 0..b.num_rows() {
+            let v = sc.value(r);
+            out.push((
+                u.value(r),
+                p.value(r),
+                v.as_primitive::<Float32Type>().values().to_vec(),
+            ));
+        }
+    }
+    Ok(out)
+}
