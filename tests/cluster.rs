@@ -719,3 +719,111 @@ fn mpi_training_on_2_ranks_matches_1_rank() {
     // Not trivially equal either: training moved the weights away from initialisation.
     eprintln!("largest weight difference, 2 ranks vs 1 after 3 epochs: {worst:e}");
 }
+
+/// The LLM detectors through the sharded `score` stage, with the real SmolLM2 (skipped when
+/// the asset is absent): one score per history item, finite, identical across shard counts.
+#[test]
+fn llm_detectors_score_through_the_sharded_stage() {
+    let model =
+        llm4dsr_data::assets::asset_path("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        eprintln!("SKIP: llm_detectors_score_through_the_sharded_stage: {} absent (run `llm4dsr assets fetch`)", model.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let titles = [
+        "Toy Story (1995)",
+        "Aladdin (1992)",
+        "The Lion King (1994)",
+        "Beauty and the Beast (1991)",
+        "Scream (1996)",
+        "Halloween (1978)",
+        "The Shining (1980)",
+        "Alien (1979)",
+    ];
+    let mut catalog = Catalog::new();
+    for (i, t) in titles.iter().enumerate() {
+        catalog.push(t.to_string(), format!("m{}", i + 1));
+    }
+    catalog
+        .write_parquet(&data.join("catalog.parquet"))
+        .unwrap();
+    let mut train = Windows::new();
+    let mut test = Windows::new();
+    // Two family-film users with one horror intruder each, one horror user.
+    for (u, seq) in [
+        (1u32, [1u32, 2, 6, 3, 4]),
+        (2, [2, 3, 4, 7, 1]),
+        (3, [5, 6, 7, 8, 5]),
+    ] {
+        train.push(u, 1, &seq[..2], &[0, 0], &seq[..2], u as i64);
+        test.push(u, 4, &seq, &[0; 5], &seq, 100 + u as i64);
+    }
+    train
+        .write_parquet(&data.join("windows/train.parquet"))
+        .unwrap();
+    test.write_parquet(&data.join("windows/test.parquet"))
+        .unwrap();
+    let d = data.to_str().unwrap();
+    let mut first: Option<HashMap<(u32, u32), (Vec<u32>, Vec<f32>)>> = None;
+    for (method, shards) in [
+        ("llm-first-token", "1"),
+        ("llm-first-token", "3"),
+        ("llm-full-title", "2"),
+    ] {
+        let out = dir.path().join(format!("scores-{method}-{shards}"));
+        let o = run(
+            &[
+                "score",
+                "--dataset",
+                d,
+                "--out",
+                out.to_str().unwrap(),
+                "--method",
+                method,
+                "--splits",
+                "test",
+                "--num-shards",
+                shards,
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let scores = read_scores(&out.join("scores/test.parquet"));
+        assert_eq!(scores.len(), 3);
+        for w in test.iter() {
+            let (items, sc) = &scores[&(w.user, w.pos)];
+            assert_eq!(
+                items.as_slice(),
+                w.history(),
+                "{method}: history items scored"
+            );
+            assert!(
+                sc.iter().all(|x| x.is_finite() && *x <= 0.0),
+                "{method}: log-probs {sc:?}"
+            );
+        }
+        match (&first, method) {
+            (None, _) => first = Some(scores),
+            // Another shard count groups windows into other batches (other GEMM shapes): equal
+            // to float tolerance, not bit for bit. Rank counts, by contrast, never change bytes.
+            (Some(f), "llm-first-token") => {
+                for (k, (items, a)) in f {
+                    let (items2, b) = &scores[k];
+                    assert_eq!(items, items2);
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-3 * (1.0 + x.abs()),
+                            "{k:?}: {a:?} vs {b:?}"
+                        );
+                    }
+                }
+            }
+            (Some(f), _) => assert_ne!(
+                f, &scores,
+                "full-title equals first-token on multi-token titles"
+            ),
+        }
+    }
+}

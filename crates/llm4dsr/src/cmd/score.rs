@@ -24,8 +24,11 @@
 //!   C counts how often two items occur within one window span of each other in a user's
 //!   training sequence; the item least co-occurring with the rest of the window scores highest.
 //!
-//! The LLM detectors (first-token and full-title likelihood) come from `llm4dsr-llm`: they
-//! become a [`Method`] variant and an arm of [`build_scorer`], and nothing else changes.
+//! The LLM detectors come from `llm4dsr-llm` ([`llm4dsr_llm::LlmNoiseScorer`]): `llm-first-token`
+//! (the reference method: log P(first title token | prompt)), `llm-full-title` (sum of the
+//! title's token log-probs, no first-token ties) and `llm-full-title-mean` (length-normalised).
+//! `--model` picks the model (default: the SmolLM2-135M-Instruct asset); its hash is part of
+//! each shard's fingerprint, so a resumed run never mixes two models' scores.
 
 use crate::config::ConfigFile;
 use crate::sharded::{fingerprint, ShardOutput, ShardedStage};
@@ -65,6 +68,9 @@ pub struct ScoreArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub overwrite: bool,
+    /// LLM detectors: HF model directory or .gguf file (default: the SmolLM2-135M-Instruct asset).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 /// The noise detectors `score` can run.
@@ -75,7 +81,12 @@ pub enum Method {
     Popularity,
     /// Item least co-occurring (in training sequences) with the rest of the window scores highest.
     Cooccurrence,
-    // The LLM scorers (llm4dsr-llm) plug in here: a variant + an arm in `build_scorer`.
+    /// The LLM's log-probability of naming the item's first title token as the noise item.
+    LlmFirstToken,
+    /// The LLM's log-likelihood of the item's whole title (and closing quote) as the noise item.
+    LlmFullTitle,
+    /// `llm-full-title` divided by the number of title tokens.
+    LlmFullTitleMean,
 }
 
 impl Method {
@@ -83,6 +94,9 @@ impl Method {
         match self {
             Method::Popularity => "popularity",
             Method::Cooccurrence => "cooccurrence",
+            Method::LlmFirstToken => "llm-first-token",
+            Method::LlmFullTitle => "llm-full-title",
+            Method::LlmFullTitleMean => "llm-full-title-mean",
         }
     }
 }
@@ -137,7 +151,25 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     let train_path = split_path(&dataset, "train");
     let train = read_split(&dataset, "train")?;
     train.validate_ids(catalog.num_items(), &train_path)?;
-    let mut scorer = build_scorer(args.method, &train, &train_path, &catalog)?;
+    let llm_mode = args.method.llm_mode();
+    let (llm, model_sha) = match llm_mode {
+        None => (None, String::new()),
+        Some(_) => {
+            let model = match &args.model {
+                Some(p) => p.clone(),
+                None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
+            };
+            let digest_of = if model.is_dir() {
+                model.join("config.json")
+            } else {
+                model.clone()
+            };
+            let sha = sha256_file(&digest_of)?.0;
+            let llm = llm4dsr_llm::Llm::load(&model, &candle_core::Device::Cpu)?;
+            (Some(llm), sha)
+        }
+    };
+    let mut scorer = build_scorer(args.method, &train, &train_path, &catalog, llm.as_ref())?;
 
     // Everything the output depends on, hashed into each part's fingerprint.
     let catalog_sha = sha256_file(&catalog_path)?.0;
@@ -179,6 +211,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             "catalog": catalog_sha,
             "train": train_sha,
             "input": split_sha,
+            "model": model_sha,
         }))?;
         let stage = ShardedStage {
             name: format!("score/{split}"),
@@ -324,17 +357,39 @@ fn score_shard(
     })
 }
 
-/// The detector for `method`, built from the training windows.
-pub fn build_scorer(
+impl Method {
+    /// The LLM scoring mode of an LLM detector.
+    pub fn llm_mode(self) -> Option<llm4dsr_llm::ScoreMode> {
+        use llm4dsr_llm::ScoreMode;
+        match self {
+            Method::Popularity | Method::Cooccurrence => None,
+            Method::LlmFirstToken => Some(ScoreMode::FirstToken),
+            Method::LlmFullTitle => Some(ScoreMode::FullTitle),
+            Method::LlmFullTitleMean => Some(ScoreMode::FullTitleMean),
+        }
+    }
+}
+
+/// The detector for `method`: the heuristics from the training windows, the LLM detectors
+/// from `llm` (required for them).
+pub fn build_scorer<'a>(
     method: Method,
     train: &Windows,
     train_path: &Path,
-    catalog: &Catalog,
-) -> Result<Box<dyn NoiseScorer>> {
+    catalog: &'a Catalog,
+    llm: Option<&'a llm4dsr_llm::Llm>,
+) -> Result<Box<dyn NoiseScorer + 'a>> {
+    if let Some(mode) = method.llm_mode() {
+        let llm = llm.context("an LLM detector needs a model")?;
+        let mut scorer = llm4dsr_llm::LlmNoiseScorer::new(llm, catalog, mode)?;
+        scorer.progress = false;
+        return Ok(Box::new(scorer));
+    }
     let stats = TrainStats::from_windows(train, train_path, catalog.num_items())?;
     Ok(match method {
         Method::Popularity => Box::new(Popularity::new(&stats)),
         Method::Cooccurrence => Box::new(Cooccurrence::new(&stats)),
+        _ => unreachable!("LLM detectors return above"),
     })
 }
 
