@@ -10,7 +10,8 @@ use llm4dsr_data::Manifest;
 use llm4dsr_rec::adam::AdamConfig;
 use llm4dsr_rec::train::{final_metrics, write_json, CheckpointPlan};
 use llm4dsr_rec::{
-    EvalOptions, LossKind, ModelConfig, ModelKind, RecDataset, SelectOn, Targets, TrainConfig,
+    EvalOptions, LossKind, Metrics, ModelConfig, ModelKind, RecDataset, SelectOn, Targets,
+    TrainConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -217,8 +218,6 @@ pub fn csv_row(
     r.extend(Metrics::names().iter().map(|n| format!("{:.6}", m.get(n))));
     r
 }
-use llm4dsr_rec::Metrics;
-
 pub fn run(args: TrainArgs, _config: &ConfigFile) -> Result<()> {
     // The MPI communicator plugs in here once it lands; one process is the `Local` path.
     run_with(args, &Local)
