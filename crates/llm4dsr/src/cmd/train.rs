@@ -299,6 +299,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         "best_epoch": outcome.state.best_epoch,
         "stopped_early": outcome.state.stopped_early,
         "seconds_per_epoch": spe,
+        "cpu_seconds_per_epoch": outcome.cpu_seconds_per_epoch(),
         "instances": outcome.instances,
         "loss_terms": outcome.loss_terms,
         "steps_per_epoch": outcome.steps_per_epoch,
