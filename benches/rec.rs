@@ -126,9 +126,10 @@ fn main() {
         let out = llm4dsr_rec::train(&tr, &va, items, users, &cfg, &Local, None).unwrap();
         let t = evaluate(&out.model, &te, EvalOptions::default(), &Local).unwrap();
         println!(
-            "| {kind} | {} | {:.2} | {:.4} | {:.4} | {:.4} |",
+            "| {kind} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {:.4} |",
             out.instances,
             out.seconds_per_epoch(),
+            out.cpu_seconds_per_epoch(),
             out.state.history.last().unwrap().select_ndcg10,
             t.get("HR@10"),
             t.get("NDCG@10")

@@ -3,9 +3,10 @@
 //! filters of every height 1..=L (each max-pooled over time), then dropout, a dense layer to
 //! d, concatenation with a user embedding, and a second dense layer; ReLU throughout.
 //!
-//! The horizontal convolutions are computed as ONE product of the embeddings with all filter
-//! slices ([b*L, d] x [d, nh * L(L+1)/2]) followed by shifted sums: cheaper than L separate
-//! convolutions at these sizes and built from ops that have a backward pass.
+//! A horizontal convolution of height h is an unfold (the h shifted views of the embedding
+//! matrix side by side: [b, L-h+1, h*d]) times its filters [h*d, nh]: one product per height,
+//! built from ops that have a backward pass, and cheaper than slicing one big product (whose
+//! slices each cost a full-size zero-padded gradient in the backward pass).
 //! Caser encodes a whole window, so it predicts only the item after the last slot.
 
 use crate::batch::{Dropout, SeqBatch};
@@ -22,9 +23,8 @@ pub struct Caser {
     /// Vertical filters [nv, L] and bias [nv, 1].
     conv_v: Tensor,
     conv_v_bias: Tensor,
-    /// All horizontal filter slices [d, nh * L(L+1)/2]: height h, row k at column block
-    /// h(h-1)/2 + k.
-    conv_h: Tensor,
+    /// Horizontal filters of height h = index + 1: [h*d, nh] (row block k = slot offset k).
+    conv_h: Vec<Tensor>,
     /// Horizontal biases [L, nh] (one row per height).
     conv_h_bias: Tensor,
     fc1: Linear,
@@ -48,12 +48,15 @@ impl Caser {
             Init::Uniform(1.0 / (l as f32).sqrt()),
         )?;
         let conv_v_bias = store.add("conv_v.bias", &[cfg.nv, 1], Init::Zeros)?;
-        let slices = l * (l + 1) / 2;
-        let conv_h = store.add(
-            "conv_h.weight",
-            &[d, cfg.nh * slices],
-            Init::Uniform(1.0 / (d as f32).sqrt()),
-        )?;
+        let mut conv_h = Vec::with_capacity(l);
+        for h in 1..=l {
+            let bound = 1.0 / ((h * d) as f32).sqrt();
+            conv_h.push(store.add(
+                &format!("conv_h{h}.weight"),
+                &[h * d, cfg.nh],
+                Init::Uniform(bound),
+            )?);
+        }
         let conv_h_bias = store.add("conv_h.bias", &[l, cfg.nh], Init::Zeros)?;
         let fc1_in = cfg.nv * d + cfg.nh * l;
         let fc1 = Linear::new(store, "fc1", fc1_in, d, Init::Normal(0.01), true)?;
@@ -90,24 +93,22 @@ impl Backbone for Caser {
             feats.push(v.reshape((b, nv * d))?);
         }
         if nh > 0 {
-            let p = e.reshape((b * l, d))?.matmul(&self.conv_h)?.reshape((
-                b,
-                l,
-                self.conv_h.dim(1)?,
-            ))?;
             for hgt in 1..=l {
                 let n_out = l - hgt + 1;
-                let mut acc: Option<Tensor> = None;
-                for k in 0..hgt {
-                    let col = (hgt * (hgt - 1) / 2 + k) * nh;
-                    let s = p.narrow(1, k, n_out)?.narrow(2, col, nh)?;
-                    acc = Some(match acc {
-                        None => s,
-                        Some(a) => (a + s)?,
-                    });
-                }
+                let views: Vec<Tensor> = (0..hgt)
+                    .map(|k| e.narrow(1, k, n_out))
+                    .collect::<candle_core::Result<_>>()?;
+                let unfolded = if hgt == 1 {
+                    views[0].clone()
+                } else {
+                    Tensor::cat(&views, 2)?
+                }; // [b, n_out, h*d]
+                let c = unfolded
+                    .reshape((b * n_out, hgt * d))?
+                    .matmul(&self.conv_h[hgt - 1])?
+                    .reshape((b, n_out, nh))?;
                 let bias = self.conv_h_bias.narrow(0, hgt - 1, 1)?; // [1, nh]
-                let c = acc.unwrap().broadcast_add(&bias)?.relu()?;
+                let c = c.broadcast_add(&bias)?.relu()?;
                 feats.push(c.max(D::Minus2)?); // [b, nh]
             }
         }

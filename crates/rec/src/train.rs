@@ -90,6 +90,10 @@ pub struct EpochLog {
     /// Mean loss per term.
     pub loss: f64,
     pub train_seconds: f64,
+    /// CPU seconds (user + system, all threads) of the epoch's training; on a shared
+    /// machine this is the figure that does not depend on the load. 0 where unknown.
+    #[serde(default)]
+    pub train_cpu_seconds: f64,
     /// NDCG@10 on the selection split.
     pub select_ndcg10: f64,
     pub select_hr10: f64,
@@ -134,6 +138,15 @@ impl TrainOutcome {
             return 0.0;
         }
         h.iter().map(|e| e.train_seconds).sum::<f64>() / h.len() as f64
+    }
+
+    /// Mean training CPU seconds per epoch (user + system, all threads).
+    pub fn cpu_seconds_per_epoch(&self) -> f64 {
+        let h = &self.state.history;
+        if h.is_empty() {
+            return 0.0;
+        }
+        h.iter().map(|e| e.train_cpu_seconds).sum::<f64>() / h.len() as f64
     }
 }
 
@@ -235,6 +248,7 @@ pub fn train(
     let mut epoch = state.epochs_done;
     while epoch < cfg.epochs && !state.stopped_early {
         let t0 = Instant::now();
+        let cpu0 = process_cpu_seconds();
         let mut order: Vec<u32> = (0..insts.len() as u32).collect();
         KeyedRng::new(cfg.seed, Purpose::Train, mix64(SHUFFLE_TAG ^ epoch as u64))
             .shuffle(&mut order);
@@ -271,6 +285,7 @@ pub fn train(
             pb.inc(1);
         }
         let train_seconds = t0.elapsed().as_secs_f64();
+        let train_cpu_seconds = process_cpu_seconds() - cpu0;
         epoch += 1;
         let m = evaluate(&model, select, eval_opts, comm)?;
         let (ndcg, hr) = (m.get("NDCG@10"), m.get("HR@10"));
@@ -282,6 +297,7 @@ pub fn train(
             select_ndcg10 = format!("{ndcg:.4}"),
             select_hr10 = format!("{hr:.4}"),
             seconds = format!("{train_seconds:.1}"),
+            cpu_seconds = format!("{train_cpu_seconds:.1}"),
             "epoch done"
         );
         if !loss.is_finite() {
@@ -291,6 +307,7 @@ pub fn train(
             epoch,
             loss,
             train_seconds,
+            train_cpu_seconds,
             select_ndcg10: ndcg,
             select_hr10: hr,
         });
@@ -335,6 +352,34 @@ pub fn train(
         steps_per_epoch: steps,
         allreduce_bytes_per_step: (n + 1) * 4,
     })
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`; 0 elsewhere).
+pub fn process_cpu_seconds() -> f64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn sysconf(name: i32) -> i64;
+        }
+        const SC_CLK_TCK: i32 = 2;
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return 0.0;
+        };
+        // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf reads a constant of the C library.
+        let hz = unsafe { sysconf(SC_CLK_TCK) }.max(1) as f64;
+        ticks / hz
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        0.0
+    }
 }
 
 /// candle allocates a fresh buffer for every op's output; glibc returns large freed blocks to

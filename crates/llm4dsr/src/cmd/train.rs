@@ -10,7 +10,8 @@ use llm4dsr_data::Manifest;
 use llm4dsr_rec::adam::AdamConfig;
 use llm4dsr_rec::train::{final_metrics, write_json, CheckpointPlan};
 use llm4dsr_rec::{
-    EvalOptions, LossKind, ModelConfig, ModelKind, RecDataset, SelectOn, Targets, TrainConfig,
+    EvalOptions, LossKind, Metrics, ModelConfig, ModelKind, RecDataset, SelectOn, Targets,
+    TrainConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -217,8 +218,6 @@ pub fn csv_row(
     r.extend(Metrics::names().iter().map(|n| format!("{:.6}", m.get(n))));
     r
 }
-use llm4dsr_rec::Metrics;
-
 pub fn run(args: TrainArgs, _config: &ConfigFile) -> Result<()> {
     // The MPI communicator plugs in here once it lands; one process is the `Local` path.
     run_with(args, &Local)
@@ -303,6 +302,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         "best_epoch": outcome.state.best_epoch,
         "stopped_early": outcome.state.stopped_early,
         "seconds_per_epoch": spe,
+        "cpu_seconds_per_epoch": outcome.cpu_seconds_per_epoch(),
         "instances": outcome.instances,
         "loss_terms": outcome.loss_terms,
         "steps_per_epoch": outcome.steps_per_epoch,
