@@ -35,8 +35,8 @@ pub struct RunArgs {
     /// Backbones trained on clean and on noisy data, comma-separated (sasrec, gru4rec, caser).
     #[arg(long, value_delimiter = ',', default_values_t = ["sasrec".to_string(), "gru4rec".to_string(), "caser".to_string()])]
     pub backbones: Vec<String>,
-    /// Maximum epochs per backbone.
-    #[arg(long, default_value_t = 30)]
+    /// Maximum epochs per backbone (10: the budget of docs/backbones.md's ML-100K table).
+    #[arg(long, default_value_t = 10)]
     pub epochs: usize,
     /// Early-stopping patience (epochs without a better valid NDCG@10).
     #[arg(long, default_value_t = 3)]
