@@ -218,7 +218,8 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
 /// Detection precision/recall of one detector's scores of `split` (top-1 and top-3 flags).
 fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<DetectionMetrics> {
     let windows = read_split(dataset, split)?;
-    let scores = read_scores(&scores_dir.join("scores").join(format!("{split}.parquet")))?;
+    let scores =
+        cmd::score::read_scores(&scores_dir.join("scores").join(format!("{split}.parquet")))?;
     // Align by (user, pos): the score stage may order rows by shard.
     let mut by_key = std::collections::HashMap::with_capacity(scores.len());
     for (i, (u, p, _)) in scores.iter().enumerate() {
@@ -391,51 +392,4 @@ pub fn bar_chart_svg(title: &str, bars: &[(String, f64)]) -> String {
     }
     s.push_str("</svg>\n");
     s
-}
-
-/// (user, pos, scores) rows of a `scores/<split>.parquet` file.
-fn read_scores(path: &Path) -> Result<Vec<(u32, u32, Vec<f32>)>> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float32Type, UInt32Type};
-    use arrow_schema::{DataType, Field};
-    use llm4dsr_data::parquet_io::{read_columns, ColumnSpec};
-    let list = DataType::List(std::sync::Arc::new(Field::new(
-        "item",
-        DataType::Float32,
-        true,
-    )));
-    let batches = read_columns(
-        path,
-        &[
-            ColumnSpec {
-                name: "user",
-                accepts: &[DataType::UInt32],
-            },
-            ColumnSpec {
-                name: "pos",
-                accepts: &[DataType::UInt32],
-            },
-            ColumnSpec {
-                name: "scores",
-                accepts: std::slice::from_ref(&list),
-            },
-        ],
-    )?;
-    let mut out = Vec::new();
-    for b in &batches {
-        let (u, p, sc) = (
-            b.column(0).as_primitive::<UInt32Type>(),
-            b.column(1).as_primitive::<UInt32Type>(),
-            b.column(2).as_list::<i32>(),
-        );
-        for r in 0..b.num_rows() {
-            let v = sc.value(r);
-            out.push((
-                u.value(r),
-                p.value(r),
-                v.as_primitive::<Float32Type>().values().to_vec(),
-            ));
-        }
-    }
-    Ok(out)
 }

@@ -113,6 +113,55 @@ pub fn scores_schema() -> SchemaRef {
     ]))
 }
 
+/// (user, pos, scores) rows of a `scores/<split>.parquet` file, checked against
+/// [`scores_schema`] (errors name the file and the column).
+pub fn read_scores(path: &Path) -> Result<Vec<(u32, u32, Vec<f32>)>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type};
+    use llm4dsr_data::parquet_io::{read_columns, ColumnSpec};
+    let schema = scores_schema();
+    let ty = |name: &str| {
+        schema
+            .field_with_name(name)
+            .expect("scores schema")
+            .data_type()
+            .clone()
+    };
+    let (user_t, pos_t, scores_t) = (ty("user"), ty("pos"), ty("scores"));
+    let batches = read_columns(
+        path,
+        &[
+            ColumnSpec {
+                name: "user",
+                accepts: std::slice::from_ref(&user_t),
+            },
+            ColumnSpec {
+                name: "pos",
+                accepts: std::slice::from_ref(&pos_t),
+            },
+            ColumnSpec {
+                name: "scores",
+                accepts: std::slice::from_ref(&scores_t),
+            },
+        ],
+    )?;
+    let mut out = Vec::new();
+    for b in &batches {
+        let user = b.column(0).as_primitive::<UInt32Type>();
+        let pos = b.column(1).as_primitive::<UInt32Type>();
+        let scores = b.column(2).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let v = scores.value(r);
+            out.push((
+                user.value(r),
+                pos.value(r),
+                v.as_primitive::<Float32Type>().values().to_vec(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Are the items of this split's windows scored whole (train) or only their history?
 pub fn scores_whole_window(split: &str) -> bool {
     split == "train"
