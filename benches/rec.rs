@@ -5,14 +5,16 @@
 //! machine: 40-80 s per epoch, test HR@10 ~0.13, NDCG@10 ~0.06) uses the same protocol.
 //!
 //! Run:  RAYON_NUM_THREADS=2 cargo bench --bench rec -- [--epochs N] [--models sasrec,gru4rec,caser]
-//!       [--max-windows N]
+//!       [--max-windows N] [--engine auto|fused|candle] [--patience N]
+//! `--patience N` (default 0 = run every epoch) stops after N epochs without a better valid
+//! NDCG@10 and reports the test metrics of the best epoch (a convergence run).
 //! Needs ml-100k.inter in the asset cache ($LLM4DSR_CACHE or ~/.cache/llm4dsr; fetch with
 //! `llm4dsr assets fetch`); without it, prints SKIP and times a synthetic set of the same shape.
 
 use llm4dsr_comm::Local;
 use llm4dsr_data::Windows;
 use llm4dsr_rec::synthetic::{windows, SyntheticSpec};
-use llm4dsr_rec::{evaluate, EvalOptions, ModelConfig, ModelKind, TrainConfig};
+use llm4dsr_rec::{evaluate, Engine, EvalOptions, ModelConfig, ModelKind, TrainConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -77,6 +79,13 @@ fn main() {
     };
     let epochs: usize = get("--epochs").map(|s| s.parse().unwrap()).unwrap_or(2);
     let models = get("--models").unwrap_or_else(|| "sasrec,gru4rec,caser".into());
+    let patience: usize = get("--patience").map(|s| s.parse().unwrap()).unwrap_or(0);
+    let engine = match get("--engine").as_deref() {
+        None | Some("auto") => Engine::Auto,
+        Some("fused") => Engine::Fused,
+        Some("candle") => Engine::Candle,
+        Some(other) => panic!("unknown engine {other} (auto, fused, candle)"),
+    };
     let (tr, va, te, items, users, source) = match ml100k_leave_one_out() {
         Some((a, b, c, i, u)) => (a, b, c, i, u, "ML-100K"),
         None => {
@@ -103,9 +112,9 @@ fn main() {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("dataset {source}: {items} items, {users} users, {} train windows; threads {threads}; {epochs} epochs", tr.len());
     println!(
-        "| model | instances | s/epoch | valid NDCG@10 (last epoch) | test HR@10 | test NDCG@10 |"
+        "| model | engine | instances | s/epoch (wall) | CPU s/epoch | epochs (best) | valid NDCG@10 (best) | test HR@10 | test NDCG@10 |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for name in models.split(',') {
         let kind = match name {
             "sasrec" => ModelKind::Sasrec,
@@ -122,15 +131,24 @@ fn main() {
         }
         let mut cfg = TrainConfig::new(m);
         cfg.epochs = epochs;
-        cfg.patience = 0;
+        cfg.patience = patience;
+        cfg.engine = engine;
+        let engine_used = match (engine, kind) {
+            (Engine::Candle, _) => "candle",
+            (_, ModelKind::Sasrec) => "fused",
+            _ => "candle",
+        };
         let out = llm4dsr_rec::train(&tr, &va, items, users, &cfg, &Local, None).unwrap();
+        // `out.model` holds the best epoch's weights (on valid).
         let t = evaluate(&out.model, &te, EvalOptions::default(), &Local).unwrap();
         println!(
-            "| {kind} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {:.4} |",
+            "| {kind} | {engine_used} | {} | {:.2} | {:.2} | {} ({}) | {:.4} | {:.4} | {:.4} |",
             out.instances,
             out.seconds_per_epoch(),
             out.cpu_seconds_per_epoch(),
-            out.state.history.last().unwrap().select_ndcg10,
+            out.state.epochs_done,
+            out.state.best_epoch,
+            out.state.best_ndcg10,
             t.get("HR@10"),
             t.get("NDCG@10")
         );

@@ -213,27 +213,35 @@ impl Dropout {
         per_row: usize,
         shape: &[usize],
     ) -> Result<Tensor> {
-        let keep_scale = 1.0 / (1.0 - self.rate);
-        // 16-bit uniform draws: four per u64. Resolution 1/65536 is ample for a dropout rate.
-        let threshold = (self.rate as f64 * 65536.0).round() as u32;
-        let mut v = Vec::with_capacity(instance_ids.len() * per_row);
-        let key = mix64(self.epoch ^ (site << 40) ^ 0xD80F_0000_0000_0000);
-        for &id in instance_ids {
-            let mut rng = KeyedRng::new2(self.seed, Purpose::Train, key, id);
-            let mut left = 0;
-            let mut bits = 0u64;
-            for _ in 0..per_row {
-                if left == 0 {
-                    bits = rng.next_u64();
-                    left = 4;
-                }
-                let u = (bits & 0xFFFF) as u32;
-                bits >>= 16;
-                left -= 1;
-                v.push(if u >= threshold { keep_scale } else { 0.0 });
+        let mut v = vec![0f32; instance_ids.len() * per_row];
+        if per_row > 0 {
+            for (row, &id) in v.chunks_exact_mut(per_row).zip(instance_ids) {
+                self.fill_row(site, id, row);
             }
         }
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    /// One instance's mask values for `site` (the row `mask` gives that instance): 0 with
+    /// probability `rate`, else 1 / (1 - rate).
+    pub fn fill_row(&self, site: u64, instance_id: u64, out: &mut [f32]) {
+        let keep_scale = 1.0 / (1.0 - self.rate);
+        // 16-bit uniform draws: four per u64. Resolution 1/65536 is ample for a dropout rate.
+        let threshold = (self.rate as f64 * 65536.0).round() as u32;
+        let key = mix64(self.epoch ^ (site << 40) ^ 0xD80F_0000_0000_0000);
+        let mut rng = KeyedRng::new2(self.seed, Purpose::Train, key, instance_id);
+        let mut left = 0;
+        let mut bits = 0u64;
+        for o in out.iter_mut() {
+            if left == 0 {
+                bits = rng.next_u64();
+                left = 4;
+            }
+            let u = (bits & 0xFFFF) as u32;
+            bits >>= 16;
+            left -= 1;
+            *o = if u >= threshold { keep_scale } else { 0.0 };
+        }
     }
 
     /// `x * mask` when the rate is positive, else `x`.

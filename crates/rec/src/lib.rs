@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod params;
 pub mod sasrec;
+pub mod sasrec_fused;
 pub mod synthetic;
 pub mod train;
 
@@ -26,4 +27,4 @@ pub use dataset::RecDataset;
 pub use evaluate::{evaluate, EvalOptions};
 pub use metrics::{Metrics, KS};
 pub use model::{ModelConfig, ModelKind, Recommender};
-pub use train::{train, LossKind, SelectOn, TrainConfig, TrainOutcome};
+pub use train::{train, Engine, LossKind, SelectOn, TrainConfig, TrainOutcome};

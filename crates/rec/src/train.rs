@@ -14,7 +14,8 @@ use crate::adam::{Adam, AdamConfig};
 use crate::batch::{loss_terms, training_instances, Dropout, Instance, SeqBatch, Targets};
 use crate::evaluate::{evaluate, rank_slice, EvalOptions};
 use crate::metrics::Metrics;
-use crate::model::{ModelConfig, Recommender};
+use crate::model::{ModelConfig, ModelKind, Recommender};
+use crate::sasrec_fused::{FusedLoss, FusedSasrec};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 use llm4dsr_comm::Comm;
@@ -32,6 +33,20 @@ pub enum LossKind {
     Ce,
     /// Binary cross-entropy with one sampled negative per target (the reference SASRec's).
     Bce,
+}
+
+/// Which implementation computes the training step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// The fused CPU engine where the model has one (SASRec), else candle.
+    #[default]
+    Auto,
+    /// Hand-written forward + backward on flat buffers (`sasrec_fused.rs`; SASRec only).
+    Fused,
+    /// candle ops with autograd (every model; the reference the fused engine is tested
+    /// against).
+    Candle,
 }
 
 /// Which split picks the best epoch.
@@ -57,6 +72,9 @@ pub struct TrainConfig {
     pub select_on: SelectOn,
     pub eval_batch_size: usize,
     pub mask_history: bool,
+    /// Training-step implementation (results agree to float tolerance).
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 impl TrainConfig {
@@ -79,6 +97,7 @@ impl TrainConfig {
             select_on: SelectOn::Valid,
             eval_batch_size: 1024,
             mask_history: false,
+            engine: Engine::Auto,
         }
     }
 }
@@ -197,6 +216,14 @@ pub fn train(
             .collect();
         model.params.set_flat(&flat)?;
     }
+    let mut fused = match (cfg.engine, cfg.model.kind) {
+        (Engine::Candle, _) => None,
+        (_, ModelKind::Sasrec) => Some(FusedSasrec::new(&cfg.model, num_items, &model.params)?),
+        (Engine::Fused, kind) => {
+            bail!("--engine fused implements SASRec only; use --engine candle (or auto) for {kind}")
+        }
+        (Engine::Auto, _) => None,
+    };
     let mut adam = Adam::new(cfg.adam, n);
     let cfg_json = serde_json::to_value(cfg)?;
     let mut state = TrainState::default();
@@ -243,6 +270,7 @@ pub fn train(
         params = n,
         steps_per_epoch = steps,
         ranks = comm.size(),
+        engine = if fused.is_some() { "fused" } else { "candle" },
         "training"
     );
     let mut epoch = state.epochs_done;
@@ -269,20 +297,40 @@ pub fn train(
                     epoch: epoch as u64,
                     rate: cfg.model.dropout,
                 };
-                let h = model.net.hidden(&batch, Some(&dropout))?;
-                let loss = loss_sum_of(&model, &h, &batch, cfg, epoch, &pad_bias, num_items)?;
-                let grads = loss.backward()?;
-                model.params.flat_grads(&grads, &mut buf[..n])?;
-                buf[n] = loss.to_scalar::<f32>()?;
+                if let Some(f) = fused.as_mut() {
+                    let negs = match cfg.loss {
+                        LossKind::Bce => sample_negatives(&batch, cfg.seed, epoch, num_items),
+                        LossKind::Ce => Vec::new(),
+                    };
+                    let fl = match cfg.loss {
+                        LossKind::Ce => FusedLoss::Ce,
+                        LossKind::Bce => FusedLoss::Bce { negatives: &negs },
+                    };
+                    let loss = f.loss_and_grad(&flat, &batch, Some(&dropout), fl, &mut buf[..n])?;
+                    buf[n] = loss as f32;
+                } else {
+                    let h = model.net.hidden(&batch, Some(&dropout))?;
+                    let loss = loss_sum_of(&model, &h, &batch, cfg, epoch, &pad_bias, num_items)?;
+                    let grads = loss.backward()?;
+                    model.params.flat_grads(&grads, &mut buf[..n])?;
+                    buf[n] = loss.to_scalar::<f32>()?;
+                }
             }
             comm.all_reduce_sum_f32(&mut buf)?;
             let scale = 1.0 / global_terms as f32;
             buf.iter_mut().for_each(|x| *x *= scale);
             loss_sum += buf[n] as f64 * global_terms as f64;
             adam.step(&mut flat, &buf[..n]);
-            model.params.set_flat(&flat)?;
+            if fused.is_none() {
+                model.params.set_flat(&flat)?;
+            }
             pb.set_message(format!("loss {:.4}", buf[n]));
             pb.inc(1);
+        }
+        if fused.is_some() {
+            // The fused engine reads the flat vector; the candle model (evaluation,
+            // checkpoints) is brought up to date once per epoch.
+            model.params.set_flat(&flat)?;
         }
         let train_seconds = t0.elapsed().as_secs_f64();
         let train_cpu_seconds = process_cpu_seconds() - cpu0;
@@ -421,7 +469,7 @@ fn progress(comm: &dyn Comm, steps: u64, epoch: usize, epochs: usize) -> indicat
 }
 
 /// The SUM of the loss over the batch's target terms.
-fn loss_sum_of(
+pub(crate) fn loss_sum_of(
     model: &Recommender,
     h: &Tensor,
     batch: &SeqBatch,
@@ -457,7 +505,12 @@ fn softplus(x: &Tensor) -> Result<Tensor> {
 
 /// One uniform negative per target term, keyed by (epoch, instance id); never the target or
 /// an item of the instance's input.
-fn sample_negatives(batch: &SeqBatch, seed: u64, epoch: usize, num_items: u32) -> Vec<u32> {
+pub(crate) fn sample_negatives(
+    batch: &SeqBatch,
+    seed: u64,
+    epoch: usize,
+    num_items: u32,
+) -> Vec<u32> {
     let l = batch.len;
     let mut out = Vec::with_capacity(batch.targets.len());
     let mut r = 0usize;
