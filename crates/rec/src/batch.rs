@@ -230,17 +230,22 @@ impl Dropout {
         let threshold = (self.rate as f64 * 65536.0).round() as u32;
         let key = mix64(self.epoch ^ (site << 40) ^ 0xD80F_0000_0000_0000);
         let mut rng = KeyedRng::new2(self.seed, Purpose::Train, key, instance_id);
-        let mut left = 0;
-        let mut bits = 0u64;
-        for o in out.iter_mut() {
-            if left == 0 {
-                bits = rng.next_u64();
-                left = 4;
+        // Four values per draw, low 16 bits first (branch-free: a select per value).
+        let mut quads = out.chunks_exact_mut(4);
+        for q in &mut quads {
+            let bits = rng.next_u64();
+            for (k, o) in q.iter_mut().enumerate() {
+                let u = ((bits >> (16 * k)) & 0xFFFF) as u32;
+                *o = if u >= threshold { keep_scale } else { 0.0 };
             }
-            let u = (bits & 0xFFFF) as u32;
-            bits >>= 16;
-            left -= 1;
-            *o = if u >= threshold { keep_scale } else { 0.0 };
+        }
+        let rest = quads.into_remainder();
+        if !rest.is_empty() {
+            let bits = rng.next_u64();
+            for (k, o) in rest.iter_mut().enumerate() {
+                let u = ((bits >> (16 * k)) & 0xFFFF) as u32;
+                *o = if u >= threshold { keep_scale } else { 0.0 };
+            }
         }
     }
 

@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 /// Instances per chunk (the unit of parallel work and of the deterministic gradient sum).
-pub const CHUNK: usize = 64;
+pub const CHUNK: usize = 128;
 
 const SITE_EMB: u64 = 0;
 const NEG_BIAS: f32 = -1e9;
@@ -313,6 +313,8 @@ struct BlockActs {
     rstd2: Vec<f32>,
     hn2: Vec<f32>,
     f1: Vec<f32>,
+    /// GELU only: Phi(f1), the normal CDF (the backward pass reuses it).
+    cdf: Vec<f32>,
     actd: Vec<f32>,
     mf: Vec<f32>,
     mf2: Vec<f32>,
@@ -552,8 +554,11 @@ impl Chunk {
             linear(&mut ba.f1, &ba.hn2, w, at.w1, at.b1, nq, d, inner);
             sized(&mut ba.actd, nq * inner);
             if lay.gelu {
-                for (a, &f) in ba.actd.iter_mut().zip(&ba.f1) {
-                    *a = gelu(f);
+                // Keep Phi(x) for the backward pass (one erf per value instead of two).
+                sized(&mut ba.cdf, nq * inner);
+                for ((a, c), &f) in ba.actd.iter_mut().zip(ba.cdf.iter_mut()).zip(&ba.f1) {
+                    *c = gelu_cdf(f);
+                    *a = *c * f;
                 }
             } else {
                 for (a, &f) in ba.actd.iter_mut().zip(&ba.f1) {
@@ -773,8 +778,8 @@ impl Chunk {
             );
             apply_mask(&mut dact, &ba.mf);
             if lay.gelu {
-                for (a, &f) in dact.iter_mut().zip(&ba.f1) {
-                    *a *= gelu_grad(f);
+                for ((a, &f), &c) in dact.iter_mut().zip(&ba.f1).zip(&ba.cdf) {
+                    *a *= c + GELU_PDF0 * (-0.5 * f * f).exp() * f;
                 }
             } else {
                 for (a, &f) in dact.iter_mut().zip(&ba.f1) {
@@ -1033,16 +1038,25 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// 1 / sqrt(2 pi): phi(x) = GELU_PDF0 exp(-x^2 / 2).
+const GELU_PDF0: f32 = 0.398_942_3;
+
+/// Phi(x) = (1 + erf(x / sqrt 2)) / 2, with candle's erf (so gelu(x) = x Phi(x) equals
+/// candle's `gelu_erf`: the same operations in the same order).
 #[inline]
+fn gelu_cdf(x: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5
+}
+
+#[cfg(test)]
 fn gelu(x: f32) -> f32 {
     (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
 }
 
-#[inline]
+/// d/dx x Phi(x) = Phi(x) + x phi(x).
+#[cfg(test)]
 fn gelu_grad(x: f32) -> f32 {
-    // d/dx x Phi(x) = Phi(x) + x phi(x)
-    0.5 + 0.398_942_3 * (-0.5 * x * x).exp() * x
-        + 0.5 * candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)
+    gelu_cdf(x) + GELU_PDF0 * (-0.5 * x * x).exp() * x
 }
 
 /// Layer norm over rows of `d` values, keeping x-hat and 1/std for the backward pass.
@@ -1325,7 +1339,7 @@ mod equivalence {
     #[test]
     fn fused_loss_gradients_and_hidden_equal_candle() {
         let spec = SyntheticSpec {
-            users: 40,
+            users: 100,
             items: 30,
             seq_len: 14,
             jump: 0.3,
