@@ -121,6 +121,7 @@ fn evaluation_equals_a_naive_per_user_loop() {
             EvalOptions {
                 batch_size: 7,
                 mask_history: false,
+                ..Default::default()
             },
             &Local,
         )
@@ -272,6 +273,7 @@ fn two_ranks_take_the_steps_of_one() {
                             EvalOptions {
                                 batch_size: 5,
                                 mask_history: false,
+                                ..Default::default()
                             },
                             &c,
                         )

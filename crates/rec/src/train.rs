@@ -262,6 +262,7 @@ pub fn train(
     let eval_opts = EvalOptions {
         batch_size: cfg.eval_batch_size,
         mask_history: cfg.mask_history,
+        engine: cfg.engine,
     };
     tracing::info!(
         model = %cfg.model.kind,

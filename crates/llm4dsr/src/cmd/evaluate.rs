@@ -78,6 +78,7 @@ pub fn run_with(args: EvaluateArgs, comm: &dyn Comm) -> Result<()> {
         EvalOptions {
             batch_size: args.batch_size,
             mask_history: args.mask_history,
+            engine: Default::default(),
         },
         comm,
     )?;

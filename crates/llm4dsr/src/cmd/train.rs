@@ -283,6 +283,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
     let opts = EvalOptions {
         batch_size: cfg.eval_batch_size,
         mask_history: cfg.mask_history,
+        engine: cfg.engine,
     };
     let (valid_m, test_m) = final_metrics(&outcome.model, &data.valid, &data.test, opts, comm)?;
     let spe = outcome.seconds_per_epoch();
