@@ -66,13 +66,14 @@ def ldmatrix_x4(smem, addrs, read_log):
     return regs
 
 
-def split_for_sms(tiles, row_blocks, sm):
-    """launch.rs v2_split: the per-slice tile count minimising ceil(blocks / SMs) x tiles per
-    block (the busiest SM's tiles), ties to fewer slices."""
+def split_for_sms(tiles, row_blocks, sm, steps_per_tile, overhead=4):
+    """launch.rs TileSplit::balanced: the per-slice tile count minimising the busiest SM's
+    k-steps, ceil(blocks / SMs) x (tiles per block x steps per tile + overhead), ties to fewer
+    slices."""
     best = None
     for per in range(1, tiles + 1):
         slices = -(-tiles // per)
-        cost = -(-(row_blocks * slices) // sm) * per
+        cost = -(-(row_blocks * slices) // sm) * (per * steps_per_tile + overhead)
         key = (cost, slices)
         if best is None or key < best[0]:
             best = (key, slices, per)
@@ -91,7 +92,7 @@ def run(n, v, d, sm, model, seed):
     W = [rnd.gauss(0, 0.5) for _ in range(v * d)]        # row-major [v, d]
     T = [rnd.randrange(v) for _ in range(n)]
     row_blocks = -(-n // BM); vtiles = -(-v // BN); ksteps = -(-d // BK)
-    slices, per = split_for_sms(vtiles, row_blocks, sm)
+    slices, per = split_for_sms(vtiles, row_blocks, sm, ksteps)
     part_m = [[None] * n for _ in range(slices)]; part_s = [[None] * n for _ in range(slices)]
     tgt_logit = [math.nan] * n
     steps_run = 0
