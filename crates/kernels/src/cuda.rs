@@ -342,6 +342,27 @@ impl CudaKernels {
         }
     }
 
+    /// The loaded fused kernel of `version` for `variant` (for its attributes: registers,
+    /// local memory, occupancy); None when v2 is unavailable or has no such variant.
+    pub fn fused_function(
+        &self,
+        version: FusedVersion,
+        variant: FusedVariant,
+    ) -> Option<&CudaFunction> {
+        match (version, variant) {
+            (FusedVersion::V1, FusedVariant::TensorCoreBf16) => Some(&self.fused_bf16),
+            (FusedVersion::V1, FusedVariant::TensorCoreF16) => Some(&self.fused_f16),
+            (FusedVersion::V1, FusedVariant::F32) => Some(&self.fused_f32),
+            (FusedVersion::V2, FusedVariant::TensorCoreBf16) => {
+                self.fused_v2.as_ref().ok().map(|f| &f.0)
+            }
+            (FusedVersion::V2, FusedVariant::TensorCoreF16) => {
+                self.fused_v2.as_ref().ok().map(|f| &f.1)
+            }
+            (FusedVersion::V2, FusedVariant::F32) => None,
+        }
+    }
+
     /// Why the v2 fused kernels are unavailable on this device (None: they are loaded).
     pub fn fused_v2_unavailable(&self) -> Option<&str> {
         self.fused_v2.as_ref().err().map(|e| e.as_str())
