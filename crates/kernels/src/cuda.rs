@@ -5,7 +5,8 @@
 //! only after [`crate::backend`] has seen `libcuda.so.1`.
 //!
 //! Start-up cost (seen on an H200 with a probe of this design): NVRTC ~80 ms per module,
-//! module load ~150 ms; paid once per process by [`kernels`].
+//! module load ~150 ms; paid once per process by [`kernels`] (the v2 fused module only when
+//! first asked for, by `LLM4DSR_FUSED_VERSION=v2` or an explicit version).
 
 use std::sync::{Arc, OnceLock};
 
@@ -204,7 +205,8 @@ pub struct CudaKernels {
     fused_f16: CudaFunction,
     fused_f32: CudaFunction,
     /// v2a bf16 and f16 kernels, or why they are unavailable (then v1 serves every call).
-    fused_v2: std::result::Result<(CudaFunction, CudaFunction), String>,
+    /// Compiled on first use, so processes that run v1 (the default) do not pay for it.
+    fused_v2: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -214,8 +216,8 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Open device `ordinal`, compile the modules with NVRTC (v1 fused, v2 fused, logits,
-    /// nearest), load every function; v2 may be unavailable (logged) without failing the start.
+    /// Open device `ordinal`, compile the modules with NVRTC (v1 fused, logits, nearest) and
+    /// load every function; the v2 fused module is compiled on first use.
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = CudaContext::new(ordinal).context("cuInit / context creation")?;
         let name = ctx.name().unwrap_or_else(|_| "?".into());
@@ -250,43 +252,12 @@ impl CudaKernels {
             &["nearest_topk", "row_sq_norms", "mark_excluded"],
         )?
         .into_iter();
-        // v2 is optional: a device without 100 KB of opt-in shared memory per block, or a
-        // failed compile, leaves v1 in charge instead of failing the start.
-        let fused_v2 = (|| -> Result<(CudaFunction, CudaFunction)> {
-            let optin = ctx.attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )? as u32;
-            if optin < launch::FUSED2_SMEM {
-                bail!(
-                    "needs {} B of shared memory per block, the device allows {optin} B",
-                    launch::FUSED2_SMEM
-                );
-            }
-            let f = load(
-                "item_loglik_fused_v2.cu",
-                ITEM_LOGLIK_FUSED_V2_CU,
-                &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"],
-            )?;
-            for func in &f {
-                // Dynamic shared memory above 48 KB needs this opt-in before any launch.
-                func.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    launch::FUSED2_SMEM as i32,
-                )
-                .context("opting in to dynamic shared memory for fused v2")?;
-            }
-            Ok((f[0].clone(), f[1].clone()))
-        })()
-        .map_err(|e| format!("{e:#}"));
-        if let Err(e) = &fused_v2 {
-            tracing::warn!("kernels: fused item_loglik v2 unavailable ({e}); v1 serves");
-        }
         let next = |it: &mut std::vec::IntoIter<CudaFunction>| it.next().unwrap();
         Ok(CudaKernels {
             fused_bf16: next(&mut fused),
             fused_f16: next(&mut fused),
             fused_f32: next(&mut fused),
-            fused_v2,
+            fused_v2: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -354,10 +325,10 @@ impl CudaKernels {
             (FusedVersion::V1, FusedVariant::TensorCoreF16) => Some(&self.fused_f16),
             (FusedVersion::V1, FusedVariant::F32) => Some(&self.fused_f32),
             (FusedVersion::V2, FusedVariant::TensorCoreBf16) => {
-                self.fused_v2.as_ref().ok().map(|f| &f.0)
+                self.fused_v2().as_ref().ok().map(|f| &f.0)
             }
             (FusedVersion::V2, FusedVariant::TensorCoreF16) => {
-                self.fused_v2.as_ref().ok().map(|f| &f.1)
+                self.fused_v2().as_ref().ok().map(|f| &f.1)
             }
             (FusedVersion::V2, FusedVariant::F32) => None,
         }
@@ -365,7 +336,47 @@ impl CudaKernels {
 
     /// Why the v2 fused kernels are unavailable on this device (None: they are loaded).
     pub fn fused_v2_unavailable(&self) -> Option<&str> {
-        self.fused_v2.as_ref().err().map(|e| e.as_str())
+        self.fused_v2().as_ref().err().map(|e| e.as_str())
+    }
+
+    /// The v2 kernels, compiled and loaded on first call. v2 is optional: a device without
+    /// 100 KB of opt-in shared memory per block, or a failed compile, leaves v1 in charge
+    /// (one warning) instead of failing.
+    fn fused_v2(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
+        self.fused_v2.get_or_init(|| {
+            let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
+                let optin = self.ctx.attribute(
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )? as u32;
+                if optin < launch::FUSED2_SMEM {
+                    bail!(
+                        "needs {} B of shared memory per block, the device allows {optin} B",
+                        launch::FUSED2_SMEM
+                    );
+                }
+                let f = compile_and_load(
+                    &self.ctx,
+                    self.arch,
+                    "item_loglik_fused_v2.cu",
+                    ITEM_LOGLIK_FUSED_V2_CU,
+                    &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"],
+                )?;
+                for func in &f {
+                    // Dynamic shared memory above 48 KB needs this opt-in before any launch.
+                    func.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        launch::FUSED2_SMEM as i32,
+                    )
+                    .context("opting in to dynamic shared memory for fused v2")?;
+                }
+                Ok((f[0].clone(), f[1].clone()))
+            })()
+            .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &loaded {
+                tracing::warn!("kernels: fused item_loglik v2 unavailable ({e}); v1 serves");
+            }
+            loaded
+        })
     }
 
     /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v1),
@@ -453,7 +464,7 @@ impl CudaKernels {
                 plan.vocab
             );
         }
-        let v2 = match (plan.version, &self.fused_v2) {
+        let v2 = match (plan.version, self.fused_v2()) {
             (FusedVersion::V2, Ok(f)) => Some(f),
             (FusedVersion::V2, Err(why)) => bail!("score_device: fused v2 unavailable: {why}"),
             (FusedVersion::V1, _) => None,
