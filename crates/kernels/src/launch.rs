@@ -48,6 +48,11 @@ pub const FUSED2_SMEM: u32 =
 /// prologue (two stages' load latency before the first mma) and the final merges and writes.
 /// An estimate from the kernel's structure, not yet fitted on a GPU.
 pub const FUSED2_BLOCK_OVERHEAD_STEPS: u32 = 4;
+// v2a's shared memory within sm_90's 227 KB opt-in limit, and two blocks per SM (each with 1 KB
+// reserved by the system) within its 228 KB: the .cu's __launch_bounds__(256, 2) caps registers
+// at 128 for that residency.
+const _: () = assert!(FUSED2_SMEM <= SMEM_OPTIN_MAX_SM90);
+const _: () = assert!(2 * (FUSED2_SMEM + 1024) <= SMEM_PER_SM_SM90);
 /// Shared memory a block may use without opting in (static or dynamic).
 pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
 /// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
@@ -607,13 +612,14 @@ mod tests {
         // 3 stages x (128 + 128) rows x 128 B, plus 2 KB of per-row reductions.
         assert_eq!(FUSED2_SMEM, 3 * 256 * 128 + 2048);
         assert_eq!(FUSED2_SMEM, 100_352);
-        // Over the 48 KB default: needs the opt-in attribute (cuda.rs sets it at load) ...
-        assert!(FUSED2_SMEM > SMEM_DEFAULT_MAX);
-        // ... and within the 227 KB opt-in limit of sm_90.
-        assert!(FUSED2_SMEM <= SMEM_OPTIN_MAX_SM90);
-        // Two blocks per SM on sm_90 (the .cu's __launch_bounds__(256, 2) caps registers at 128
-        // for that), each with 1 KB reserved by the system.
-        assert!(2 * (FUSED2_SMEM + 1024) <= SMEM_PER_SM_SM90);
+        // Over the 48 KB default: the plan's dynamic size needs the opt-in attribute (cuda.rs
+        // sets it at load); the limits themselves are compile-time assertions next to
+        // FUSED2_SMEM (the 227 KB opt-in limit, two blocks per sm_90 SM).
+        let p =
+            fused_plan_version(FusedVersion::V2, FusedVariant::TensorCoreBf16, 1, 1, 8, 1).unwrap();
+        assert!(p.fused.shared_bytes > SMEM_DEFAULT_MAX);
+        assert!(p.fused.shared_bytes <= SMEM_OPTIN_MAX_SM90);
+        assert!(2 * (p.fused.shared_bytes + 1024) <= SMEM_PER_SM_SM90);
         // The warp tiling and the chunk mapping of the .cu (static_asserts there).
         assert_eq!(
             (FUSED2_BM, FUSED2_BN, FUSED2_BK, FUSED2_THREADS),
