@@ -399,7 +399,7 @@ mod gpu {
     use anyhow::{Context, Result};
     use llm4dsr_kernels::cuda::cudarc::driver::{sys, CudaFunction, CudaSlice, PushKernelArg};
     use llm4dsr_kernels::cuda::{cfg, kernels, CudaKernels, DeviceMatrix, ScoreMode};
-    use llm4dsr_kernels::launch::{FusedVariant, Shape};
+    use llm4dsr_kernels::launch::{FusedVariant, FusedVersion, Shape};
     use llm4dsr_kernels::sources::BENCH_FILL_CU;
 
     struct Fill {
@@ -519,6 +519,36 @@ mod gpu {
             ids: f[2].clone(),
         };
         let reps = if quick { 5 } else { 20 };
+        // What the driver made of each fused kernel (the JIT from compute_XX PTX decides the
+        // registers; the occupancy API the resident blocks per SM with its shared memory).
+        for (version, smem) in [
+            (FusedVersion::V1, 0usize),
+            (
+                FusedVersion::V2,
+                llm4dsr_kernels::launch::FUSED2_SMEM as usize,
+            ),
+        ] {
+            match g.fused_function(version, FusedVariant::TensorCoreBf16) {
+                Some(f) => {
+                    let threads = match version {
+                        FusedVersion::V1 => llm4dsr_kernels::launch::FUSED_TC_THREADS,
+                        FusedVersion::V2 => llm4dsr_kernels::launch::FUSED2_THREADS,
+                    };
+                    println!(
+                        "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
+                         {smem} B dynamic shared, {} resident blocks/SM",
+                        f.num_regs()?,
+                        f.local_size_bytes()?,
+                        f.shared_size_bytes()?,
+                        f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?
+                    );
+                }
+                None => println!(
+                    "fused bf16 {version:?}: unavailable ({})",
+                    g.fused_v2_unavailable().unwrap_or("?")
+                ),
+            }
+        }
         let mut rows = Vec::new();
         let shapes: Vec<ScoringShape> = if quick {
             SCORING[..1].to_vec()
@@ -536,29 +566,43 @@ mod gpu {
             let o = g.stream.clone_htod(&offsets)?;
             let items = offsets.len() - 1;
             let shape = format!("{}: N={n} V={v} d={d}", s.name);
-            let mut fused = g.score_buffers(
-                FusedVariant::TensorCoreBf16,
-                n,
-                v,
-                d,
-                items,
-                ScoreMode::Fused,
-            )?;
+            let buffers = |version, mode| {
+                g.score_buffers_version(version, FusedVariant::TensorCoreBf16, n, v, d, items, mode)
+            };
+            let mut fused = buffers(FusedVersion::V1, ScoreMode::Fused)?;
             let ms_fused = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut fused))?;
             let fused_tok = g.stream.clone_dtoh(&fused.per_token)?;
-            let mut mat = g.score_buffers(
-                FusedVariant::TensorCoreBf16,
-                n,
-                v,
-                d,
-                items,
-                ScoreMode::Materialised,
-            )?;
+            // v2a on the same inputs (None when it did not load: the row says so).
+            let v2 = match buffers(FusedVersion::V2, ScoreMode::Fused) {
+                Ok(mut b2) => {
+                    let ms = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut b2))?;
+                    let tok = g.stream.clone_dtoh(&b2.per_token)?;
+                    let p = b2.plan;
+                    let grid = format!(
+                        "grid {} slices x {} row blocks",
+                        p.split.slices, p.row_blocks
+                    );
+                    Some((ms, tok, grid))
+                }
+                Err(e) => {
+                    eprintln!("fused v2 not timed: {e:#}");
+                    None
+                }
+            };
+            let mut mat = buffers(FusedVersion::V1, ScoreMode::Materialised)?;
             let ms_mat = event_ms(g, 1, reps.min(5), || {
                 g.score_device(&h, &w, &t, &o, &mut mat)
             })?;
             let mat_tok = g.stream.clone_dtoh(&mat.per_token)?;
             drop(mat);
+            // The materialising path with v2's GEMM writing the logits: separates the GEMM's
+            // speed from the cost of storing and re-reading N x V logits.
+            let mat2 = match buffers(FusedVersion::V2, ScoreMode::Materialised) {
+                Ok(mut m2) => Some(event_ms(g, 1, reps.min(5), || {
+                    g.score_device(&h, &w, &t, &o, &mut m2)
+                })?),
+                Err(_) => None,
+            };
             // f64 reference for two rows (first and last) from the device's own inputs.
             let hb = match &h {
                 DeviceMatrix::Bf16(x, ..) => g.stream.clone_dtoh(x)?,
@@ -572,6 +616,7 @@ mod gpu {
             let bf = |x: u16| f32::from_bits((x as u32) << 16) as f64;
             let mut ref_rows = Vec::new();
             let mut got_rows = Vec::new();
+            let mut got_rows_v2 = Vec::new();
             for r in [0, n - 1] {
                 let hr: Vec<f64> = hb[r * d..(r + 1) * d].iter().map(|&x| bf(x)).collect();
                 let logits: Vec<f64> = (0..v)
@@ -587,23 +632,54 @@ mod gpu {
                 let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
                 ref_rows.push((logits[tg[r] as usize] - lse) as f32);
                 got_rows.push(fused_tok[r]);
+                if let Some((_, tok, _)) = &v2 {
+                    got_rows_v2.push(tok[r]);
+                }
             }
             let e_ref = rel_err(&got_rows, &ref_rows);
             let e_mat = rel_err(&fused_tok, &mat_tok);
             rows.push(Row {
-                case: "fused bf16 (mma.sync)".into(),
+                case: "fused bf16 v1 (mma.sync)".into(),
                 shape: shape.clone(),
                 ms: ms_fused,
                 work: fused_work(s, 2.0, true),
                 note: format!("rel err vs f64 (2 rows) {e_ref:.1e}; vs materialised {e_mat:.1e}"),
             });
+            match &v2 {
+                Some((ms2, tok2, grid)) => rows.push(Row {
+                    case: "fused bf16 v2a (cp.async + ldmatrix)".into(),
+                    shape: shape.clone(),
+                    ms: *ms2,
+                    work: fused_work(s, 2.0, true),
+                    note: format!(
+                        "rel err vs f64 (2 rows) {:.1e}; vs v1 {:.1e}; x{:.2} v1, x{:.2} materialised; {grid}",
+                        rel_err(&got_rows_v2, &ref_rows),
+                        rel_err(tok2, &fused_tok),
+                        ms_fused / ms2,
+                        ms_mat / ms2
+                    ),
+                }),
+                None => eprintln!("{shape}: no v2 row (v2 unavailable)"),
+            }
             rows.push(Row {
-                case: "materialise + logits kernel".into(),
+                case: "materialise (v1 GEMM) + logits kernel".into(),
                 shape: shape.clone(),
                 ms: ms_mat,
                 work: materialised_work(s, 2.0, true),
-                note: format!("fused speed-up x{:.2}", ms_mat / ms_fused),
+                note: format!("v1 fused speed-up x{:.2}", ms_mat / ms_fused),
             });
+            if let Some(ms) = mat2 {
+                rows.push(Row {
+                    case: "materialise (v2 GEMM) + logits kernel".into(),
+                    shape: shape.clone(),
+                    ms,
+                    work: materialised_work(s, 2.0, true),
+                    note: match &v2 {
+                        Some((ms2, ..)) => format!("v2 fused speed-up x{:.2}", ms / ms2),
+                        None => String::new(),
+                    },
+                });
+            }
             if si == 0 {
                 // The f32 CUDA-core kernel at the smallest shape.
                 let hf = DeviceMatrix::F32(fill.f32(g, n * d, seed, 1.0)?, n, d);

@@ -2,32 +2,46 @@
 # GPU check of the custom kernels (issue 6): correctness and timing in one run of at most
 # ~8 minutes on one H100/H200. Not part of CI or the default build.
 #
-#   jobs/gpu-check.sh build   on this (GPU-less) machine: release build with --features cuda of
-#                             the test binary (tests/kernels.rs) and the benchmark
-#                             (benches/kernels.rs); stripped copies in target-gpu/bin
-#                             (git-ignored: carry it to the GPU machine). No CUDA toolkit needed:
-#                             cudarc opens libcuda/libnvrtc at run time.
-#   jobs/gpu-check.sh run     on the GPU machine: nvidia-smi; the GPU tests (fail if they SKIP);
-#                             the GPU benchmarks; the PyTorch baselines at the same shapes
-#                             (jobs/torch_baselines.py); hf_scoring_baseline.py if present. Logs go
-#                             to $OUT; the tables are printed last.
-#   jobs/gpu-check.sh run --quick   smallest shapes only (~2 minutes).
+#   jobs/gpu-check.sh build [--release]
+#                             on this (GPU-less) machine: build with --features cuda of the test
+#                             binary (tests/kernels.rs) and the benchmark (benches/kernels.rs);
+#                             stripped copies in target-gpu/bin (git-ignored: carry it to the GPU
+#                             machine). No CUDA toolkit needed: cudarc opens libcuda/libnvrtc at
+#                             run time. Default: the test profile (dependencies opt-level 3, our
+#                             crates 1; minutes from a warm target dir); the kernels are NVRTC-
+#                             compiled at run time, so the host profile does not change GPU
+#                             times, only the host-side f64 reference checks. --release: a
+#                             release build (68 min from a cold target dir on 2 cores).
+#   jobs/gpu-check.sh run [--quick] [--no-torch]
+#                             on the GPU machine: nvidia-smi; the GPU tests (fail if they SKIP),
+#                             fused v1 and v2a against the f64 reference; the GPU benchmarks
+#                             (fused v1 vs v2a vs the materialising path at the four scoring
+#                             shapes, nearest); the PyTorch baselines at the same shapes
+#                             (jobs/torch_baselines.py, skipped with --no-torch: section 8 of
+#                             docs/kernels.md has them); hf_scoring_baseline.py if present. Logs go
+#                             to $OUT; the tables are printed last. --quick: smallest shapes.
 #
 # Device call (the session's run tool):
 #   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 560
-# Budget (estimated, not yet measured): tests ~40 s, Rust GPU bench ~150 s, torch ~90 s,
-# HF baseline ~60 s; each step has its own timeout so one hang cannot eat the lease.
+# Budget (estimated from the 2026-11-27 H200 run, not measured as a whole): tests ~30 s, Rust
+# GPU bench ~120 s, torch ~90 s, HF baseline ~60 s; each step has its own timeout so one hang
+# cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=target-gpu/bin
+# Fingerprint of the sources the binaries are built from: a stale target-gpu/bin (built before
+# a kernel changed) must not pass for a check of the current kernels.
+src_hash() { cat kernels/*.cu crates/kernels/src/*.rs tests/kernels.rs benches/kernels.rs | sha256sum | cut -c1-16; }
 mode=${1:-run}
 shift || true
 
 if [ "$mode" = build ]; then
   set -e
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  profile=""
+  [ "${1:-}" = --release ] && profile=--release
   json=$(mktemp)
-  cargo test --release --features cuda --test kernels --bench kernels --no-run \
+  cargo test $profile --features cuda --test kernels --bench kernels --no-run \
     --message-format=json > "$json"
   mkdir -p "$BIN"
   python3 - "$json" "$BIN" <<'PY'
@@ -49,18 +63,30 @@ for kind, out in (("test", "kernels-test"), ("bench", "kernels-bench")):
     print(f"{found[kind]} -> {dst}/{out}")
 PY
   strip "$BIN/kernels-test" "$BIN/kernels-bench"
+  src_hash > "$BIN/SOURCES"
   ls -la "$BIN"
   echo "carry target-gpu/bin and run: bash jobs/gpu-check.sh run"
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 build | run [--quick]" >&2; exit 2; }
+[ "$mode" = run ] || { echo "usage: $0 build [--release] | run [--quick] [--no-torch]" >&2; exit 2; }
 quick=""
-[ "${1:-}" = --quick ] && quick=--quick
+torch=1
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=--quick ;;
+    --no-torch) torch=0 ;;
+    *) echo "unknown option $a" >&2; exit 2 ;;
+  esac
+done
 OUT=${OUT:-$(mktemp -d)}
 for f in kernels-test kernels-bench; do
   [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run 'jobs/gpu-check.sh build' here and carry target-gpu/bin" >&2; exit 2; }
 done
+if [ "$(cat "$BIN/SOURCES" 2>/dev/null)" != "$(src_hash)" ]; then
+  echo "FAILED: $BIN was built from other sources than these (kernels/, crates/kernels/, tests/kernels.rs, benches/kernels.rs): run 'jobs/gpu-check.sh build' again and carry it" >&2
+  exit 2
+fi
 
 # libnvrtc: cudarc dlopens libnvrtc.so.13 by name; add the toolkit's and PyTorch's wheel dirs.
 extra=""
@@ -95,21 +121,25 @@ rc=$?
 echo "bench: exit $rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/bench.err"
 [ $rc -ne 0 ] && status=1
 
-echo "== PyTorch baselines (jobs/torch_baselines.py $quick)"
-t0=$(date +%s)
-timeout 150 python3 jobs/torch_baselines.py $quick > "$OUT/torch.log" 2> "$OUT/torch.err"
-echo "torch: exit $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/torch.err"
+if [ $torch = 1 ]; then
+  echo "== PyTorch baselines (jobs/torch_baselines.py $quick)"
+  t0=$(date +%s)
+  timeout 150 python3 jobs/torch_baselines.py $quick > "$OUT/torch.log" 2> "$OUT/torch.err"
+  echo "torch: exit $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/torch.err"
+else
+  echo "SKIP: PyTorch baselines (--no-torch)"
+fi
 
 HF=${HF_BASELINE:-}
 for c in shared/bench/hf_scoring_baseline.py ../shared/bench/hf_scoring_baseline.py; do
   [ -z "$HF" ] && [ -f "$c" ] && HF=$c
 done
-if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ]; then
+if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ] && [ $torch = 1 ]; then
   echo "== $HF (smollm2-135m, 128 windows, batch 64)"
   timeout 120 python3 "$HF" --config smollm2-135m --windows 128 --batch 64 > "$OUT/hf.log" 2> "$OUT/hf.err"
   echo "hf: exit $?"; cat "$OUT/hf.log"
 else
-  echo "SKIP: hf_scoring_baseline.py not found (set HF_BASELINE=path) or --quick"
+  echo "SKIP: hf_scoring_baseline.py (not found: set HF_BASELINE=path; or --quick / --no-torch)"
 fi
 
 echo

@@ -212,6 +212,7 @@ fn cpu_nearest_matches_reference_and_naive() {
 mod gpu {
     use super::*;
     use llm4dsr_kernels::cuda::{kernels, CudaKernels, ScoreMode};
+    use llm4dsr_kernels::launch::FusedVersion;
 
     fn gpu() -> Option<&'static CudaKernels> {
         let k = kernels();
@@ -246,6 +247,8 @@ mod gpu {
                 "item_loglik_fused_bf16",
                 "item_loglik_fused_f16",
                 "item_loglik_fused_f32",
+                "item_loglik_fused_v2_bf16",
+                "item_loglik_fused_v2_f16",
                 "item_loglik_combine",
                 "item_loglik_logits",
                 "item_segment_sum",
@@ -263,16 +266,53 @@ mod gpu {
                 !all.contains(".local"),
                 "{arch}: a kernel uses local memory"
             );
+            // v2a: the async copy ring, ldmatrix fragments, both mma types, and the launch
+            // bounds that cap registers for two resident blocks per SM on sm_90 (one on sm_80,
+            // whose 164 KB of shared memory holds only one ~98 KB block).
+            let v2 = &ptx
+                .iter()
+                .find(|(f, _)| *f == "item_loglik_fused_v2.cu")
+                .expect("v2 compiled")
+                .1;
+            for needle in [
+                "cp.async.cg.shared.global",
+                "cp.async.commit_group",
+                "cp.async.wait_group 1",
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                ".maxntid 256, 1, 1",
+            ] {
+                assert!(v2.contains(needle), "{arch}: v2 PTX lacks {needle}");
+            }
+            let min_blocks = if arch == "compute_90" { 2 } else { 1 };
+            assert_eq!(
+                v2.matches(&format!(".minnctapersm {min_blocks}")).count(),
+                2,
+                "{arch}: v2 launch bounds"
+            );
+            // The k-loop of a stage is unrolled: 4 x (2 + 4) ldmatrix and 4 x 16 mma per kernel.
+            assert_eq!(v2.matches("ldmatrix.sync").count(), 2 * 24, "{arch}");
+            assert_eq!(v2.matches("mma.sync").count(), 2 * 64, "{arch}");
         }
     }
 
-    /// (n, v, d): a partial row block, a partial vocabulary tile, several tiles per slice.
-    const SHAPES: [(usize, usize, usize); 4] =
-        [(1, 10, 8), (70, 1000, 64), (130, 20_011, 96), (64, 64, 128)];
+    /// (n, v, d): a partial row block, a partial vocabulary tile, several tiles per slice;
+    /// for v2 (128 x 128 tiles, 64-deep stages) also d < 64, d not a multiple of 64 (96, 200),
+    /// a partial 128-row block (130, 257) and a slice of several tiles whose ring crosses tiles.
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 10, 8),
+        (70, 1000, 64),
+        (130, 20_011, 96),
+        (64, 64, 128),
+        (257, 4099, 200),
+    ];
 
     #[test]
     fn gpu_fused_item_loglik_matches_reference() {
         let Some(g) = gpu() else { return };
+        // On a GPU machine v2 must load (it is what the GPU check is for).
+        assert_eq!(g.fused_v2_unavailable(), None, "fused v2 did not load");
         for (case, (n, v, d)) in SHAPES.into_iter().enumerate() {
             for (dt, tol) in [(DType::F32, 2e-5), (DType::BF16, 2e-3), (DType::F16, 2e-3)] {
                 let key = 500 + case as u64 * 10;
@@ -280,14 +320,24 @@ mod gpu {
                 let w = randn(key + 1, v, d, 1.0 / (d as f64).sqrt() * 3.0, dt);
                 let (t, o) = targets_offsets(key + 2, n, v);
                 let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
-                for mode in [ScoreMode::Fused, ScoreMode::Materialised] {
-                    let got = g.item_loglik_mode(&h, &w, &t, &o, mode).unwrap();
-                    check_loglik(
-                        &format!("GPU {mode:?} {dt:?} n={n} v={v} d={d}"),
-                        &got,
-                        &want,
-                        tol,
-                    );
+                // v2 has no f32 kernel (resolve() sends f32 to v1): test it on 16-bit inputs.
+                let versions: &[FusedVersion] = if dt == DType::F32 {
+                    &[FusedVersion::V1]
+                } else {
+                    &[FusedVersion::V1, FusedVersion::V2]
+                };
+                for &version in versions {
+                    for mode in [ScoreMode::Fused, ScoreMode::Materialised] {
+                        let got = g
+                            .item_loglik_version(&h, &w, &t, &o, mode, version)
+                            .unwrap();
+                        check_loglik(
+                            &format!("GPU {version:?} {mode:?} {dt:?} n={n} v={v} d={d}"),
+                            &got,
+                            &want,
+                            tol,
+                        );
+                    }
                 }
             }
         }
@@ -312,10 +362,26 @@ mod gpu {
         let h = randn(41, n, d, 1.0, DType::BF16);
         let w = randn(42, v, d, 0.3, DType::BF16);
         let (t, o) = targets_offsets(43, n, v);
-        let a = g.item_loglik(&h, &w, &t, &o).unwrap();
-        for _ in 0..3 {
-            assert_eq!(g.item_loglik(&h, &w, &t, &o).unwrap(), a);
+        for version in [FusedVersion::V1, FusedVersion::V2] {
+            let run = || {
+                g.item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, version)
+                    .unwrap()
+            };
+            let a = run();
+            for _ in 0..3 {
+                assert_eq!(run(), a, "{version:?} not repeatable");
+            }
         }
+        // v2 over many ring steps (d = 4096: 64 stages per tile) against the f64 reference.
+        let (n, v, d) = (130, 700, 4096);
+        let h = randn(44, n, d, 1.0, DType::BF16);
+        let w = randn(45, v, d, 3.0 / (d as f64).sqrt(), DType::BF16);
+        let (t, o) = targets_offsets(46, n, v);
+        let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+        let got = g
+            .item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, FusedVersion::V2)
+            .unwrap();
+        check_loglik("GPU V2 bf16 d=4096", &got, &want, 2e-3);
     }
 
     #[test]

@@ -130,6 +130,7 @@ def run(n, v, d, sm=2):
     print(f"n={n} v={v} d={d}: {slices} slices x {per} tiles, max |err| {worst:.2e}")
     assert worst < 1e-9
 
-for n, v, d in [(3, 10, 8), (70, 130, 48), (64, 200, 32), (5, 700, 16)]:
-    run(n, v, d)
-print("fused_tc emulation equals the direct computation")
+if __name__ == "__main__":  # fused_tc_v2.py imports mma() from here
+    for n, v, d in [(3, 10, 8), (70, 130, 48), (64, 200, 32), (5, 700, 16)]:
+        run(n, v, d)
+    print("fused_tc emulation equals the direct computation")

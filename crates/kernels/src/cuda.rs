@@ -5,7 +5,8 @@
 //! only after [`crate::backend`] has seen `libcuda.so.1`.
 //!
 //! Start-up cost (seen on an H200 with a probe of this design): NVRTC ~80 ms per module,
-//! module load ~150 ms; paid once per process by [`kernels`].
+//! module load ~150 ms; paid once per process by [`kernels`] (the v2 fused module only when
+//! first asked for, by `LLM4DSR_FUSED_VERSION=v2` or an explicit version).
 
 use std::sync::{Arc, OnceLock};
 
@@ -20,10 +21,11 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use crate::backend::{backend, request, Backend, Request};
 use crate::item_loglik::{check_args, ItemLogLik};
-use crate::launch::{self, FusedPlan, FusedVariant, NearestPlan, Shape};
+use crate::launch::{self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, Shape};
 use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
 use crate::sources::{
-    nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU,
+    nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
+    ITEM_LOGLIK_LOGITS_CU, NEAREST_CU,
 };
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
@@ -108,6 +110,7 @@ pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>
     let mut out = Vec::new();
     for (file, src) in [
         ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU),
+        ("item_loglik_fused_v2.cu", ITEM_LOGLIK_FUSED_V2_CU),
         ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU),
         ("nearest.cu", NEAREST_CU),
         ("bench_fill.cu", crate::sources::BENCH_FILL_CU),
@@ -201,6 +204,9 @@ pub struct CudaKernels {
     fused_bf16: CudaFunction,
     fused_f16: CudaFunction,
     fused_f32: CudaFunction,
+    /// v2a bf16 and f16 kernels, or why they are unavailable (then v1 serves every call).
+    /// Compiled on first use, so processes that run v1 (the default) do not pay for it.
+    fused_v2: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -210,7 +216,8 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Open device `ordinal`, compile the three modules with NVRTC, load every function.
+    /// Open device `ordinal`, compile the modules with NVRTC (v1 fused, logits, nearest) and
+    /// load every function; the v2 fused module is compiled on first use.
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = CudaContext::new(ordinal).context("cuInit / context creation")?;
         let name = ctx.name().unwrap_or_else(|_| "?".into());
@@ -250,6 +257,7 @@ impl CudaKernels {
             fused_bf16: next(&mut fused),
             fused_f16: next(&mut fused),
             fused_f32: next(&mut fused),
+            fused_v2: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -305,7 +313,88 @@ impl CudaKernels {
         }
     }
 
-    /// Allocate the buffers for scoring `n` rows against vocabulary `v` in `items` items.
+    /// The loaded fused kernel of `version` for `variant` (for its attributes: registers,
+    /// local memory, occupancy); None when v2 is unavailable or has no such variant.
+    pub fn fused_function(
+        &self,
+        version: FusedVersion,
+        variant: FusedVariant,
+    ) -> Option<&CudaFunction> {
+        match (version, variant) {
+            (FusedVersion::V1, FusedVariant::TensorCoreBf16) => Some(&self.fused_bf16),
+            (FusedVersion::V1, FusedVariant::TensorCoreF16) => Some(&self.fused_f16),
+            (FusedVersion::V1, FusedVariant::F32) => Some(&self.fused_f32),
+            (FusedVersion::V2, FusedVariant::TensorCoreBf16) => {
+                self.fused_v2().as_ref().ok().map(|f| &f.0)
+            }
+            (FusedVersion::V2, FusedVariant::TensorCoreF16) => {
+                self.fused_v2().as_ref().ok().map(|f| &f.1)
+            }
+            (FusedVersion::V2, FusedVariant::F32) => None,
+        }
+    }
+
+    /// Why the v2 fused kernels are unavailable on this device (None: they are loaded).
+    pub fn fused_v2_unavailable(&self) -> Option<&str> {
+        self.fused_v2().as_ref().err().map(|e| e.as_str())
+    }
+
+    /// The v2 kernels, compiled and loaded on first call. v2 is optional: a device without
+    /// 100 KB of opt-in shared memory per block, or a failed compile, leaves v1 in charge
+    /// (one warning) instead of failing.
+    fn fused_v2(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
+        self.fused_v2.get_or_init(|| {
+            let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
+                let optin = self.ctx.attribute(
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )? as u32;
+                if optin < launch::FUSED2_SMEM {
+                    bail!(
+                        "needs {} B of shared memory per block, the device allows {optin} B",
+                        launch::FUSED2_SMEM
+                    );
+                }
+                let f = compile_and_load(
+                    &self.ctx,
+                    self.arch,
+                    "item_loglik_fused_v2.cu",
+                    ITEM_LOGLIK_FUSED_V2_CU,
+                    &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"],
+                )?;
+                for func in &f {
+                    // Dynamic shared memory above 48 KB needs this opt-in before any launch.
+                    func.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        launch::FUSED2_SMEM as i32,
+                    )
+                    .context("opting in to dynamic shared memory for fused v2")?;
+                }
+                Ok((f[0].clone(), f[1].clone()))
+            })()
+            .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &loaded {
+                tracing::warn!("kernels: fused item_loglik v2 unavailable ({e}); v1 serves");
+            }
+            loaded
+        })
+    }
+
+    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v1),
+    /// resolved to v1 for f32 (v2 has no f32 kernel) or when v2 failed to load (logged).
+    pub fn fused_version(&self, variant: FusedVariant) -> Result<FusedVersion> {
+        let asked = FusedVersion::from_env()?;
+        let version = asked.resolve(variant);
+        if version == FusedVersion::V2 {
+            if let Some(why) = self.fused_v2_unavailable() {
+                tracing::warn!("kernels: fused v2 asked for but unavailable ({why}); v1");
+                return Ok(FusedVersion::V1);
+            }
+        }
+        Ok(version)
+    }
+
+    /// Allocate the buffers for scoring `n` rows against vocabulary `v` in `items` items, for
+    /// the fused kernel version the environment picks ([`Self::fused_version`]).
     pub fn score_buffers(
         &self,
         variant: FusedVariant,
@@ -315,7 +404,30 @@ impl CudaKernels {
         items: usize,
         mode: ScoreMode,
     ) -> Result<ScoreBuffers> {
-        let plan = launch::fused_plan(variant, n, v, d, self.sm_count)?;
+        let version = self.fused_version(variant)?;
+        self.score_buffers_version(version, variant, n, v, d, items, mode)
+    }
+
+    /// [`Self::score_buffers`] for an explicit kernel version (benchmarks and tests compare
+    /// versions in one process). Refused when that version has no kernel for `variant` or is
+    /// unavailable on this device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_buffers_version(
+        &self,
+        version: FusedVersion,
+        variant: FusedVariant,
+        n: usize,
+        v: usize,
+        d: usize,
+        items: usize,
+        mode: ScoreMode,
+    ) -> Result<ScoreBuffers> {
+        if version == FusedVersion::V2 {
+            if let Some(why) = self.fused_v2_unavailable() {
+                bail!("fused item_loglik v2 is unavailable on this device: {why}");
+            }
+        }
+        let plan = launch::fused_plan_version(version, variant, n, v, d, self.sm_count)?;
         let s = &self.stream;
         Ok(ScoreBuffers {
             plan,
@@ -352,12 +464,17 @@ impl CudaKernels {
                 plan.vocab
             );
         }
+        let v2 = match (plan.version, self.fused_v2()) {
+            (FusedVersion::V2, Ok(f)) => Some(f),
+            (FusedVersion::V2, Err(why)) => bail!("score_device: fused v2 unavailable: {why}"),
+            (FusedVersion::V1, _) => None,
+        };
         let (func, same) = match (plan.variant, hidden, head) {
             (FusedVariant::TensorCoreBf16, DeviceMatrix::Bf16(..), DeviceMatrix::Bf16(..)) => {
-                (&self.fused_bf16, true)
+                (v2.map(|f| &f.0).unwrap_or(&self.fused_bf16), true)
             }
             (FusedVariant::TensorCoreF16, DeviceMatrix::F16(..), DeviceMatrix::F16(..)) => {
-                (&self.fused_f16, true)
+                (v2.map(|f| &f.1).unwrap_or(&self.fused_f16), true)
             }
             (FusedVariant::F32, DeviceMatrix::F32(..), DeviceMatrix::F32(..)) => {
                 (&self.fused_f32, true)
@@ -397,8 +514,10 @@ impl CudaKernels {
                 Some(l) => b.arg(l),
                 None => b.arg(&null),
             };
-            // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu; the
-            // buffers were sized by the same plan (partials slices x n, logits n x v).
+            // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu (v2:
+            // item_loglik_fused_v2.cu, the same signature); the buffers were sized by the same
+            // plan (partials slices x n, logits n x v); v2's dynamic shared memory (the plan's
+            // shared_bytes) was opted in at load.
             unsafe { b.launch(cfg(plan.fused)) }
                 .context("launching the fused item_loglik kernel")?;
         }
@@ -438,7 +557,8 @@ impl CudaKernels {
     }
 
     /// The whole call: upload, score with `mode`, download. The LM head's dtype picks the
-    /// kernel (bf16/f16: tensor cores; f32 or other: CUDA cores); hidden is cast to it.
+    /// kernel (bf16/f16: tensor cores; f32 or other: CUDA cores); hidden is cast to it. The
+    /// fused kernel's version comes from the environment ([`Self::fused_version`]).
     pub fn item_loglik_mode(
         &self,
         hidden: &Tensor,
@@ -447,8 +567,25 @@ impl CudaKernels {
         offsets: &[u32],
         mode: ScoreMode,
     ) -> Result<ItemLogLik> {
+        let (_, _, d) = check_args(hidden, lm_head, targets, offsets)?;
+        let version = self.fused_version(Self::variant_for(lm_head.dtype(), d))?;
+        self.item_loglik_version(hidden, lm_head, targets, offsets, mode, version)
+    }
+
+    /// [`Self::item_loglik_mode`] with an explicit fused kernel version (resolved to v1 for
+    /// f32 heads, which v2 has no kernel for).
+    pub fn item_loglik_version(
+        &self,
+        hidden: &Tensor,
+        lm_head: &Tensor,
+        targets: &[u32],
+        offsets: &[u32],
+        mode: ScoreMode,
+        version: FusedVersion,
+    ) -> Result<ItemLogLik> {
         let (n, v, d) = check_args(hidden, lm_head, targets, offsets)?;
         let variant = Self::variant_for(lm_head.dtype(), d);
+        let version = version.resolve(variant);
         let dt = match variant {
             FusedVariant::TensorCoreBf16 => DType::BF16,
             FusedVariant::TensorCoreF16 => DType::F16,
@@ -459,7 +596,7 @@ impl CudaKernels {
         let t = self.stream.clone_htod(targets)?;
         let o = self.stream.clone_htod(offsets)?;
         let items = offsets.len() - 1;
-        let mut buf = self.score_buffers(variant, n, v, d, items, mode)?;
+        let mut buf = self.score_buffers_version(version, variant, n, v, d, items, mode)?;
         self.score_device(&h, &w, &t, &o, &mut buf)?;
         self.stream.synchronize().context("item_loglik kernels")?;
         let per_token = self.stream.clone_dtoh(&buf.per_token)?;

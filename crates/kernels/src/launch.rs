@@ -28,6 +28,38 @@ pub const ELEMWISE_THREADS: u32 = 256;
 /// blocks to hide latency, few enough that each block streams a long run of tiles.
 pub const BLOCKS_PER_SM: u32 = 4;
 
+/// Version 2a of the tensor-core fused kernel (`kernels/item_loglik_fused_v2.cu`): rows per block.
+pub const FUSED2_BM: u32 = 128;
+/// v2a: vocabulary entries per tile.
+pub const FUSED2_BN: u32 = 128;
+/// v2a: depth per pipeline stage (one 128-byte shared row of 16-bit values: the XOR swizzle
+/// works on its 8 chunks of 16 B).
+pub const FUSED2_BK: u32 = 64;
+/// v2a: cp.async stages in the ring (2 in flight while the third is computed on).
+pub const FUSED2_STAGES: u32 = 3;
+/// v2a: threads per block, 8 warps as 4 (rows) x 2 (columns), each 32 x 64.
+pub const FUSED2_THREADS: u32 = 256;
+/// v2a dynamic shared memory per block: the stage ring ((BM + BN) x BK x 2 B per stage) and
+/// the per-row (max, sum-exp) of the two column warps (2 x 2 x BM x 4 B). Must equal
+/// `FUSED2_SMEM` in the `.cu`.
+pub const FUSED2_SMEM: u32 =
+    FUSED2_STAGES * (FUSED2_BM + FUSED2_BN) * FUSED2_BK * 2 + 2 * 2 * FUSED2_BM * 4;
+/// v2a: a block's fixed cost in k-steps for the split ([`TileSplit::balanced`]): the ring's
+/// prologue (two stages' load latency before the first mma) and the final merges and writes.
+/// An estimate from the kernel's structure, not yet fitted on a GPU.
+pub const FUSED2_BLOCK_OVERHEAD_STEPS: u32 = 4;
+// v2a's shared memory within sm_90's 227 KB opt-in limit, and two blocks per SM (each with 1 KB
+// reserved by the system) within its 228 KB: the .cu's __launch_bounds__(256, 2) caps registers
+// at 128 for that residency.
+const _: () = assert!(FUSED2_SMEM <= SMEM_OPTIN_MAX_SM90);
+const _: () = assert!(2 * (FUSED2_SMEM + 1024) <= SMEM_PER_SM_SM90);
+/// Shared memory a block may use without opting in (static or dynamic).
+pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
+/// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
+pub const SMEM_OPTIN_MAX_SM90: u32 = 227 * 1024;
+/// Shared memory per multiprocessor on sm_90 (228 KB, 1 KB of it reserved per resident block).
+pub const SMEM_PER_SM_SM90: u32 = 228 * 1024;
+
 /// Queries per block of the nearest-neighbour kernel.
 pub const NEAREST_BQ: u32 = 32;
 /// Catalogue rows per tile of the nearest-neighbour kernel.
@@ -85,6 +117,50 @@ impl TileSplit {
         }
     }
 
+    /// Split `tiles` into slices of equal length (the last may be shorter) so that the busiest
+    /// multiprocessor's work, [`Self::busiest_sm_cost`], is smallest; ties go to fewer slices
+    /// (less partial output to combine). Used by v2, whose blocks are long (a whole slice of
+    /// 128 x 128 tiles), so that the last wave of a grid of a few waves does not leave SMs
+    /// idle. Cost unit: one k-step (a 64-deep stage of one tile); each block also pays
+    /// `overhead_steps` (filling the ring before its first mma, the final merges and writes).
+    /// E.g. SmolLM2 b64 on 132 SMs (40 row blocks, 384 tiles, 9 k-steps, overhead 4) ->
+    /// 13 slices of 30 tiles: 1,096 steps on the busiest SM against an even spread of 1,047.
+    pub fn balanced(
+        tiles: u32,
+        row_blocks: u32,
+        sm_count: u32,
+        steps_per_tile: u32,
+        overhead_steps: u32,
+    ) -> Self {
+        let tiles = tiles.max(1);
+        let mut best: Option<(u64, TileSplit)> = None;
+        for per_slice in 1..=tiles {
+            let cand = TileSplit {
+                tiles,
+                slices: tiles.div_ceil(per_slice),
+                per_slice,
+            };
+            let cost = cand.busiest_sm_cost(row_blocks, sm_count, steps_per_tile, overhead_steps);
+            if best.is_none_or(|(c, b)| (cost, cand.slices) < (c, b.slices)) {
+                best = Some((cost, cand));
+            }
+        }
+        best.expect("tiles >= 1").1
+    }
+
+    /// The busiest multiprocessor's work in k-steps if blocks spread evenly over `sm_count`
+    /// SMs: ceil(row_blocks x slices / sm_count) x (per_slice x steps_per_tile + overhead).
+    pub fn busiest_sm_cost(
+        &self,
+        row_blocks: u32,
+        sm_count: u32,
+        steps_per_tile: u32,
+        overhead_steps: u32,
+    ) -> u64 {
+        (row_blocks.max(1) as u64 * self.slices as u64).div_ceil(sm_count.max(1) as u64)
+            * (self.per_slice as u64 * steps_per_tile.max(1) as u64 + overhead_steps as u64)
+    }
+
     /// Tile range of slice `s`.
     pub fn range(&self, s: u32) -> std::ops::Range<u32> {
         let a = s * self.per_slice;
@@ -117,9 +193,82 @@ impl FusedVariant {
     }
 }
 
+/// Which generation of the fused kernel runs (`LLM4DSR_FUSED_VERSION=v1|v2`, default v1).
+/// v2 (v2a: `kernels/item_loglik_fused_v2.cu`) exists for the tensor-core variants only; it
+/// stays opt-in until a GPU run has checked and timed it (docs/kernels.md, section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FusedVersion {
+    /// 64 x 64 x 32 tiles, 4 warps, plain loads (`item_loglik_fused.cu`).
+    #[default]
+    V1,
+    /// 128 x 128 tiles, 8 warps, 3-stage cp.async ring, ldmatrix (`item_loglik_fused_v2.cu`).
+    V2,
+}
+
+/// The environment variable that picks the fused kernel's version.
+pub const FUSED_VERSION_ENV: &str = "LLM4DSR_FUSED_VERSION";
+
+impl FusedVersion {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "v1" | "1" => Ok(FusedVersion::V1),
+            "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
+            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1 or v2"),
+        }
+    }
+
+    /// The version asked for in the environment (v1 when unset).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(FUSED_VERSION_ENV) {
+            Ok(s) => Self::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(FusedVersion::V1),
+            Err(e) => bail!("{FUSED_VERSION_ENV}: {e}"),
+        }
+    }
+
+    /// Does this version have a kernel for `variant`?
+    pub fn supports(&self, variant: FusedVariant) -> bool {
+        match self {
+            FusedVersion::V1 => true,
+            FusedVersion::V2 => variant != FusedVariant::F32,
+        }
+    }
+
+    /// The version that runs when `self` is asked for `variant`: v2 has no f32 kernel, so f32
+    /// inputs take v1.
+    pub fn resolve(self, variant: FusedVariant) -> Self {
+        if self.supports(variant) {
+            self
+        } else {
+            FusedVersion::V1
+        }
+    }
+
+    /// The kernel's entry point in its `.cu` file.
+    pub fn kernel_name(&self, variant: FusedVariant) -> Result<&'static str> {
+        Ok(match (self, variant) {
+            (FusedVersion::V1, v) => v.kernel_name(),
+            (FusedVersion::V2, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v2_bf16",
+            (FusedVersion::V2, FusedVariant::TensorCoreF16) => "item_loglik_fused_v2_f16",
+            (FusedVersion::V2, FusedVariant::F32) => {
+                bail!("fused item_loglik v2 has no f32 kernel")
+            }
+        })
+    }
+
+    /// Rows per block and vocabulary entries per tile.
+    pub fn tile(&self) -> (u32, u32) {
+        match self {
+            FusedVersion::V1 => (FUSED_BM, FUSED_BN),
+            FusedVersion::V2 => (FUSED2_BM, FUSED2_BN),
+        }
+    }
+}
+
 /// Launch plan of the fused item-likelihood kernel plus its combine step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FusedPlan {
+    pub version: FusedVersion,
     pub variant: FusedVariant,
     pub rows: u32,
     pub vocab: u32,
@@ -133,8 +282,8 @@ pub struct FusedPlan {
     pub partial_len: usize,
 }
 
-/// Plan the fused kernel for `n` rows, vocabulary `v`, hidden size `d` on a chip with `sm_count`
-/// multiprocessors.
+/// Plan the v1 fused kernel for `n` rows, vocabulary `v`, hidden size `d` on a chip with
+/// `sm_count` multiprocessors.
 pub fn fused_plan(
     variant: FusedVariant,
     n: usize,
@@ -142,6 +291,20 @@ pub fn fused_plan(
     d: usize,
     sm_count: u32,
 ) -> Result<FusedPlan> {
+    fused_plan_version(FusedVersion::V1, variant, n, v, d, sm_count)
+}
+
+/// Plan the fused kernel of `version` (refused when that version has no kernel for `variant`;
+/// [`FusedVersion::resolve`] first).
+pub fn fused_plan_version(
+    version: FusedVersion,
+    variant: FusedVariant,
+    n: usize,
+    v: usize,
+    d: usize,
+    sm_count: u32,
+) -> Result<FusedPlan> {
+    version.kernel_name(variant)?;
     if n == 0 || v == 0 || d == 0 {
         bail!("fused item_loglik: empty problem (n={n}, v={v}, d={d})");
     }
@@ -156,20 +319,37 @@ pub fn fused_plan(
     }
     let rows = n as u32;
     let vocab = v as u32;
-    let row_blocks = rows.div_ceil(FUSED_BM);
+    let (bm, bn) = version.tile();
+    let row_blocks = rows.div_ceil(bm);
     if row_blocks > GRID_YZ_MAX {
         bail!("fused item_loglik: {n} rows need {row_blocks} row blocks > {GRID_YZ_MAX}; score in batches");
     }
-    let split = TileSplit::new(
-        vocab.div_ceil(FUSED_BN),
-        row_blocks,
-        sm_count.max(1) * BLOCKS_PER_SM,
-    );
-    let threads = match variant {
-        FusedVariant::F32 => FUSED_F32_THREADS,
-        _ => FUSED_TC_THREADS,
+    let tiles = vocab.div_ceil(bn);
+    let (split, threads, shared_bytes) = match version {
+        FusedVersion::V1 => (
+            TileSplit::new(tiles, row_blocks, sm_count.max(1) * BLOCKS_PER_SM),
+            match variant {
+                FusedVariant::F32 => FUSED_F32_THREADS,
+                _ => FUSED_TC_THREADS,
+            },
+            0, // static shared memory only (under 48 KB)
+        ),
+        // Dynamic shared memory over 48 KB: cuda.rs opts in with
+        // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES when it loads the kernel.
+        FusedVersion::V2 => (
+            TileSplit::balanced(
+                tiles,
+                row_blocks,
+                sm_count.max(1),
+                (d as u32).div_ceil(FUSED2_BK),
+                FUSED2_BLOCK_OVERHEAD_STEPS,
+            ),
+            FUSED2_THREADS,
+            FUSED2_SMEM,
+        ),
     };
     Ok(FusedPlan {
+        version,
         variant,
         rows,
         vocab,
@@ -178,7 +358,7 @@ pub fn fused_plan(
         fused: Shape {
             grid: (split.slices, row_blocks, 1),
             block: (threads, 1, 1),
-            shared_bytes: 0, // static shared memory only (under 48 KB)
+            shared_bytes,
         },
         combine: elementwise(n),
         partial_len: split.slices as usize * n,
@@ -318,6 +498,155 @@ mod tests {
         assert!(fused_plan(FusedVariant::TensorCoreBf16, 10, 10, 12, 132).is_err());
         assert!(fused_plan(FusedVariant::TensorCoreF16, 0, 10, 16, 132).is_err());
         assert!(fused_plan(FusedVariant::F32, 10, 10, 16, 132).is_ok());
+    }
+
+    /// Every tile of `s` covered exactly once, no empty slice.
+    fn assert_covers(s: &TileSplit) {
+        let mut seen = vec![0u32; s.tiles as usize];
+        for sl in 0..s.slices {
+            let r = s.range(sl);
+            assert!(!r.is_empty(), "empty slice {sl} of {s:?}");
+            for t in r {
+                seen[t as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{s:?}");
+    }
+
+    #[test]
+    fn balanced_split_covers_and_beats_the_v1_split() {
+        for tiles in [1u32, 2, 3, 7, 64, 384, 1002, 1187] {
+            for row_blocks in [1u32, 2, 10, 20, 40, 133, 1000] {
+                for sm in [1u32, 2, 108, 132] {
+                    for (steps, over) in [(1u32, 0u32), (9, 4), (64, 4)] {
+                        let b = TileSplit::balanced(tiles, row_blocks, sm, steps, over);
+                        assert_covers(&b);
+                        let cost = |s: &TileSplit| s.busiest_sm_cost(row_blocks, sm, steps, over);
+                        // The v1 rule is one equal split among those `balanced` searches.
+                        let v1 = TileSplit::new(tiles, row_blocks, sm * BLOCKS_PER_SM);
+                        assert!(
+                            cost(&b) <= cost(&v1),
+                            "{b:?} worse than {v1:?} (rb={row_blocks}, sm={sm})"
+                        );
+                        // Never below an even spread of all the work over the SMs.
+                        let even =
+                            (row_blocks as u64 * tiles as u64 * steps as u64).div_ceil(sm as u64);
+                        assert!(cost(&b) >= even);
+                    }
+                }
+            }
+        }
+        // One SM, one row block: one slice (splitting only adds partials).
+        assert_eq!(TileSplit::balanced(50, 1, 1, 9, 4).slices, 1);
+        // The docs' example: SmolLM2 b64 on 132 SMs.
+        let s = TileSplit::balanced(384, 40, 132, 9, 4);
+        assert_eq!((s.slices, s.per_slice), (13, 30));
+        assert_eq!(s.busiest_sm_cost(40, 132, 9, 4), 1096);
+    }
+
+    #[test]
+    fn fused_v2_plan_shapes() {
+        use FusedVersion::V2;
+        // The four benchmark shapes (benches/kernels.rs) on an H100/H200 (132 SMs).
+        for (n, v, d) in [
+            (5120usize, 49_152usize, 576usize),
+            (5120, 151_936, 896),
+            (1280, 128_256, 4096),
+            (2560, 128_256, 4096),
+        ] {
+            for variant in [FusedVariant::TensorCoreBf16, FusedVariant::TensorCoreF16] {
+                let p = fused_plan_version(V2, variant, n, v, d, 132).unwrap();
+                assert_eq!(p.version, V2);
+                assert_eq!(p.fused.block, (FUSED2_THREADS, 1, 1));
+                assert_eq!(p.fused.shared_bytes, FUSED2_SMEM);
+                assert_eq!(p.row_blocks as usize, n.div_ceil(128));
+                assert_eq!(p.split.tiles as usize, v.div_ceil(128));
+                assert_eq!(p.fused.grid, (p.split.slices, p.row_blocks, 1));
+                assert_eq!(p.partial_len, p.split.slices as usize * n);
+                assert_covers(&p.split);
+                // Rows x tiles covered once: every (row block, tile) pair is one block's work.
+                let work: u64 = (0..p.split.slices)
+                    .map(|s| p.split.range(s).len() as u64 * p.row_blocks as u64)
+                    .sum();
+                assert_eq!(work, p.row_blocks as u64 * p.split.tiles as u64);
+                // The busiest SM within 5% of an even spread of the k-steps.
+                let steps = d.div_ceil(64) as u32;
+                let even = (p.row_blocks as f64 * p.split.tiles as f64 * steps as f64) / 132.0;
+                let busiest =
+                    p.split
+                        .busiest_sm_cost(p.row_blocks, 132, steps, FUSED2_BLOCK_OVERHEAD_STEPS)
+                        as f64;
+                assert!(busiest <= 1.05 * even, "{n}x{v}: {busiest} vs {even:.1}");
+            }
+        }
+        // Partial tiles: 130 rows -> 2 row blocks, 300 -> 3 tiles; d = 72 (not a multiple of
+        // the 64-deep stage: the kernel zero-fills the last stage) is accepted.
+        let p = fused_plan_version(V2, FusedVariant::TensorCoreBf16, 130, 300, 72, 4).unwrap();
+        assert_eq!((p.row_blocks, p.split.tiles), (2, 3));
+        assert_covers(&p.split);
+        let p = fused_plan_version(V2, FusedVariant::TensorCoreBf16, 1, 1, 8, 132).unwrap();
+        assert_eq!((p.row_blocks, p.split.tiles, p.split.slices), (1, 1, 1));
+        // Refused: d % 8 != 0 (16-byte chunks), f32 (no v2 kernel), empty, too many rows.
+        assert!(fused_plan_version(V2, FusedVariant::TensorCoreBf16, 10, 10, 12, 132).is_err());
+        assert!(fused_plan_version(V2, FusedVariant::F32, 10, 10, 16, 132).is_err());
+        assert!(fused_plan_version(V2, FusedVariant::TensorCoreF16, 0, 10, 16, 132).is_err());
+        let rows = 128 * GRID_YZ_MAX as usize + 1;
+        assert!(fused_plan_version(V2, FusedVariant::TensorCoreBf16, rows, 10, 16, 132).is_err());
+        // v1 through the versioned entry point is the v1 plan.
+        assert_eq!(
+            fused_plan_version(
+                FusedVersion::V1,
+                FusedVariant::TensorCoreBf16,
+                70,
+                999,
+                64,
+                132
+            )
+            .unwrap(),
+            fused_plan(FusedVariant::TensorCoreBf16, 70, 999, 64, 132).unwrap()
+        );
+    }
+
+    #[test]
+    fn fused_v2_shared_memory_fits() {
+        // 3 stages x (128 + 128) rows x 128 B, plus 2 KB of per-row reductions.
+        assert_eq!(FUSED2_SMEM, 3 * 256 * 128 + 2048);
+        assert_eq!(FUSED2_SMEM, 100_352);
+        // Over the 48 KB default: the plan's dynamic size needs the opt-in attribute (cuda.rs
+        // sets it at load); the limits themselves are compile-time assertions next to
+        // FUSED2_SMEM (the 227 KB opt-in limit, two blocks per sm_90 SM).
+        let p =
+            fused_plan_version(FusedVersion::V2, FusedVariant::TensorCoreBf16, 1, 1, 8, 1).unwrap();
+        assert!(p.fused.shared_bytes > SMEM_DEFAULT_MAX);
+        assert!(p.fused.shared_bytes <= SMEM_OPTIN_MAX_SM90);
+        assert!(2 * (p.fused.shared_bytes + 1024) <= SMEM_PER_SM_SM90);
+        // The warp tiling and the chunk mapping of the .cu (static_asserts there).
+        assert_eq!(
+            (FUSED2_BM, FUSED2_BN, FUSED2_BK, FUSED2_THREADS),
+            (128, 128, 64, 256)
+        );
+        assert_eq!(FUSED2_BM * (FUSED2_BK / 8), 4 * FUSED2_THREADS);
+    }
+
+    #[test]
+    fn fused_version_parse_and_resolve() {
+        use FusedVariant::*;
+        assert_eq!(FusedVersion::parse("v1").unwrap(), FusedVersion::V1);
+        assert_eq!(FusedVersion::parse(" V2 ").unwrap(), FusedVersion::V2);
+        assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V1);
+        assert!(FusedVersion::parse("v3").is_err());
+        assert_eq!(FusedVersion::default(), FusedVersion::V1);
+        assert_eq!(FusedVersion::V2.resolve(F32), FusedVersion::V1);
+        assert_eq!(FusedVersion::V2.resolve(TensorCoreBf16), FusedVersion::V2);
+        assert_eq!(
+            FusedVersion::V2.kernel_name(TensorCoreF16).unwrap(),
+            "item_loglik_fused_v2_f16"
+        );
+        assert_eq!(
+            FusedVersion::V1.kernel_name(TensorCoreBf16).unwrap(),
+            "item_loglik_fused_bf16"
+        );
+        assert!(FusedVersion::V2.kernel_name(F32).is_err());
     }
 
     #[test]

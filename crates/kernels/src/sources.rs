@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 
 pub const ITEM_LOGLIK_LOGITS_CU: &str = include_str!("../../../kernels/item_loglik_logits.cu");
 pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_loglik_fused.cu");
+/// Version 2a of the tensor-core fused kernel (opt-in: `LLM4DSR_FUSED_VERSION=v2`).
+pub const ITEM_LOGLIK_FUSED_V2_CU: &str = include_str!("../../../kernels/item_loglik_fused_v2.cu");
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
 /// Device-side random fills for the benchmarks (not used by the stages).
 pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
@@ -40,6 +42,11 @@ pub fn nvrtc_defines() -> Vec<String> {
         format!("-DFUSED_TC_BK={FUSED_TC_BK}"),
         format!("-DFUSED_TC_THREADS={FUSED_TC_THREADS}"),
         format!("-DFUSED_F32_BK={FUSED_F32_BK}"),
+        format!("-DFUSED2_BM={FUSED2_BM}"),
+        format!("-DFUSED2_BN={FUSED2_BN}"),
+        format!("-DFUSED2_BK={FUSED2_BK}"),
+        format!("-DFUSED2_STAGES={FUSED2_STAGES}"),
+        format!("-DFUSED2_THREADS={FUSED2_THREADS}"),
         format!("-DFUSED_F32_THREADS={FUSED_F32_THREADS}"),
         format!("-DLOGITS_THREADS={LOGITS_THREADS}"),
         format!("-DNEAREST_BQ={NEAREST_BQ}"),
@@ -66,6 +73,10 @@ mod tests {
                 ][..],
             ),
             (
+                ITEM_LOGLIK_FUSED_V2_CU,
+                &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"][..],
+            ),
+            (
                 ITEM_LOGLIK_LOGITS_CU,
                 &["item_loglik_logits", "item_segment_sum"][..],
             ),
@@ -87,13 +98,39 @@ mod tests {
             );
         }
         // Every -D the wrapper passes names a macro the sources guard with #ifndef.
-        let all = [ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU].concat();
+        let all = [
+            ITEM_LOGLIK_FUSED_CU,
+            ITEM_LOGLIK_FUSED_V2_CU,
+            ITEM_LOGLIK_LOGITS_CU,
+            NEAREST_CU,
+        ]
+        .concat();
         for def in nvrtc_defines() {
             let name = def.trim_start_matches("-D").split('=').next().unwrap();
             assert!(
                 all.contains(&format!("#ifndef {name}")),
                 "{name} not configurable"
             );
+        }
+    }
+
+    /// The v2 source's shared-memory formula is the one launch.rs plans with, and its launch
+    /// bounds are those launch.rs's shared-memory test assumes.
+    #[test]
+    fn v2_source_matches_launch_constants() {
+        let src = ITEM_LOGLIK_FUSED_V2_CU;
+        assert!(src.contains("#define F2_STAGE_BYTES (F2_A_BYTES + F2_B_BYTES)"));
+        assert!(src.contains("#define F2_A_BYTES (FUSED2_BM * FUSED2_BK * 2)"));
+        assert!(src.contains("#define F2_B_BYTES (FUSED2_BN * FUSED2_BK * 2)"));
+        assert!(src.contains("#define F2_RED_OFFSET (FUSED2_STAGES * F2_STAGE_BYTES)"));
+        assert!(src.contains("#define FUSED2_SMEM (F2_RED_OFFSET + 2 * 2 * FUSED2_BM * 4)"));
+        assert!(src.contains("__launch_bounds__(FUSED2_THREADS, FUSED2_MIN_BLOCKS)"));
+        for ptx in [
+            "cp.async.cg.shared.global",
+            "ldmatrix.sync.aligned.m8n8.x4",
+            "cp.async.wait_group",
+        ] {
+            assert!(src.contains(ptx), "{ptx}");
         }
     }
 
