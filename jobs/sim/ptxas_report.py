@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""NVRTC compile + ptxas resource report of kernels/*.cu without a GPU (registers, shared memory,
+spills per entry point), through libnvrtc from the nvidia-cuda-nvrtc wheel (docs/kernels.md,
+section 5). The Rust check (tests/kernels.rs, nvrtc_compiles_every_kernel) compiles the same
+sources with the same -D options; this script adds `--ptxas-options=-v` on real architectures.
+
+  python3 jobs/sim/ptxas_report.py kernels/nearest_tc.cu [-DNAME=V ...]
+  NVRTC_LIB=/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13 (default)
+"""
+import ctypes, os, sys
+
+lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13"))
+
+
+def compile_(path, arch, defs, extra=()):
+    src = open(path, "rb").read()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None) == 0
+    opts = [f"--gpu-architecture={arch}".encode()] + [d.encode() for d in defs] + [e.encode() for e in extra]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    print(f"== {path} {arch} rc={rc}")
+    print(log.value.decode()[:8000])
+    return rc
+
+
+if __name__ == "__main__":
+    files = [a for a in sys.argv[1:] if not a.startswith("-")]
+    defs = [a for a in sys.argv[1:] if a.startswith("-D")]
+    rc = 0
+    for f in files:
+        for arch in ("compute_80", "compute_90"):
+            rc |= compile_(f, arch, defs)
+        for arch in ("sm_80", "sm_90"):
+            rc |= compile_(f, arch, defs, ["--ptxas-options=-v"])
+    sys.exit(rc)
