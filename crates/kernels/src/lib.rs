@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod item_loglik;
 pub mod launch;
 pub mod nearest;
+pub mod nearest_tc;
 pub mod reference;
 pub mod sources;
 
