@@ -255,6 +255,10 @@ mod gpu {
                 "nearest_topk",
                 "row_sq_norms",
                 "mark_excluded",
+                "nearest_tc_prep",
+                "nearest_tc_candidates",
+                "nearest_tc_rerank",
+                "nearest_tc_gather",
             ] {
                 assert!(
                     all.contains(&format!(".entry {entry}(")),
@@ -294,6 +298,27 @@ mod gpu {
             // The k-loop of a stage is unrolled: 4 x (2 + 4) ldmatrix and 4 x 16 mma per kernel.
             assert_eq!(v2.matches("ldmatrix.sync").count(), 2 * 24, "{arch}");
             assert_eq!(v2.matches("mma.sync").count(), 2 * 64, "{arch}");
+            // Tensor-core grounding: v2a's ring (one kernel: 24 ldmatrix, 64 f16 mma), one block
+            // per SM, the named barriers of the list insertion, the f16 rounding.
+            let tc = &ptx
+                .iter()
+                .find(|(f, _)| *f == "nearest_tc.cu")
+                .expect("nearest_tc compiled")
+                .1;
+            for needle in [
+                "cp.async.cg.shared.global",
+                "cp.async.wait_group 1",
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                "bar.sync",
+                "bar.arrive",
+                "cvt.rn.f16.f32",
+                ".minnctapersm 1",
+            ] {
+                assert!(tc.contains(needle), "{arch}: nearest_tc PTX lacks {needle}");
+            }
+            assert_eq!(tc.matches("ldmatrix.sync").count(), 24, "{arch}");
+            assert_eq!(tc.matches("mma.sync").count(), 64, "{arch}");
         }
     }
 
@@ -414,6 +439,124 @@ mod gpu {
             assert!(!got.index.iter().any(|&j| j == 0 || j == 2));
             let again = g.nearest_items(&q, &cat, d, k, &exclude).unwrap();
             assert_eq!(got, again, "GPU nearest not repeatable");
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu_tc {
+    use super::*;
+    use llm4dsr_kernels::nearest_tc::{kernel_f32_search, NearestVersion};
+
+    fn gpu() -> Option<&'static llm4dsr_kernels::cuda::CudaKernels> {
+        let k = llm4dsr_kernels::cuda::kernels();
+        if k.is_none() {
+            eprintln!("SKIP: GPU tensor-core grounding tests: no usable GPU");
+        }
+        k
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Data {
+        /// N(0, 1) queries and rows: the certificate passes for most queries.
+        Gauss,
+        /// 0/1 coordinates, many duplicate rows: exact ties at the k-th distance beyond the
+        /// 32 re-ranked candidates, so some queries must fall back.
+        Binary,
+        /// Rows at 1 + 1e-6 noise, queries at 0.5: every distance equal within the bound, so
+        /// every query falls back.
+        Crowded,
+    }
+
+    fn data(kind: Data, key: u64, len: usize, query: bool) -> Vec<f32> {
+        match kind {
+            Data::Gauss => rand_vec(key, len, 1.0),
+            Data::Binary => rand_vec(key, len, 1.0)
+                .into_iter()
+                .map(|x| if x > 0.0 { 1.0 } else { 0.0 })
+                .collect(),
+            Data::Crowded if query => vec![0.5; len],
+            Data::Crowded => rand_vec(key, len, 1e-6)
+                .into_iter()
+                .map(|x| 1.0 + x)
+                .collect(),
+        }
+    }
+
+    /// The tensor-core search equals the f32 kernel bit for bit (that is what the certificate
+    /// proves, fallbacks included) and the f64 reference within f32 rounding; counts add up;
+    /// repeatable. Shapes: n < 32 (every row a candidate), partial query blocks and tiles,
+    /// d = 8, 72 (not a multiple of the 64-deep stage), 384, k = 1 .. 16, excluded rows, ties.
+    #[test]
+    fn gpu_nearest_tc_equals_f32_kernel() {
+        let Some(g) = gpu() else { return };
+        assert_eq!(g.nearest_tc_unavailable(), None, "nearest tc did not load");
+        for (case, (b, n, d, k, kind)) in [
+            (1usize, 5usize, 8usize, 5usize, Data::Gauss),
+            (37, 2100, 24, 10, Data::Gauss),
+            (130, 5000, 72, 16, Data::Gauss),
+            (33, 129, 16, 1, Data::Gauss),
+            (200, 3000, 384, 10, Data::Gauss),
+            (64, 1500, 8, 10, Data::Binary),
+            (16, 4000, 128, 10, Data::Crowded),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = 900 + case as u64 * 10;
+            let q = data(kind, key, b * d, true);
+            let cat = data(kind, key + 1, n * d, false);
+            let exclude = [0u32, 2, 2];
+            let what = format!("GPU nearest tc {kind:?} b={b} n={n} d={d} k={k}");
+            let (got, st) = g.nearest_items_tc(&q, &cat, d, k, &exclude).unwrap();
+            let f32k = g.nearest_items_f32(&q, &cat, d, k, &exclude).unwrap();
+            eprintln!("{what}: {st:?}");
+            assert_eq!(got, f32k, "{what}: differs from the f32 kernel");
+            let want = reference::nearest_items(&q, &cat, d, k, &exclude).unwrap();
+            check_nearest(&what, &got, &want, &q, &cat, d, 1e-4);
+            assert_eq!(st.certified + st.fallback, b, "{what}");
+            match kind {
+                Data::Gauss => assert!(st.certified > 0, "{what}: nothing certified"),
+                Data::Binary => {}
+                Data::Crowded => assert_eq!(st.fallback, b, "{what}: crowded must fall back"),
+            }
+            let (again, st2) = g.nearest_items_tc(&q, &cat, d, k, &exclude).unwrap();
+            assert_eq!((&got, st), (&again, st2), "{what}: not repeatable");
+        }
+        // A query with values below 2^-41 (its f16 scale is clamped) falls back and is right;
+        // k > 16 and d % 8 != 0 take the f32 kernel through the versioned entry point.
+        let (d, n) = (16, 700);
+        let mut q = rand_vec(1, 2 * d, 1.0);
+        q[..d].iter_mut().for_each(|x| *x *= 1e-14);
+        let cat = rand_vec(2, n * d, 1.0);
+        let (got, st) = g.nearest_items_tc(&q, &cat, d, 10, &[]).unwrap();
+        assert!(st.fallback >= 1, "{st:?}");
+        assert_eq!(got, g.nearest_items_f32(&q, &cat, d, 10, &[]).unwrap());
+        for (k, d) in [(20usize, 16usize), (10, 12)] {
+            let q = rand_vec(3, 3 * d, 1.0);
+            let cat = rand_vec(4, n * d, 1.0);
+            let v = g
+                .nearest_items_version(&q, &cat, d, k, &[0], NearestVersion::Tc)
+                .unwrap();
+            assert_eq!(v, g.nearest_items_f32(&q, &cat, d, k, &[0]).unwrap());
+        }
+    }
+
+    /// The f32 kernel's arithmetic is what nearest_tc.rs models on the CPU (sequential fmaf
+    /// dot, row_sq_norms' lane-strided norm): the GPU result equals the CPU model bit for bit.
+    /// (Independent of the tensor-core path; if this fails, the model, not the kernel, is off.)
+    #[test]
+    fn gpu_nearest_f32_kernel_equals_cpu_model() {
+        let Some(g) = gpu() else { return };
+        for (b, n, d, k) in [(37usize, 2100usize, 24usize, 10usize), (5, 900, 200, 16)] {
+            let q = rand_vec(11, b * d, 1.0);
+            let cat = rand_vec(12, n * d, 1.0);
+            let got = g.nearest_items_f32(&q, &cat, d, k, &[1]).unwrap();
+            assert_eq!(
+                got,
+                kernel_f32_search(&q, &cat, d, k, &[1]),
+                "b={b} n={n} d={d}"
+            );
         }
     }
 }

@@ -21,11 +21,14 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use crate::backend::{backend, request, Backend, Request};
 use crate::item_loglik::{check_args, ItemLogLik};
-use crate::launch::{self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, Shape};
+use crate::launch::{
+    self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, NearestTcPlan, Shape,
+};
 use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
+use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
 use crate::sources::{
     nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
-    ITEM_LOGLIK_LOGITS_CU, NEAREST_CU,
+    ITEM_LOGLIK_LOGITS_CU, NEAREST_CU, NEAREST_TC_CU,
 };
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
@@ -113,6 +116,7 @@ pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>
         ("item_loglik_fused_v2.cu", ITEM_LOGLIK_FUSED_V2_CU),
         ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU),
         ("nearest.cu", NEAREST_CU),
+        ("nearest_tc.cu", NEAREST_TC_CU),
         ("bench_fill.cu", crate::sources::BENCH_FILL_CU),
     ] {
         let ptx = std::panic::catch_unwind(|| {
@@ -213,6 +217,41 @@ pub struct CudaKernels {
     nearest: CudaFunction,
     row_norms: CudaFunction,
     mark_excluded: CudaFunction,
+    /// The tensor-core grounding kernels, or why they are unavailable (then the f32 kernel
+    /// serves every search). Compiled on first use.
+    nearest_tc: OnceLock<std::result::Result<NearestTcFns, String>>,
+}
+
+/// The kernels of `kernels/nearest_tc.cu`.
+#[derive(Clone)]
+pub struct NearestTcFns {
+    pub prep: CudaFunction,
+    pub candidates: CudaFunction,
+    pub rerank: CudaFunction,
+    pub gather: CudaFunction,
+}
+
+/// A catalogue prepared for the tensor-core search (device-resident, reusable across calls
+/// with the same exclusions): f16 rows scaled per row, the per-row records
+/// {|c|^2, e_c, 1/s, flag} (4 f32 each), the f32 norms with +inf at excluded rows (for the
+/// re-rank and the f32 fallback), and max |c|^2 over all rows (the certificate's slack).
+pub struct TcCatalog {
+    pub c16: CudaSlice<u16>,
+    pub info: CudaSlice<f32>,
+    pub cnorm: CudaSlice<f32>,
+    pub c2max: f32,
+    pub n: usize,
+    pub d: usize,
+}
+
+/// A launched tensor-core search (asynchronous until [`CudaKernels::nearest_tc_finish`]).
+pub struct TcPending {
+    pub plan: NearestTcPlan,
+    pub qnorm: CudaSlice<f32>,
+    pub out_d: CudaSlice<f32>,
+    pub out_i: CudaSlice<u32>,
+    pub margin: CudaSlice<f32>,
+    pub status: CudaSlice<u32>,
 }
 
 impl CudaKernels {
@@ -264,6 +303,7 @@ impl CudaKernels {
             nearest: next(&mut near),
             row_norms: next(&mut near),
             mark_excluded: next(&mut near),
+            nearest_tc: OnceLock::new(),
             ctx,
             stream,
             name,
@@ -677,8 +717,22 @@ impl CudaKernels {
         Ok((out_d, out_i, plan))
     }
 
-    /// [`crate::nearest_items`] on the GPU: upload, norms, exclusions, top-k, host merge.
+    /// [`crate::nearest_items`] on the GPU, with the kernel `LLM4DSR_NEAREST_VERSION` picks
+    /// (f32 by default; tc: [`Self::nearest_items_version`]).
     pub fn nearest_items(
+        &self,
+        queries: &[f32],
+        catalog: &[f32],
+        d: usize,
+        k: usize,
+        exclude: &[u32],
+    ) -> Result<Nearest> {
+        let version = NearestVersion::from_env()?;
+        self.nearest_items_version(queries, catalog, d, k, exclude, version)
+    }
+
+    /// The f32 kernel: upload, norms, exclusions, top-k, host merge.
+    pub fn nearest_items_f32(
         &self,
         queries: &[f32],
         catalog: &[f32],
@@ -711,5 +765,290 @@ impl CudaKernels {
         let dist = self.stream.clone_dtoh(&od)?;
         let idx = self.stream.clone_dtoh(&oi)?;
         merge_candidates(&dist, &idx, plan.split.slices as usize, b, k)
+    }
+
+    /// The tensor-core grounding kernels, compiled and loaded on first call (None + the reason
+    /// when the device lacks 128 KB of opt-in shared memory per block or the compile fails).
+    pub fn nearest_tc_fns(&self) -> std::result::Result<&NearestTcFns, &str> {
+        self.nearest_tc
+            .get_or_init(|| {
+                let loaded = (|| -> Result<NearestTcFns> {
+                    let optin = self.ctx.attribute(
+                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                    )? as u32;
+                    if optin < launch::NTC_SMEM {
+                        bail!(
+                            "needs {} B of shared memory per block, the device allows {optin} B",
+                            launch::NTC_SMEM
+                        );
+                    }
+                    let f = compile_and_load(
+                        &self.ctx,
+                        self.arch,
+                        "nearest_tc.cu",
+                        NEAREST_TC_CU,
+                        &[
+                            "nearest_tc_prep",
+                            "nearest_tc_candidates",
+                            "nearest_tc_rerank",
+                            "nearest_tc_gather",
+                        ],
+                    )?;
+                    f[1].set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        launch::NTC_SMEM as i32,
+                    )
+                    .context("opting in to dynamic shared memory for nearest_tc_candidates")?;
+                    Ok(NearestTcFns {
+                        prep: f[0].clone(),
+                        candidates: f[1].clone(),
+                        rerank: f[2].clone(),
+                        gather: f[3].clone(),
+                    })
+                })()
+                .map_err(|e| format!("{e:#}"));
+                if let Err(e) = &loaded {
+                    tracing::warn!("kernels: tensor-core grounding unavailable ({e}); f32 serves");
+                }
+                loaded
+            })
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Why the tensor-core grounding is unavailable on this device (None: it is loaded).
+    pub fn nearest_tc_unavailable(&self) -> Option<&str> {
+        self.nearest_tc_fns().err()
+    }
+
+    /// Scale, round to f16 and describe `rows` rows of `x` (device f32 [rows, d]) for the
+    /// tensor-core search: returns the f16 rows and the records (4 f32 per row).
+    fn tc_prep(
+        &self,
+        x: &CudaSlice<f32>,
+        norms: &CudaSlice<f32>,
+        rows: usize,
+        d: usize,
+        coef: f32,
+    ) -> Result<(CudaSlice<u16>, CudaSlice<f32>)> {
+        let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
+        let mut x16 = self.stream.alloc_zeros::<u16>((rows * d).max(1))?;
+        let mut info = self.stream.alloc_zeros::<f32>((rows * 4).max(4))?;
+        let (r, di) = (rows as i32, d as i32);
+        let mut b = self.stream.launch_builder(&f.prep);
+        b.arg(x).arg(norms).arg(&r).arg(&di).arg(&coef);
+        b.arg(&mut x16).arg(&mut info);
+        // SAFETY: arguments match nearest_tc_prep; outputs sized rows x d and rows x 4.
+        unsafe { b.launch(cfg(launch::nearest_tc_prep_shape(rows))) }
+            .context("launching nearest_tc_prep")?;
+        Ok((x16, info))
+    }
+
+    /// Prepare a device catalogue [n, d] for the tensor-core search with these exclusions
+    /// (synchronous: checks the norms are finite and every row's scale is in range; refused
+    /// otherwise, and the caller takes the f32 kernel).
+    pub fn tc_catalog(
+        &self,
+        catalog: &CudaSlice<f32>,
+        n: usize,
+        d: usize,
+        exclude: &[u32],
+    ) -> Result<TcCatalog> {
+        let mut cnorm = self.row_norms(catalog, n, d)?;
+        let norms = self.stream.clone_dtoh(&cnorm)?;
+        if let Some(j) = norms.iter().position(|x| !x.is_finite()) {
+            bail!("nearest_items: catalogue row {j} has a non-finite norm");
+        }
+        let c2max = norms.iter().cloned().fold(0f32, f32::max);
+        self.exclude_rows(&mut cnorm, n, exclude)?;
+        let (c16, info) = self.tc_prep(catalog, &cnorm, n, d, tc_bound(d).coef_c)?;
+        let rec = self.stream.clone_dtoh(&info)?;
+        if let Some(j) = rec.chunks_exact(4).position(|r| r[3] != 0.0) {
+            bail!("nearest tc: catalogue row {j} has values outside [2^-41, 2^40]: f32 path");
+        }
+        Ok(TcCatalog {
+            c16,
+            info,
+            cnorm,
+            c2max,
+            n,
+            d,
+        })
+    }
+
+    /// Launch the tensor-core search of the device queries [b, d] in a prepared catalogue:
+    /// query norms and prep, candidates, re-rank and certificate (asynchronous).
+    pub fn nearest_tc_launch(
+        &self,
+        queries: &CudaSlice<f32>,
+        b: usize,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        k: usize,
+    ) -> Result<TcPending> {
+        let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
+        let (n, d) = (cat.n, cat.d);
+        let plan = launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
+        let qnorm = self.row_norms(queries, b, d)?;
+        let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
+        let s = &self.stream;
+        let mut cand_k = s.alloc_zeros::<f32>(plan.candidates_len)?;
+        let mut cand_i = s.alloc_zeros::<u32>(plan.candidates_len)?;
+        let (bi, ni, di, ki) = (b as i32, n as i32, d as i32, k as i32);
+        let per_slice = plan.split.per_slice as i32;
+        let slices = plan.split.slices as i32;
+        {
+            let mut lb = s.launch_builder(&f.candidates);
+            lb.arg(&q16).arg(&cat.c16).arg(&qinfo).arg(&cat.info);
+            lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
+            lb.arg(&mut cand_k).arg(&mut cand_i);
+            // SAFETY: arguments match nearest_tc_candidates; outputs sized by the plan; the
+            // dynamic shared memory (NTC_SMEM) was opted in at load.
+            unsafe { lb.launch(cfg(plan.candidates)) }
+                .context("launching nearest_tc_candidates")?;
+        }
+        let mut out_d = s.alloc_zeros::<f32>(b * k)?;
+        let mut out_i = s.alloc_zeros::<u32>(b * k)?;
+        let mut margin = s.alloc_zeros::<f32>(b)?;
+        let mut status = s.alloc_zeros::<u32>(b)?;
+        {
+            let mut lb = s.launch_builder(&f.rerank);
+            lb.arg(queries)
+                .arg(catalog)
+                .arg(&qnorm)
+                .arg(&cat.cnorm)
+                .arg(&qinfo);
+            lb.arg(&cand_k).arg(&cand_i);
+            lb.arg(&bi).arg(&di).arg(&ki).arg(&slices).arg(&cat.c2max);
+            lb.arg(&mut out_d)
+                .arg(&mut out_i)
+                .arg(&mut margin)
+                .arg(&mut status);
+            // SAFETY: arguments match nearest_tc_rerank; outputs b x k and b.
+            unsafe { lb.launch(cfg(plan.rerank)) }.context("launching nearest_tc_rerank")?;
+        }
+        Ok(TcPending {
+            plan,
+            qnorm,
+            out_d,
+            out_i,
+            margin,
+            status,
+        })
+    }
+
+    /// Wait for a launched tensor-core search, and run the f32 kernel for the queries the
+    /// certificate did not cover; returns the top-k (equal to the f32 kernel's) and the counts.
+    pub fn nearest_tc_finish(
+        &self,
+        p: TcPending,
+        queries: &CudaSlice<f32>,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+    ) -> Result<(Nearest, TcStats)> {
+        let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
+        let (b, k, d, n) = (p.plan.queries as usize, p.plan.k as usize, cat.d, cat.n);
+        self.stream.synchronize().context("nearest tc kernels")?;
+        let mut dist2 = self.stream.clone_dtoh(&p.out_d)?;
+        let mut index = self.stream.clone_dtoh(&p.out_i)?;
+        let status = self.stream.clone_dtoh(&p.status)?;
+        let margin = self.stream.clone_dtoh(&p.margin)?;
+        let failed: Vec<u32> = (0..b as u32).filter(|&q| status[q as usize] == 0).collect();
+        let stats = TcStats {
+            queries: b,
+            certified: b - failed.len(),
+            fallback: failed.len(),
+            min_margin: margin.iter().cloned().fold(f32::INFINITY, f32::min),
+        };
+        if !failed.is_empty() {
+            let m = failed.len();
+            let rows = self.stream.clone_htod(&failed)?;
+            let mut fq = self.stream.alloc_zeros::<f32>(m * d)?;
+            let mut fqn = self.stream.alloc_zeros::<f32>(m)?;
+            for (src, dst, width) in [(queries, &mut fq, d), (&p.qnorm, &mut fqn, 1)] {
+                let (mi, wi) = (m as i32, width as i32);
+                let mut lb = self.stream.launch_builder(&f.gather);
+                lb.arg(src).arg(&rows).arg(&mi).arg(&wi).arg(dst);
+                // SAFETY: arguments match nearest_tc_gather; dst sized m x width, rows < b.
+                unsafe { lb.launch(cfg(launch::gather_shape(m * width))) }
+                    .context("launching nearest_tc_gather")?;
+            }
+            let (od, oi, plan) = self.nearest_device(&fq, &fqn, catalog, &cat.cnorm, m, n, d, k)?;
+            self.stream
+                .synchronize()
+                .context("nearest fallback kernels")?;
+            let fb = merge_candidates(
+                &self.stream.clone_dtoh(&od)?,
+                &self.stream.clone_dtoh(&oi)?,
+                plan.split.slices as usize,
+                m,
+                k,
+            )?;
+            for (j, &q) in failed.iter().enumerate() {
+                let (a, z) = (q as usize * k, j * k);
+                dist2[a..a + k].copy_from_slice(&fb.dist2[z..z + k]);
+                index[a..a + k].copy_from_slice(&fb.index[z..z + k]);
+            }
+        }
+        Ok((Nearest { k, index, dist2 }, stats))
+    }
+
+    /// [`crate::nearest_items`] on the tensor cores: upload, prepare, search, certificate,
+    /// f32 fallback. Refused (Err) where the plan or the catalogue does not fit the path.
+    pub fn nearest_items_tc(
+        &self,
+        queries: &[f32],
+        catalog: &[f32],
+        d: usize,
+        k: usize,
+        exclude: &[u32],
+    ) -> Result<(Nearest, TcStats)> {
+        check_nearest_args(queries, catalog, d)?;
+        let b = queries.len() / d;
+        let n = catalog.len() / d;
+        let k = effective_k(k, n, exclude);
+        if k == 0 || b == 0 {
+            let empty = Nearest {
+                k,
+                index: vec![],
+                dist2: vec![],
+            };
+            return Ok((empty, TcStats::default()));
+        }
+        launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
+        let q = self.stream.clone_htod(queries)?;
+        let c = self.stream.clone_htod(catalog)?;
+        let cat = self.tc_catalog(&c, n, d, exclude)?;
+        let p = self.nearest_tc_launch(&q, b, &c, &cat, k)?;
+        self.nearest_tc_finish(p, &q, &c, &cat)
+    }
+
+    /// [`crate::nearest_items`] with an explicit kernel version. Tc falls back to the f32
+    /// kernel (logged) where it cannot serve: k > 16, d % 8 != 0, unavailable, a catalogue row
+    /// out of its scale range.
+    pub fn nearest_items_version(
+        &self,
+        queries: &[f32],
+        catalog: &[f32],
+        d: usize,
+        k: usize,
+        exclude: &[u32],
+        version: NearestVersion,
+    ) -> Result<Nearest> {
+        if version == NearestVersion::Tc && k <= TC_KMAX && d % 8 == 0 {
+            match self.nearest_items_tc(queries, catalog, d, k, exclude) {
+                Ok((r, st)) => {
+                    tracing::debug!(
+                        "nearest tc: {} queries, {} certified, {} through the f32 kernel",
+                        st.queries,
+                        st.certified,
+                        st.fallback
+                    );
+                    return Ok(r);
+                }
+                Err(e) => tracing::warn!("nearest tc refused ({e:#}); f32 kernel"),
+            }
+        }
+        self.nearest_items_f32(queries, catalog, d, k, exclude)
     }
 }

@@ -71,6 +71,30 @@ pub const NEAREST_THREADS: u32 = 256;
 /// Largest k the GPU top-k keeps (two list entries per lane of a warp).
 pub const NEAREST_KMAX: usize = 64;
 
+/// Tensor-core grounding (`kernels/nearest_tc.cu`): queries per block (the A rows of v2a's tile).
+pub const NTC_BM: u32 = 128;
+/// Tensor-core grounding: catalogue rows per tile.
+pub const NTC_BN: u32 = 128;
+/// Tensor-core grounding: depth per pipeline stage (v2a's 128-byte swizzled rows).
+pub const NTC_BK: u32 = 64;
+/// Tensor-core grounding: cp.async stages in the ring.
+pub const NTC_STAGES: u32 = 3;
+/// Tensor-core grounding: threads of the candidate kernel (8 warps as 4 x 2, each 32 x 64).
+pub const NTC_THREADS: u32 = 256;
+/// Tensor-core grounding: candidate list length per query per block (one entry per lane).
+pub const NTC_LIST: u32 = crate::nearest_tc::TC_LIST as u32;
+/// Tensor-core grounding: warps (queries) per block of the re-rank kernel.
+pub const NTC_RERANK_WARPS: u32 = 8;
+/// Tensor-core grounding: dynamic shared memory of the candidate kernel: the stage ring and
+/// the lists (keys and rows, 4 B each). Must equal `NTC_SMEM` in the `.cu`.
+pub const NTC_SMEM: u32 = NTC_STAGES * (NTC_BM + NTC_BN) * NTC_BK * 2 + 2 * NTC_BM * NTC_LIST * 4;
+/// Tensor-core grounding: a block's fixed cost in k-steps for the split (prologue, list writes).
+pub const NTC_BLOCK_OVERHEAD_STEPS: u32 = 4;
+// 128 KB: within sm_90's 227 KB and sm_80's 163 KB opt-in limits; one block per SM
+// (`__launch_bounds__(256, 1)`).
+const _: () = assert!(NTC_SMEM <= SMEM_OPTIN_MAX_SM90);
+const _: () = assert!(NTC_SMEM <= 163 * 1024);
+
 /// CUDA's limit on gridDim.y and gridDim.z.
 pub const GRID_YZ_MAX: u32 = 65_535;
 
@@ -434,6 +458,99 @@ pub fn nearest_plan(b: usize, n: usize, d: usize, k: usize, sm_count: u32) -> Re
     })
 }
 
+/// Launch plan of the tensor-core grounding search: candidates, then re-rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NearestTcPlan {
+    pub queries: u32,
+    pub items: u32,
+    pub d: u32,
+    pub k: u32,
+    pub query_blocks: u32,
+    /// Catalogue tiles (128 rows) split into slices, one per block row of the grid.
+    pub split: TileSplit,
+    /// grid = (query blocks, catalogue slices): the query blocks of a slice are adjacent in
+    /// launch order, so they run together and share each catalogue tile through L2.
+    pub candidates: Shape,
+    /// One warp per query.
+    pub rerank: Shape,
+    /// Length of the candidate buffers: slices x queries x NTC_LIST, slice-major.
+    pub candidates_len: usize,
+}
+
+/// Plan the tensor-core search of `b` queries in `n` rows of depth `d` for the top `k`.
+/// Refused (the caller takes the f32 kernel): k > TC_KMAX, d % 8 != 0 (16-byte chunks of f16),
+/// a depth outside the bound model, sizes past i32 or the grid.
+pub fn nearest_tc_plan(
+    b: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+    sm_count: u32,
+) -> Result<NearestTcPlan> {
+    use crate::nearest_tc::{tc_depth_ok, TC_KMAX};
+    if b == 0 || n == 0 || d == 0 || k == 0 {
+        bail!("nearest tc: empty problem (queries={b}, items={n}, d={d}, k={k})");
+    }
+    if k > TC_KMAX {
+        bail!("nearest tc: k={k} > {TC_KMAX}, the tensor-core path's limit");
+    }
+    if d % 8 != 0 || !tc_depth_ok(d) {
+        bail!("nearest tc: depth {d} is not a multiple of 8 (or too large for the bound)");
+    }
+    if b > i32::MAX as usize || n > i32::MAX as usize - NTC_BN as usize {
+        bail!("nearest tc: dimensions exceed i32");
+    }
+    let query_blocks = (b as u32).div_ceil(NTC_BM);
+    let tiles = (n as u32).div_ceil(NTC_BN);
+    let split = TileSplit::balanced(
+        tiles,
+        query_blocks,
+        sm_count.max(1),
+        (d as u32).div_ceil(NTC_BK),
+        NTC_BLOCK_OVERHEAD_STEPS,
+    );
+    if split.slices > GRID_YZ_MAX {
+        bail!("nearest tc: {} slices > {GRID_YZ_MAX}", split.slices);
+    }
+    Ok(NearestTcPlan {
+        queries: b as u32,
+        items: n as u32,
+        d: d as u32,
+        k: k as u32,
+        query_blocks,
+        split,
+        candidates: Shape {
+            grid: (query_blocks, split.slices, 1),
+            block: (NTC_THREADS, 1, 1),
+            shared_bytes: NTC_SMEM,
+        },
+        rerank: Shape {
+            grid: ((b as u32).div_ceil(NTC_RERANK_WARPS), 1, 1),
+            block: (NTC_RERANK_WARPS * 32, 1, 1),
+            shared_bytes: 0,
+        },
+        candidates_len: split.slices as usize * b * NTC_LIST as usize,
+    })
+}
+
+/// `nearest_tc_prep`: one warp per row, 8 rows per block (as the row norms).
+pub fn nearest_tc_prep_shape(rows: usize) -> Shape {
+    row_norms_shape(rows)
+}
+
+/// `nearest_tc_gather`: a grid-stride loop over count x d values.
+pub fn gather_shape(values: usize) -> Shape {
+    Shape {
+        grid: (
+            (values as u32).div_ceil(ELEMWISE_THREADS).clamp(1, 132 * 8),
+            1,
+            1,
+        ),
+        block: (ELEMWISE_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// Row norms: one warp per row, 8 rows per block.
 pub fn row_norms_shape(rows: usize) -> Shape {
     Shape {
@@ -662,6 +779,42 @@ mod tests {
         let p = nearest_plan(33, 65, 3, 5, 1).unwrap();
         assert_eq!(p.query_blocks, 2);
         assert_eq!(p.split.tiles, 2);
+    }
+
+    #[test]
+    fn nearest_tc_plan_shapes() {
+        // The benchmark shapes on an H100/H200 (132 SMs, one 128 KB block per SM).
+        for (n, d) in [(1_000_000usize, 4096usize), (100_000, 384)] {
+            let p = nearest_tc_plan(1024, n, d, 10, 132).unwrap();
+            assert_eq!(p.query_blocks, 8);
+            assert_eq!(p.split.tiles as usize, n.div_ceil(128));
+            assert_covers(&p.split);
+            assert_eq!(p.candidates.grid, (8, p.split.slices, 1));
+            assert_eq!(p.candidates.block, (256, 1, 1));
+            assert_eq!(p.candidates.shared_bytes, NTC_SMEM);
+            assert_eq!(p.rerank.grid, (128, 1, 1));
+            assert_eq!(p.candidates_len, p.split.slices as usize * 1024 * 32);
+            // Every (query block, tile) pair is one block's work; the busiest SM within 5% of
+            // an even spread.
+            let steps = d.div_ceil(64) as u32;
+            let even = 8.0 * p.split.tiles as f64 * steps as f64 / 132.0;
+            let busiest = p
+                .split
+                .busiest_sm_cost(8, 132, steps, NTC_BLOCK_OVERHEAD_STEPS)
+                as f64;
+            assert!(busiest <= 1.05 * even, "{n}x{d}: {busiest} vs {even:.1}");
+        }
+        // Partial blocks and tiles.
+        let p = nearest_tc_plan(129, 300, 72, 16, 4).unwrap();
+        assert_eq!((p.query_blocks, p.split.tiles), (2, 3));
+        assert_eq!(p.rerank.grid.0, 17);
+        // Refused: k > 16, d % 8 != 0, empty.
+        assert!(nearest_tc_plan(1, 10, 8, 17, 132).is_err());
+        assert!(nearest_tc_plan(1, 10, 12, 1, 132).is_err());
+        assert!(nearest_tc_plan(0, 10, 8, 1, 132).is_err());
+        assert_eq!(NTC_SMEM, 131_072);
+        assert_eq!(gather_shape(0).grid.0, 1);
+        assert_eq!(gather_shape(1 << 30).grid.0, 132 * 8);
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_logli
 /// Version 2a of the tensor-core fused kernel (opt-in: `LLM4DSR_FUSED_VERSION=v2`).
 pub const ITEM_LOGLIK_FUSED_V2_CU: &str = include_str!("../../../kernels/item_loglik_fused_v2.cu");
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
+/// The tensor-core grounding search (opt-in: `LLM4DSR_NEAREST_VERSION=tc`).
+pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
 /// Device-side random fills for the benchmarks (not used by the stages).
 pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
 
@@ -53,6 +55,13 @@ pub fn nvrtc_defines() -> Vec<String> {
         format!("-DNEAREST_BI={NEAREST_BI}"),
         format!("-DNEAREST_BK={NEAREST_BK}"),
         format!("-DNEAREST_THREADS={NEAREST_THREADS}"),
+        format!("-DNTC_BM={NTC_BM}"),
+        format!("-DNTC_BN={NTC_BN}"),
+        format!("-DNTC_BK={NTC_BK}"),
+        format!("-DNTC_STAGES={NTC_STAGES}"),
+        format!("-DNTC_THREADS={NTC_THREADS}"),
+        format!("-DNTC_LIST={NTC_LIST}"),
+        format!("-DNTC_RERANK_WARPS={NTC_RERANK_WARPS}"),
     ]
 }
 
@@ -84,6 +93,15 @@ mod tests {
                 NEAREST_CU,
                 &["nearest_topk", "row_sq_norms", "mark_excluded"][..],
             ),
+            (
+                NEAREST_TC_CU,
+                &[
+                    "nearest_tc_prep",
+                    "nearest_tc_candidates",
+                    "nearest_tc_rerank",
+                    "nearest_tc_gather",
+                ][..],
+            ),
             (BENCH_FILL_CU, &["fill_f32", "fill_bf16", "fill_ids"][..]),
         ] {
             for n in names {
@@ -103,6 +121,7 @@ mod tests {
             ITEM_LOGLIK_FUSED_V2_CU,
             ITEM_LOGLIK_LOGITS_CU,
             NEAREST_CU,
+            NEAREST_TC_CU,
         ]
         .concat();
         for def in nvrtc_defines() {
@@ -132,6 +151,23 @@ mod tests {
         ] {
             assert!(src.contains(ptx), "{ptx}");
         }
+    }
+
+    /// The tensor-core grounding source's shared-memory formula is launch.rs's, and its list
+    /// length the certificate's.
+    #[test]
+    fn nearest_tc_source_matches_launch_constants() {
+        let src = NEAREST_TC_CU;
+        assert!(src.contains("#define NT_STAGE_BYTES (NT_A_BYTES + NT_B_BYTES)"));
+        assert!(src.contains("#define NT_A_BYTES (NTC_BM * NTC_BK * 2)"));
+        assert!(src.contains("#define NT_B_BYTES (NTC_BN * NTC_BK * 2)"));
+        assert!(src.contains("#define NT_LIST_OFFSET (NTC_STAGES * NT_STAGE_BYTES)"));
+        assert!(src.contains("#define NTC_SMEM (NT_LIST_OFFSET + 2 * NTC_BM * NTC_LIST * 4)"));
+        assert!(src.contains("__launch_bounds__(NTC_THREADS, 1)"));
+        // The slack constant is 2^-20, as nearest_tc::tc_slack.
+        assert!(src.contains("9.5367431640625e-07"));
+        assert_eq!(2f64.powi(-20), 9.5367431640625e-07);
+        assert_eq!(crate::launch::NTC_LIST as usize, crate::nearest_tc::TC_LIST);
     }
 
     #[test]
