@@ -754,6 +754,69 @@ mod gpu {
                     plan.split.slices
                 ),
             });
+            // The tensor-core search on the same inputs: the catalogue's f16 copy and records
+            // are prepared once (not timed: resident next to the f32 catalogue), the rest is.
+            match g.nearest_tc_fns() {
+                Err(why) => eprintln!("nearest tc not timed: unavailable ({why})"),
+                Ok(f) => {
+                    if si == 0 {
+                        println!(
+                            "nearest_tc_candidates: {} registers, {} B local, {} B dynamic shared, \
+                             {} resident blocks/SM",
+                            f.candidates.num_regs()?,
+                            f.candidates.local_size_bytes()?,
+                            llm4dsr_kernels::launch::NTC_SMEM,
+                            f.candidates.occupancy_max_active_blocks_per_multiprocessor(
+                                llm4dsr_kernels::launch::NTC_THREADS,
+                                llm4dsr_kernels::launch::NTC_SMEM as usize,
+                                None
+                            )?
+                        );
+                    }
+                    let cat = g.tc_catalog(&c, n, d, &[0])?;
+                    let mut pend = None;
+                    let ms_kernels = event_ms(g, 1, 3, || {
+                        pend = Some(g.nearest_tc_launch(&q, b, &c, &cat, k)?);
+                        Ok(())
+                    })?;
+                    let mut res = None;
+                    let ms_all = event_ms(g, 1, 3, || {
+                        let p = g.nearest_tc_launch(&q, b, &c, &cat, k)?;
+                        res = Some(g.nearest_tc_finish(p, &q, &c, &cat)?);
+                        Ok(())
+                    })?;
+                    let (tc, st) = res.context("no tc run")?;
+                    let p = pend.context("no tc launch")?.plan;
+                    let same = tc == merged;
+                    rows.push(Row {
+                        case: "nearest tc: candidates + re-rank (f16 mma.sync)".into(),
+                        shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                        ms: ms_kernels,
+                        work: nearest_work(s, true),
+                        note: format!(
+                            "query prep + candidates + re-rank, no fallback; grid {} query blocks \
+                             x {} slices; x{:.1} f32",
+                            p.query_blocks,
+                            p.split.slices,
+                            ms / ms_kernels
+                        ),
+                    });
+                    rows.push(Row {
+                        case: "nearest tc end to end (certificate + f32 fallback)".into(),
+                        shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                        ms: ms_all,
+                        work: nearest_work(s, true),
+                        note: format!(
+                            "equals the f32 kernel: {same}; {} certified, {} fell back, min \
+                             margin {:.3e}; x{:.1} f32",
+                            st.certified,
+                            st.fallback,
+                            st.min_margin,
+                            ms / ms_all
+                        ),
+                    });
+                }
+            }
         }
         print_table(
             "Grounding search on the GPU (median of events)",
