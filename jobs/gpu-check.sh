@@ -14,9 +14,11 @@
 #                             release build (68 min from a cold target dir on 2 cores).
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
 #                             on the GPU machine: nvidia-smi; the GPU tests (fail if they SKIP),
-#                             fused v1 and v2a against the f64 reference; the GPU benchmarks
-#                             (fused v1 vs v2a vs the materialising path at the four scoring
-#                             shapes, nearest); the PyTorch baselines at the same shapes
+#                             fused v1 and v2a against the f64 reference, the tensor-core
+#                             grounding search against the f32 kernel (bit for bit) and the f64
+#                             reference; the GPU benchmarks (fused v1 vs v2a vs the materialising
+#                             path at the four scoring shapes; nearest f32 vs tensor-core at
+#                             1M x 4096 and 100k x 384); the PyTorch baselines at the same shapes
 #                             (jobs/torch_baselines.py, skipped with --no-torch: section 8 of
 #                             docs/kernels.md has them); hf_scoring_baseline.py if present. Logs go
 #                             to $OUT; the tables are printed last. --quick: smallest shapes.
@@ -110,6 +112,7 @@ rc=$?
 echo "tests: exit $rc in $(( $(date +%s) - t0 )) s"
 grep -E "^test |test result|SKIP|panicked|error" "$OUT/tests.log" | head -40
 if [ $rc -ne 0 ]; then status=1; fi
+grep -E "GPU nearest tc .*TcStats" "$OUT/tests.log" | head -12
 if grep -q "SKIP: GPU" "$OUT/tests.log"; then
   echo "FAILED: the GPU tests skipped on a GPU machine (see $OUT/tests.log)"; status=1
 fi
