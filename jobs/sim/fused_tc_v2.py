@@ -86,6 +86,142 @@ class Thread:
         self.open = []        # copies issued since the last commit
 
 
+def block_gemm(H, W, n, v, d, row0, vt_begin, vt_end, model, on_tile):
+    """One block of the v2a main loop (shared with nearest_tc.cu's candidate kernel, whose loop
+    is a line-for-line copy with queries as H and catalogue rows as W): the cp.async producer,
+    the stage ring, ldmatrix.x4 + mma.sync, with every check described in the module doc.
+    Calls on_tile(vt, acc) at the end of each tile, acc[tid][mi][ni][e] as the kernel's
+    registers (on_tile must not keep acc: it is reset after the call). Returns the steps run."""
+    ksteps = -(-d // BK)
+    steps_run = 0
+    total = (vt_end - vt_begin) * ksteps
+    smem = [math.nan] * (STAGES * STAGE_BYTES // 2)   # uninitialised shared memory
+    threads = [Thread() for _ in range(THREADS)]
+    in_flight = {}                                   # half index -> count (not landed)
+
+    def land(copies):
+        for dst, vals in copies:
+            for c in range(8):
+                smem[dst // 2 + c] = vals[c]
+                in_flight[dst // 2 + c] -= 1
+
+    # --- producer state, as in the kernel ---
+    stride32 = 32 * d
+    ld = {"vt": vt_begin, "kt": 0}
+    a_rows_left = [n - row0 - (tid >> 3) for tid in range(THREADS)]
+    a_src = [(row0 + (tid >> 3)) * d + (tid & 7) * 8 for tid in range(THREADS)]
+    b_src = [(ld["vt"] * BN + (tid >> 3)) * d + (tid & 7) * 8 for tid in range(THREADS)]
+
+    def load_step(stage, written):
+        k0 = ld["kt"] * BK
+        phases = {}
+        for tid in range(THREADS):
+            k_ok = k0 + (tid & 7) * 8 < d
+            b_rows_left = v - ld["vt"] * BN - (tid >> 3)
+            dst = stage + swz(tid >> 3, tid & 7)
+            for i in range(4):
+                ok = k_ok and 32 * i < a_rows_left[tid]
+                src = a_src[tid] + i * stride32 + k0
+                vals = H[src:src + 8] if ok else [0.0] * 8
+                assert len(vals) == 8
+                threads[tid].open.append((dst + i * 32 * ROW_BYTES, vals))
+                phases.setdefault(("a", i, tid // 8), []).append(dst + i * 32 * ROW_BYTES)
+            for i in range(4):
+                ok = k_ok and 32 * i < b_rows_left
+                src = b_src[tid] + i * stride32 + k0
+                vals = W[src:src + 8] if ok else [0.0] * 8
+                assert len(vals) == 8
+                a = dst + A_BYTES + i * 32 * ROW_BYTES
+                threads[tid].open.append((a, vals))
+                phases.setdefault(("b", i, tid // 8), []).append(a)
+        for addrs in phases.values():  # 8 lanes of a store phase: 32 distinct banks
+            bank_set = set(b for a in addrs for b in banks_of(a))
+            assert len(bank_set) == 32, "bank conflict in cp.async writes"
+        for tid in range(THREADS):
+            for dst, _ in threads[tid].open:
+                for c in range(8):
+                    written.add(dst // 2 + c)
+                    in_flight[dst // 2 + c] = in_flight.get(dst // 2 + c, 0) + 1
+            if model == "early":
+                land(threads[tid].open)
+                threads[tid].open = [(dst, None) for dst, _ in threads[tid].open]
+        ld["kt"] += 1
+        if ld["kt"] == ksteps:
+            ld["kt"] = 0; ld["vt"] += 1
+            for tid in range(THREADS):
+                b_src[tid] += BN * d
+
+    def commit():
+        for th in threads:
+            th.groups.append(th.open); th.open = []
+
+    def wait_group(keep):
+        for th in threads:
+            while len(th.groups) > keep:
+                g = th.groups.pop(0)
+                if model == "late":
+                    land(g)
+
+    acc = [[[[0.0] * 4 for _ in range(8)] for _ in range(2)] for _ in range(THREADS)]
+
+    st_read, st_write = 0, STAGES - 1
+    for p in range(STAGES - 1):
+        if p < total:
+            load_step(p * STAGE_BYTES, set())
+        commit()
+    vt, kt = vt_begin, 0
+    for s in range(total):
+        wait_group(STAGES - 2)
+        # __syncthreads(): all copies waited for by every thread are visible.
+        written = set()
+        if s + STAGES - 1 < total:
+            load_step(st_write * STAGE_BYTES, written)
+        commit()
+        sa = st_read * STAGE_BYTES; sb = sa + A_BYTES
+        read = set()
+        for kk in range(BK // 16):
+            for warp in range(8):
+                wm, wn = warp >> 1, warp & 1
+                a_frag = []
+                for mi in range(2):
+                    addrs = []
+                    for lane in range(32):
+                        sw = lane & 7
+                        a_row_off = (wm * 32 + (lane & 15)) * ROW_BYTES
+                        a_ch = lane >> 4
+                        addrs.append(sa + a_row_off + mi * 16 * ROW_BYTES + (((kk * 2 + a_ch) ^ sw) << 4))
+                    a_frag.append(ldmatrix_x4(smem, addrs, read))
+                for p in range(4):
+                    addrs = []
+                    for lane in range(32):
+                        sw = lane & 7
+                        b_row_off = (wn * 64 + ((lane >> 4) << 3) + (lane & 7)) * ROW_BYTES
+                        b_ch = (lane >> 3) & 1
+                        addrs.append(sb + b_row_off + p * 16 * ROW_BYTES + (((kk * 2 + b_ch) ^ sw) << 4))
+                    b = ldmatrix_x4(smem, addrs, read)
+                    for mi in range(2):
+                        for ni, (r0, r1) in ((2 * p, (0, 1)), (2 * p + 1, (2, 3))):
+                            c = [acc[warp * 32 + lane][mi][ni] for lane in range(32)]
+                            mma(c, a_frag[mi], [[b[lane][r0], b[lane][r1]] for lane in range(32)])
+        # The copies issued this step fly while the stage is read: disjoint bytes, and
+        # nothing read may still be in flight.
+        assert not (read & written), f"step {s}: stage {st_read} read while written"
+        assert all(in_flight.get(x, 0) == 0 for x in read), f"step {s}: read before landing"
+        assert all(not math.isnan(smem[x]) for x in read), f"step {s}: read uninitialised"
+        steps_run += 1
+        st_read = 0 if st_read + 1 == STAGES else st_read + 1
+        st_write = 0 if st_write + 1 == STAGES else st_write + 1
+        kt += 1
+        if kt == ksteps:
+            on_tile(vt, acc)
+            acc = [[[[0.0] * 4 for _ in range(8)] for _ in range(2)] for _ in range(THREADS)]
+            kt = 0; vt += 1
+    wait_group(0)
+    assert vt == vt_end and ld["vt"] == vt_end and ld["kt"] == 0, "producer/consumer drift"
+    assert all(c == 0 for c in in_flight.values()), "copies never landed"
+    return steps_run
+
+
 def run(n, v, d, sm, model, seed):
     rnd = random.Random(seed)
     H = [rnd.gauss(0, 1) for _ in range(n * d)]          # row-major [n, d], flat like memory
@@ -100,74 +236,6 @@ def run(n, v, d, sm, model, seed):
         for by in range(row_blocks):
             row0 = by * BM
             vt_begin = slice_ * per; vt_end = min(vt_begin + per, vtiles)
-            total = (vt_end - vt_begin) * ksteps
-            smem = [math.nan] * (STAGES * STAGE_BYTES // 2)   # uninitialised shared memory
-            threads = [Thread() for _ in range(THREADS)]
-            in_flight = {}                                   # half index -> count (not landed)
-
-            def land(copies):
-                for dst, vals in copies:
-                    for c in range(8):
-                        smem[dst // 2 + c] = vals[c]
-                        in_flight[dst // 2 + c] -= 1
-
-            # --- producer state, as in the kernel ---
-            stride32 = 32 * d
-            ld = {"vt": vt_begin, "kt": 0}
-            a_rows_left = [n - row0 - (tid >> 3) for tid in range(THREADS)]
-            a_src = [(row0 + (tid >> 3)) * d + (tid & 7) * 8 for tid in range(THREADS)]
-            b_src = [(ld["vt"] * BN + (tid >> 3)) * d + (tid & 7) * 8 for tid in range(THREADS)]
-
-            def load_step(stage, written):
-                k0 = ld["kt"] * BK
-                phases = {}
-                for tid in range(THREADS):
-                    k_ok = k0 + (tid & 7) * 8 < d
-                    b_rows_left = v - ld["vt"] * BN - (tid >> 3)
-                    dst = stage + swz(tid >> 3, tid & 7)
-                    for i in range(4):
-                        ok = k_ok and 32 * i < a_rows_left[tid]
-                        src = a_src[tid] + i * stride32 + k0
-                        vals = H[src:src + 8] if ok else [0.0] * 8
-                        assert len(vals) == 8
-                        threads[tid].open.append((dst + i * 32 * ROW_BYTES, vals))
-                        phases.setdefault(("a", i, tid // 8), []).append(dst + i * 32 * ROW_BYTES)
-                    for i in range(4):
-                        ok = k_ok and 32 * i < b_rows_left
-                        src = b_src[tid] + i * stride32 + k0
-                        vals = W[src:src + 8] if ok else [0.0] * 8
-                        assert len(vals) == 8
-                        a = dst + A_BYTES + i * 32 * ROW_BYTES
-                        threads[tid].open.append((a, vals))
-                        phases.setdefault(("b", i, tid // 8), []).append(a)
-                for addrs in phases.values():  # 8 lanes of a store phase: 32 distinct banks
-                    bank_set = set(b for a in addrs for b in banks_of(a))
-                    assert len(bank_set) == 32, "bank conflict in cp.async writes"
-                for tid in range(THREADS):
-                    for dst, _ in threads[tid].open:
-                        for c in range(8):
-                            written.add(dst // 2 + c)
-                            in_flight[dst // 2 + c] = in_flight.get(dst // 2 + c, 0) + 1
-                    if model == "early":
-                        land(threads[tid].open)
-                        threads[tid].open = [(dst, None) for dst, _ in threads[tid].open]
-                ld["kt"] += 1
-                if ld["kt"] == ksteps:
-                    ld["kt"] = 0; ld["vt"] += 1
-                    for tid in range(THREADS):
-                        b_src[tid] += BN * d
-
-            def commit():
-                for th in threads:
-                    th.groups.append(th.open); th.open = []
-
-            def wait_group(keep):
-                for th in threads:
-                    while len(th.groups) > keep:
-                        g = th.groups.pop(0)
-                        if model == "late":
-                            land(g)
-
             # --- consumer state ---
             run_m = [[NEG_INF] * 4 for _ in range(THREADS)]; run_s = [[0.0] * 4 for _ in range(THREADS)]
             tgt = []
@@ -175,83 +243,31 @@ def run(n, v, d, sm, model, seed):
                 warp, lane = tid >> 5, tid & 31; wm, g = warp >> 1, lane >> 2
                 tgt.append([T[r] if r < n else None
                             for r in (row0 + wm * 32 + (ri >> 1) * 16 + (ri & 1) * 8 + g for ri in range(4))])
-            acc = [[[[0.0] * 4 for _ in range(8)] for _ in range(2)] for _ in range(THREADS)]
 
-            st_read, st_write = 0, STAGES - 1
-            for p in range(STAGES - 1):
-                if p < total:
-                    load_step(p * STAGE_BYTES, set())
-                commit()
-            vt, kt = vt_begin, 0
-            for s in range(total):
-                wait_group(STAGES - 2)
-                # __syncthreads(): all copies waited for by every thread are visible.
-                written = set()
-                if s + STAGES - 1 < total:
-                    load_step(st_write * STAGE_BYTES, written)
-                commit()
-                sa = st_read * STAGE_BYTES; sb = sa + A_BYTES
-                read = set()
-                for kk in range(BK // 16):
-                    for warp in range(8):
-                        wm, wn = warp >> 1, warp & 1
-                        a_frag = []
-                        for mi in range(2):
-                            addrs = []
-                            for lane in range(32):
-                                sw = lane & 7
-                                a_row_off = (wm * 32 + (lane & 15)) * ROW_BYTES
-                                a_ch = lane >> 4
-                                addrs.append(sa + a_row_off + mi * 16 * ROW_BYTES + (((kk * 2 + a_ch) ^ sw) << 4))
-                            a_frag.append(ldmatrix_x4(smem, addrs, read))
-                        for p in range(4):
-                            addrs = []
-                            for lane in range(32):
-                                sw = lane & 7
-                                b_row_off = (wn * 64 + ((lane >> 4) << 3) + (lane & 7)) * ROW_BYTES
-                                b_ch = (lane >> 3) & 1
-                                addrs.append(sb + b_row_off + p * 16 * ROW_BYTES + (((kk * 2 + b_ch) ^ sw) << 4))
-                            b = ldmatrix_x4(smem, addrs, read)
-                            for mi in range(2):
-                                for ni, (r0, r1) in ((2 * p, (0, 1)), (2 * p + 1, (2, 3))):
-                                    c = [acc[warp * 32 + lane][mi][ni] for lane in range(32)]
-                                    mma(c, a_frag[mi], [[b[lane][r0], b[lane][r1]] for lane in range(32)])
-                # The copies issued this step fly while the stage is read: disjoint bytes, and
-                # nothing read may still be in flight.
-                assert not (read & written), f"step {s}: stage {st_read} read while written"
-                assert all(in_flight.get(x, 0) == 0 for x in read), f"step {s}: read before landing"
-                assert all(not math.isnan(smem[x]) for x in read), f"step {s}: read uninitialised"
-                steps_run += 1
-                st_read = 0 if st_read + 1 == STAGES else st_read + 1
-                st_write = 0 if st_write + 1 == STAGES else st_write + 1
-                kt += 1
-                if kt == ksteps:
-                    col0 = vt * BN
-                    for tid in range(THREADS):
-                        warp, lane = tid >> 5, tid & 31
-                        wm, wn = warp >> 1, warp & 1; g, t = lane >> 2, lane & 3
-                        for ri in range(4):
-                            mi, h = ri >> 1, ri & 1
-                            row = row0 + wm * 32 + mi * 16 + h * 8 + g
-                            xs = []
-                            for ni in range(8):
-                                for e in range(2):
-                                    col = col0 + wn * 64 + ni * 8 + 2 * t + e
-                                    val = acc[tid][mi][ni][h * 2 + e]
-                                    if col < v:
-                                        xs.append(val)
-                                        if row < n and col == tgt[tid][ri]:
-                                            tgt_logit[row] = val
-                            lmax = max(xs) if xs else NEG_INF
-                            M = max(run_m[tid][ri], lmax)
-                            if M != NEG_INF:
-                                run_s[tid][ri] = run_s[tid][ri] * math.exp(run_m[tid][ri] - M) + sum(math.exp(x - M) for x in xs)
-                                run_m[tid][ri] = M
-                    acc = [[[[0.0] * 4 for _ in range(8)] for _ in range(2)] for _ in range(THREADS)]
-                    kt = 0; vt += 1
-            wait_group(0)
-            assert vt == vt_end and ld["vt"] == vt_end and ld["kt"] == 0, "producer/consumer drift"
-            assert all(c == 0 for c in in_flight.values()), "copies never landed"
+            def on_tile(vt, acc):
+                col0 = vt * BN
+                for tid in range(THREADS):
+                    warp, lane = tid >> 5, tid & 31
+                    wm, wn = warp >> 1, warp & 1; g, t = lane >> 2, lane & 3
+                    for ri in range(4):
+                        mi, h = ri >> 1, ri & 1
+                        row = row0 + wm * 32 + mi * 16 + h * 8 + g
+                        xs = []
+                        for ni in range(8):
+                            for e in range(2):
+                                col = col0 + wn * 64 + ni * 8 + 2 * t + e
+                                val = acc[tid][mi][ni][h * 2 + e]
+                                if col < v:
+                                    xs.append(val)
+                                    if row < n and col == tgt[tid][ri]:
+                                        tgt_logit[row] = val
+                        lmax = max(xs) if xs else NEG_INF
+                        M = max(run_m[tid][ri], lmax)
+                        if M != NEG_INF:
+                            run_s[tid][ri] = run_s[tid][ri] * math.exp(run_m[tid][ri] - M) + sum(math.exp(x - M) for x in xs)
+                            run_m[tid][ri] = M
+
+            steps_run += block_gemm(H, W, n, v, d, row0, vt_begin, vt_end, model, on_tile)
             # Merges: xor 1, 2 within a group, then red[wn][r] across the two column warps.
             red = {}
             for tid in range(THREADS):
