@@ -807,9 +807,10 @@ mod gpu {
                         ms: ms_all,
                         work: nearest_work(s, true),
                         note: format!(
-                            "equals the f32 kernel: {same}; {} certified, {} fell back, min \
-                             margin {:.3e}; x{:.1} f32",
+                            "equals the f32 kernel: {same}; {} certified ({} at level 2), {} \
+                             through the f32 kernel, min level-1 margin {:.3e}; x{:.1} f32",
                             st.certified,
+                            st.deep,
                             st.fallback,
                             st.min_margin,
                             ms / ms_all

@@ -35,6 +35,10 @@
 //     up to `slack` = 2^-20 (|q|^2 + max|c|^2) of f32 roundings. So no row outside the re-ranked
 //     32 can reach the k-th distance: the top-k equals the f32 kernel's, ties included.
 //     Writes the top-k, the margin (diagnostic) and status 1 (certified) or 0 (fall back).
+//   nearest_tc_rerank_all: the second level, for the queries the first did not certify: one
+//     block per query re-ranks every list entry of every slice (slices x 32), T = the smallest
+//     slice-list 32nd key (rows outside every list are all that is left to bound). Queries
+//     that fail here too take the f32 kernel.
 //   nearest_tc_gather: rows of a matrix by index (the fallback queries and their norms).
 // The error bound behind coef (derived in docs/kernels.md and nearest_tc.rs): f16 rounding of
 // both operands, the tensor core's accumulation (each m16n8k16 step's alignment truncation,
@@ -515,6 +519,118 @@ nearest_tc_rerank(const float *__restrict__ queries, const float *__restrict__ c
         const double dk = (double)sd[w][k - 1];
         const double slack = 9.5367431640625e-07 * ((double)qn + (double)c2max);  // 2^-20
         const double lhs = (double)qn + (double)T - slack;
+        const bool ok = lhs > dk && qinfo[q].flag == 0.f;
+        out_margin[q] = (float)(lhs - dk);
+        out_status[q] = ok ? 1u : 0u;
+    }
+}
+
+// Second level, for the queries nearest_tc_rerank did not certify (`rows`, m of them): one
+// block per query re-ranks EVERY list entry of every slice (slices x 32 candidates, not the
+// best 32), so that T = min over the slice lists of their 32nd key: rows outside all lists are
+// all that is left to bound, and that key is much deeper in the ranking than the 32nd overall.
+// Warp w takes slices w, w + 8, ...: f32 distances (nearest_topk's arithmetic, as above), a
+// running 32-entry list by (distance, row); warp 0 merges the 8 lists. Overwrites the query's
+// top-k, margin and status (1 certified here, 0: the f32 kernel must run).
+extern "C" __global__ void __launch_bounds__(NTC_RERANK_WARPS * 32)
+nearest_tc_rerank_all(const float *__restrict__ queries, const float *__restrict__ catalog,
+                      const float *__restrict__ qnorm, const float *__restrict__ cnorm,
+                      const NtInfo *__restrict__ qinfo, const float *__restrict__ cand_key,
+                      const u32 *__restrict__ cand_idx, const u32 *__restrict__ rows, int m,
+                      int b, int d, int k, int slices, float c2max, float *__restrict__ out_d,
+                      u32 *__restrict__ out_i, float *__restrict__ out_margin,
+                      u32 *__restrict__ out_status) {
+    __shared__ float sd[NTC_RERANK_WARPS][32];
+    __shared__ u32 si[NTC_RERANK_WARPS][32];
+    __shared__ float stl[NTC_RERANK_WARPS];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if ((int)blockIdx.x >= m) return;
+    const int q = (int)rows[blockIdx.x];
+    const float qn = qnorm[q];
+    const NtF4 *qr = reinterpret_cast<const NtF4 *>(queries + (u64)q * d);
+    float Ld = NT_POS_INF, tl = NT_POS_INF;
+    u32 Li = NT_NONE;
+    for (int s = w; s < slices; s += NTC_RERANK_WARPS) {
+        const u64 base = ((u64)s * b + q) * NTC_LIST;
+        const u32 ci = cand_idx[base + lane];
+        tl = fminf(tl, __shfl_sync(NT_FULL, cand_key[base + lane], NTC_LIST - 1));
+        float dist = NT_POS_INF;
+        if (ci != NT_NONE) {
+            const NtF4 *cr = reinterpret_cast<const NtF4 *>(catalog + (u64)ci * d);
+            float dot = 0.f;
+            for (int i = 0; i < d / 4; ++i) {
+                const NtF4 a = qr[i], c = cr[i];
+                dot = fmaf(a.x, c.x, dot);
+                dot = fmaf(a.y, c.y, dot);
+                dot = fmaf(a.z, c.z, dot);
+                dot = fmaf(a.w, c.w, dot);
+            }
+            dist = fmaxf(qn + cnorm[ci] - 2.f * dot, 0.f);
+            if (!(dist < NT_POS_INF)) dist = NT_POS_INF;
+        }
+        const float thd = __shfl_sync(NT_FULL, Ld, 31);
+        const u32 thi = __shfl_sync(NT_FULL, Li, 31);
+        u32 want = __ballot_sync(NT_FULL, ci != NT_NONE && nt_before(dist, ci, thd, thi));
+        while (want) {
+            const int src = __ffs(want) - 1;
+            want &= want - 1;
+            const float sdist = __shfl_sync(NT_FULL, dist, src);
+            const u32 sx = __shfl_sync(NT_FULL, ci, src);
+            const int pos = __popc(__ballot_sync(NT_FULL, nt_before(Ld, Li, sdist, sx)));
+            const float ud = __shfl_up_sync(NT_FULL, Ld, 1);
+            const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
+            if (pos < 32) {
+                if (lane > pos) {
+                    Ld = ud;
+                    Li = ui;
+                } else if (lane == pos) {
+                    Ld = sdist;
+                    Li = sx;
+                }
+            }
+        }
+    }
+    sd[w][lane] = Ld;
+    si[w][lane] = Li;
+    if (lane == 0) stl[w] = tl;
+    __syncthreads();
+    if (w != 0) return;
+    // Warp 0 merges the other warps' lists into its own (already sorted) list.
+    for (int v = 1; v < NTC_RERANK_WARPS; ++v) {
+        const float cd = sd[v][lane];
+        const u32 ci = si[v][lane];
+        tl = fminf(tl, stl[v]);
+        const float thd = __shfl_sync(NT_FULL, Ld, 31);
+        const u32 thi = __shfl_sync(NT_FULL, Li, 31);
+        u32 want = __ballot_sync(NT_FULL, ci != NT_NONE && nt_before(cd, ci, thd, thi));
+        while (want) {
+            const int src = __ffs(want) - 1;
+            want &= want - 1;
+            const float sdist = __shfl_sync(NT_FULL, cd, src);
+            const u32 sx = __shfl_sync(NT_FULL, ci, src);
+            const int pos = __popc(__ballot_sync(NT_FULL, nt_before(Ld, Li, sdist, sx)));
+            const float ud = __shfl_up_sync(NT_FULL, Ld, 1);
+            const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
+            if (pos < 32) {
+                if (lane > pos) {
+                    Ld = ud;
+                    Li = ui;
+                } else if (lane == pos) {
+                    Ld = sdist;
+                    Li = sx;
+                }
+            }
+        }
+    }
+    if (lane < k) {
+        out_d[(u64)q * k + lane] = Ld;
+        out_i[(u64)q * k + lane] = Li;
+    }
+    const float dkf = __shfl_sync(NT_FULL, Ld, k - 1);
+    if (lane == 0) {
+        const double dk = (double)dkf;
+        const double slack = 9.5367431640625e-07 * ((double)qn + (double)c2max);  // 2^-20
+        const double lhs = (double)qn + (double)tl - slack;
         const bool ok = lhs > dk && qinfo[q].flag == 0.f;
         out_margin[q] = (float)(lhs - dk);
         out_status[q] = ok ? 1u : 0u;

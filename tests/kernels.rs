@@ -258,6 +258,7 @@ mod gpu {
                 "nearest_tc_prep",
                 "nearest_tc_candidates",
                 "nearest_tc_rerank",
+                "nearest_tc_rerank_all",
                 "nearest_tc_gather",
             ] {
                 assert!(
@@ -517,7 +518,10 @@ mod gpu_tc {
             assert_eq!(st.certified + st.fallback, b, "{what}");
             match kind {
                 Data::Gauss => assert!(st.certified > 0, "{what}: nothing certified"),
-                Data::Binary => {}
+                Data::Binary => assert!(
+                    st.deep + st.fallback > 0,
+                    "{what}: ties at the k-th must be refused by the first level"
+                ),
                 Data::Crowded => assert_eq!(st.fallback, b, "{what}: crowded must fall back"),
             }
             let (again, st2) = g.nearest_items_tc(&q, &cat, d, k, &exclude).unwrap();

@@ -228,6 +228,7 @@ pub struct NearestTcFns {
     pub prep: CudaFunction,
     pub candidates: CudaFunction,
     pub rerank: CudaFunction,
+    pub rerank_all: CudaFunction,
     pub gather: CudaFunction,
 }
 
@@ -248,6 +249,9 @@ pub struct TcCatalog {
 pub struct TcPending {
     pub plan: NearestTcPlan,
     pub qnorm: CudaSlice<f32>,
+    pub qinfo: CudaSlice<f32>,
+    pub cand_k: CudaSlice<f32>,
+    pub cand_i: CudaSlice<u32>,
     pub out_d: CudaSlice<f32>,
     pub out_i: CudaSlice<u32>,
     pub margin: CudaSlice<f32>,
@@ -791,6 +795,7 @@ impl CudaKernels {
                             "nearest_tc_prep",
                             "nearest_tc_candidates",
                             "nearest_tc_rerank",
+                            "nearest_tc_rerank_all",
                             "nearest_tc_gather",
                         ],
                     )?;
@@ -803,7 +808,8 @@ impl CudaKernels {
                         prep: f[0].clone(),
                         candidates: f[1].clone(),
                         rerank: f[2].clone(),
-                        gather: f[3].clone(),
+                        rerank_all: f[3].clone(),
+                        gather: f[4].clone(),
                     })
                 })()
                 .map_err(|e| format!("{e:#}"));
@@ -891,6 +897,7 @@ impl CudaKernels {
         let plan = launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
         let qnorm = self.row_norms(queries, b, d)?;
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
+        // (the records stay alive in TcPending: the second level reads them)
         let s = &self.stream;
         let mut cand_k = s.alloc_zeros::<f32>(plan.candidates_len)?;
         let mut cand_i = s.alloc_zeros::<u32>(plan.candidates_len)?;
@@ -930,6 +937,9 @@ impl CudaKernels {
         Ok(TcPending {
             plan,
             qnorm,
+            qinfo,
+            cand_k,
+            cand_i,
             out_d,
             out_i,
             margin,
@@ -937,11 +947,12 @@ impl CudaKernels {
         })
     }
 
-    /// Wait for a launched tensor-core search, and run the f32 kernel for the queries the
-    /// certificate did not cover; returns the top-k (equal to the f32 kernel's) and the counts.
+    /// Wait for a launched tensor-core search; for the queries the first level did not
+    /// certify, run the second (`nearest_tc_rerank_all`), and for those it does not certify
+    /// either, the f32 kernel. Returns the top-k (equal to the f32 kernel's) and the counts.
     pub fn nearest_tc_finish(
         &self,
-        p: TcPending,
+        mut p: TcPending,
         queries: &CudaSlice<f32>,
         catalog: &CudaSlice<f32>,
         cat: &TcCatalog,
@@ -949,17 +960,59 @@ impl CudaKernels {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
         let (b, k, d, n) = (p.plan.queries as usize, p.plan.k as usize, cat.d, cat.n);
         self.stream.synchronize().context("nearest tc kernels")?;
-        let mut dist2 = self.stream.clone_dtoh(&p.out_d)?;
-        let mut index = self.stream.clone_dtoh(&p.out_i)?;
         let status = self.stream.clone_dtoh(&p.status)?;
         let margin = self.stream.clone_dtoh(&p.margin)?;
-        let failed: Vec<u32> = (0..b as u32).filter(|&q| status[q as usize] == 0).collect();
-        let stats = TcStats {
+        let refused: Vec<u32> = (0..b as u32).filter(|&q| status[q as usize] == 0).collect();
+        let mut stats = TcStats {
             queries: b,
-            certified: b - failed.len(),
-            fallback: failed.len(),
             min_margin: margin.iter().cloned().fold(f32::INFINITY, f32::min),
+            ..Default::default()
         };
+        let mut failed = Vec::new();
+        if !refused.is_empty() {
+            let m = refused.len();
+            let rows = self.stream.clone_htod(&refused)?;
+            let (mi, bi, di, ki) = (m as i32, b as i32, d as i32, k as i32);
+            let slices = p.plan.split.slices as i32;
+            let mut lb = self.stream.launch_builder(&f.rerank_all);
+            lb.arg(queries)
+                .arg(catalog)
+                .arg(&p.qnorm)
+                .arg(&cat.cnorm)
+                .arg(&p.qinfo);
+            lb.arg(&p.cand_k).arg(&p.cand_i).arg(&rows);
+            lb.arg(&mi)
+                .arg(&bi)
+                .arg(&di)
+                .arg(&ki)
+                .arg(&slices)
+                .arg(&cat.c2max);
+            lb.arg(&mut p.out_d)
+                .arg(&mut p.out_i)
+                .arg(&mut p.margin)
+                .arg(&mut p.status);
+            let shape = Shape {
+                grid: (m as u32, 1, 1),
+                block: (launch::NTC_RERANK_WARPS * 32, 1, 1),
+                shared_bytes: 0,
+            };
+            // SAFETY: arguments match nearest_tc_rerank_all; rows < b; outputs b x k and b.
+            unsafe { lb.launch(cfg(shape)) }.context("launching nearest_tc_rerank_all")?;
+            self.stream
+                .synchronize()
+                .context("nearest tc second level")?;
+            let status = self.stream.clone_dtoh(&p.status)?;
+            failed = refused
+                .iter()
+                .copied()
+                .filter(|&q| status[q as usize] == 0)
+                .collect();
+            stats.deep = m - failed.len();
+        }
+        stats.fallback = failed.len();
+        stats.certified = b - failed.len();
+        let mut dist2 = self.stream.clone_dtoh(&p.out_d)?;
+        let mut index = self.stream.clone_dtoh(&p.out_i)?;
         if !failed.is_empty() {
             let m = failed.len();
             let rows = self.stream.clone_htod(&failed)?;
@@ -1039,9 +1092,11 @@ impl CudaKernels {
             match self.nearest_items_tc(queries, catalog, d, k, exclude) {
                 Ok((r, st)) => {
                     tracing::debug!(
-                        "nearest tc: {} queries, {} certified, {} through the f32 kernel",
+                        "nearest tc: {} queries, {} certified ({} at the second level), {} \
+                         through the f32 kernel",
                         st.queries,
                         st.certified,
+                        st.deep,
                         st.fallback
                     );
                     return Ok(r);

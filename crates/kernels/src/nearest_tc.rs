@@ -203,9 +203,12 @@ pub fn kernel_f32_search(
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TcStats {
     pub queries: usize,
-    /// Queries whose top-k the certificate proved.
+    /// Queries whose top-k the certificate proved (at either level).
     pub certified: usize,
-    /// Queries sent through the f32 kernel (certificate failed, or a clamped query scale).
+    /// Of those, the ones the first level (best 32 by key) did not prove and the second
+    /// (every slice list's 32 entries re-ranked) did.
+    pub deep: usize,
+    /// Queries sent through the f32 kernel (both levels failed, or a clamped query scale).
     pub fallback: usize,
     /// Smallest certificate margin, |q|^2 + T - slack - d_k (negative: that query fell back).
     pub min_margin: f32,
@@ -222,8 +225,9 @@ pub struct ModelOptions {
 
 /// The CPU model of the tensor-core search: f16-scaled dot products accumulated in f32 (in
 /// depth order: one order within the accumulation bound), keys, per-slice lists of
-/// [`TC_LIST`], selection, re-rank with the f32 kernel's arithmetic, certificate, and the
-/// f32 search for the queries that fail. Returns the result and the counts.
+/// [`TC_LIST`], selection, re-rank with the f32 kernel's arithmetic, certificate; for the
+/// queries it refuses the second level (every list entry re-ranked, T = the smallest list
+/// 32nd key); the f32 search for the queries both refuse. Returns the result and the counts.
 pub fn model_search(
     queries: &[f32],
     catalog: &[f32],
@@ -307,35 +311,45 @@ pub fn model_search(
             all.extend(list);
         }
         all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let t_sel = if all.len() > TC_LIST {
-            all[TC_LIST - 1].0
-        } else {
-            f32::INFINITY
-        };
-        all.truncate(TC_LIST);
-        let t = t_lists.min(t_sel);
-        let mut top = TopK::new(k);
-        for &(_, j) in &all {
-            let j = j as usize;
-            let dist = kernel_dist(q, &catalog[j * d..(j + 1) * d], qn, cn[j]);
-            if top.admits(dist, j as u32) {
-                top.push(dist, j as u32);
-            }
-        }
-        let best = top.into_sorted();
-        let dk = best.get(k.wrapping_sub(1)).map_or(f32::INFINITY, |x| x.0);
         let slack = tc_slack(qn, c2max) * opt.bound_scale as f64;
-        let margin = qn as f64 + t as f64 - slack - dk as f64;
+        // Exact top-k of a candidate set, and the certificate's margin against bound t.
+        let level = |cands: &[(f32, u32)], t: f32| {
+            let mut top = TopK::new(k);
+            for &(_, j) in cands {
+                let j = j as usize;
+                let dist = kernel_dist(q, &catalog[j * d..(j + 1) * d], qn, cn[j]);
+                if top.admits(dist, j as u32) {
+                    top.push(dist, j as u32);
+                }
+            }
+            let best = top.into_sorted();
+            let dk = best.get(k.wrapping_sub(1)).map_or(f32::INFINITY, |x| x.0);
+            let margin = qn as f64 + t as f64 - slack - dk as f64;
+            let ok = k == 0 || (best.len() == k && margin > 0.0 && !qclamped);
+            (best, margin, ok)
+        };
+        let t_sel = all.get(TC_LIST - 1).map_or(f32::INFINITY, |x| x.0);
+        let (best, margin, ok) = level(&all[..all.len().min(TC_LIST)], t_lists.min(t_sel));
         stats.min_margin = stats.min_margin.min(margin as f32);
-        if k == 0 || (best.len() == k && margin > 0.0 && !qclamped) {
-            stats.certified += 1;
-            out.index.extend(best.iter().map(|x| x.1));
-            out.dist2.extend(best.iter().map(|x| x.0));
+        let best = if ok {
+            Some(best)
         } else {
-            stats.fallback += 1;
-            let r = kernel_f32_search(q, catalog, d, k, exclude);
-            out.index.extend(r.index);
-            out.dist2.extend(r.dist2);
+            let (best, _, ok) = level(&all, t_lists);
+            stats.deep += ok as usize;
+            ok.then_some(best)
+        };
+        match best {
+            Some(best) => {
+                stats.certified += 1;
+                out.index.extend(best.iter().map(|x| x.1));
+                out.dist2.extend(best.iter().map(|x| x.0));
+            }
+            None => {
+                stats.fallback += 1;
+                let r = kernel_f32_search(q, catalog, d, k, exclude);
+                out.index.extend(r.index);
+                out.dist2.extend(r.dist2);
+            }
         }
     }
     Ok((out, stats))
@@ -426,7 +440,8 @@ mod tests {
     }
 
     /// Integer data: many exact ties. The certificate is strict, so a tie between the k-th and
-    /// a row outside the re-ranked 32 falls back; the result still equals the f32 kernel's.
+    /// a row outside the re-ranked 32 is refused by the first level; the result still equals
+    /// the f32 kernel's. Crowded distances are refused by both levels: the f32 kernel runs.
     #[test]
     fn model_equals_f32_kernel_with_ties_and_counts_fallbacks() {
         let (b, n, d, k) = (4, 1500, 8, 10);
@@ -436,9 +451,10 @@ mod tests {
         let c = lcg(2, n * d, |u| (u * 2.0).floor() as f32);
         let (got, st) = model_search(&q, &c, d, k, &[1], REAL).unwrap();
         assert_eq!(got, kernel_f32_search(&q, &c, d, k, &[1]));
+        // (The second level, every list entry re-ranked, may then certify them.)
         assert!(
-            st.fallback > 0,
-            "ties beyond 32 candidates must fall back: {st:?}"
+            st.deep + st.fallback > 0,
+            "ties beyond 32 candidates must be refused by the first level: {st:?}"
         );
         // Crowded: every row at the same distance up to below-bound noise -> all fall back.
         let c: Vec<f32> = lcg(3, n * d, |u| 1.0 + (u as f32 - 0.5) * 1e-5);
@@ -482,7 +498,7 @@ mod tests {
             rows_per_slice: 128,
         };
         let (bad, st) = model_search(&q, &c, d, k, &[], unsound).unwrap();
-        assert_eq!(st.certified, 1, "{st:?}");
+        assert_eq!((st.certified, st.deep), (1, 0), "{st:?}");
         assert_ne!(
             bad, want,
             "the bound-free model should have erred on this data"

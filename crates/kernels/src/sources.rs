@@ -99,6 +99,7 @@ mod tests {
                     "nearest_tc_prep",
                     "nearest_tc_candidates",
                     "nearest_tc_rerank",
+                    "nearest_tc_rerank_all",
                     "nearest_tc_gather",
                 ][..],
             ),
