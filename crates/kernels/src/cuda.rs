@@ -249,6 +249,8 @@ pub struct TcCatalog {
 pub struct TcPending {
     pub plan: NearestTcPlan,
     pub qnorm: CudaSlice<f32>,
+    /// The f16 queries (kept alive until the kernels reading them are done).
+    pub q16: CudaSlice<u16>,
     pub qinfo: CudaSlice<f32>,
     pub cand_k: CudaSlice<f32>,
     pub cand_i: CudaSlice<u32>,
@@ -351,8 +353,8 @@ impl CudaKernels {
     /// Which fused kernel serves an LM head of this dtype and hidden size.
     pub fn variant_for(dtype: DType, d: usize) -> FusedVariant {
         match dtype {
-            DType::BF16 if d % 8 == 0 => FusedVariant::TensorCoreBf16,
-            DType::F16 if d % 8 == 0 => FusedVariant::TensorCoreF16,
+            DType::BF16 if d.is_multiple_of(8) => FusedVariant::TensorCoreBf16,
+            DType::F16 if d.is_multiple_of(8) => FusedVariant::TensorCoreF16,
             _ => FusedVariant::F32,
         }
     }
@@ -897,7 +899,6 @@ impl CudaKernels {
         let plan = launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
         let qnorm = self.row_norms(queries, b, d)?;
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
-        // (the records stay alive in TcPending: the second level reads them)
         let s = &self.stream;
         let mut cand_k = s.alloc_zeros::<f32>(plan.candidates_len)?;
         let mut cand_i = s.alloc_zeros::<u32>(plan.candidates_len)?;
@@ -937,6 +938,7 @@ impl CudaKernels {
         Ok(TcPending {
             plan,
             qnorm,
+            q16,
             qinfo,
             cand_k,
             cand_i,
@@ -1088,7 +1090,7 @@ impl CudaKernels {
         exclude: &[u32],
         version: NearestVersion,
     ) -> Result<Nearest> {
-        if version == NearestVersion::Tc && k <= TC_KMAX && d % 8 == 0 {
+        if version == NearestVersion::Tc && k <= TC_KMAX && d.is_multiple_of(8) {
             match self.nearest_items_tc(queries, catalog, d, k, exclude) {
                 Ok((r, st)) => {
                     tracing::debug!(

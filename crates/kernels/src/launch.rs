@@ -332,7 +332,7 @@ pub fn fused_plan_version(
     if n == 0 || v == 0 || d == 0 {
         bail!("fused item_loglik: empty problem (n={n}, v={v}, d={d})");
     }
-    if d % variant.d_multiple() != 0 {
+    if !d.is_multiple_of(variant.d_multiple()) {
         bail!(
             "fused item_loglik ({variant:?}): hidden size {d} is not a multiple of {}",
             variant.d_multiple()
@@ -494,7 +494,7 @@ pub fn nearest_tc_plan(
     if k > TC_KMAX {
         bail!("nearest tc: k={k} > {TC_KMAX}, the tensor-core path's limit");
     }
-    if d % 8 != 0 || !tc_depth_ok(d) {
+    if !d.is_multiple_of(8) || !tc_depth_ok(d) {
         bail!("nearest tc: depth {d} is not a multiple of 8 (or too large for the bound)");
     }
     if b > i32::MAX as usize || n > i32::MAX as usize - NTC_BN as usize {

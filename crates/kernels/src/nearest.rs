@@ -52,7 +52,7 @@ pub fn nearest_items(
 }
 
 pub fn check_nearest_args(queries: &[f32], catalog: &[f32], d: usize) -> Result<()> {
-    if d == 0 || queries.len() % d != 0 || catalog.len() % d != 0 {
+    if d == 0 || !queries.len().is_multiple_of(d) || !catalog.len().is_multiple_of(d) {
         bail!(
             "nearest_items: buffers ({} query values, {} catalogue values) are not multiples of d={d}",
             queries.len(),

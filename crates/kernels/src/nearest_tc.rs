@@ -27,6 +27,7 @@
 //!   (so that the certificate speaks of the f32 kernel's distances, not of real ones);
 //! - sum |q_i||c_i| <= |q||c| (Cauchy-Schwarz); |q| <= sqrt(|q|^2_f32) (1 + d 2^-23 + 2^-18),
 //!   the inflation also covering the f32 roundings of coef x sqrt(norm) and of Q x e_c.
+//!
 //! The f32 roundings of the key's two FMAs, of the f32 kernel's |q|^2 + |c|^2 - 2 dot and of
 //! the certificate's sums are each <= 2^-24 (|q|^2 + |c|^2 + 2|q||c|) <= 2^-23 (|q|^2 + |c|^2);
 //! `slack` = 2^-20 (|q|^2 + max |c|^2) covers them twice over.
@@ -398,7 +399,7 @@ mod tests {
         assert_eq!(h, vec![0.75 * 8192.0, -24576.0, 0.0]);
         let (h, inv, cl) = f16_scaled(&[0.0; 4]);
         assert_eq!((h, inv, cl), (vec![0.0; 4], 1.0, false));
-        assert!(f16_scaled(&[1e-20, 0.5]).2 == false);
+        assert!(!f16_scaled(&[1e-20, 0.5]).2);
         assert!(f16_scaled(&[1e-20]).2, "2^-66: clamped");
         assert!(f16_scaled(&[1e20]).2);
     }
