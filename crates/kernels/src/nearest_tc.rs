@@ -508,4 +508,28 @@ mod tests {
         assert_eq!(good, want);
         assert_eq!(st.fallback, 1, "{st:?}");
     }
+
+    /// The certificate's refusal rate at the 100k x 384 benchmark shape, on the benchmark's
+    /// data distribution (uniform [-1, 1), like bench_fill.cu), 16 queries, the slicing of the
+    /// GPU plan. A measurement for docs/kernels.md, not a check: ~1 min in the test profile.
+    ///   cargo test --workspace --lib nearest_tc::tests::certificate_rate -- --ignored --nocapture
+    #[test]
+    #[ignore = "measurement (about a minute); run by hand for docs/kernels.md"]
+    fn certificate_rate_at_the_small_bench_shape() {
+        let (b, n, d, k) = (16usize, 100_000usize, 384usize, 10usize);
+        let plan = crate::launch::nearest_tc_plan(1024, n, d, k, 132).unwrap();
+        let per = plan.split.per_slice as usize * crate::launch::NTC_BN as usize;
+        let q = lcg(501, b * d, |u| (u * 2.0 - 1.0) as f32);
+        let c = lcg(502, n * d, |u| (u * 2.0 - 1.0) as f32);
+        let opt = ModelOptions {
+            rows_per_slice: per,
+            bound_scale: 1.0,
+        };
+        let (_, st) = model_search(&q, &c, d, k, &[0], opt).unwrap();
+        eprintln!(
+            "100k x 384, {} slices of {per} rows: {st:?}",
+            plan.split.slices
+        );
+        assert_eq!(st.certified + st.fallback, b);
+    }
 }
