@@ -117,6 +117,13 @@ if grep -q "SKIP: GPU" "$OUT/tests.log"; then
   echo "FAILED: the GPU tests skipped on a GPU machine (see $OUT/tests.log)"; status=1
 fi
 
+echo "== the dispatching nearest_items with LLM4DSR_NEAREST_VERSION=tc (tests/kernels.rs)"
+LLM4DSR_NEAREST_VERSION=tc timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture \
+  gpu_nearest_matches_reference > "$OUT/tests-tc-env.log" 2>&1
+rc=$?
+grep -E "^test |test result" "$OUT/tests-tc-env.log" | head -3
+[ $rc -ne 0 ] && status=1
+
 echo "== GPU benchmarks (benches/kernels.rs --gpu $quick)"
 t0=$(date +%s)
 timeout 240 "$BIN/kernels-bench" --gpu $quick > "$OUT/bench.log" 2> "$OUT/bench.err"
