@@ -708,29 +708,18 @@ impl Chunk {
 
         // ---- final layer norm backward, scattered to the last block's output rows
         zeroed(&mut self.dx, rows_out * d);
-        {
-            let mut dxf = std::mem::take(&mut self.dq);
-            sized(&mut dxf, nt * d);
-            let (gg, gb) = two(g, lay.lnf_g, lay.lnf_b, d);
-            ln_backward(
-                &self.dhf,
-                &self.xhatf,
-                &self.rstdf,
-                &w[lay.lnf_g..lay.lnf_g + d],
-                d,
-                gg,
-                gb,
-                &mut dxf,
+        let mut dxf = std::mem::take(&mut self.dq);
+        zeroed(&mut dxf, nt * d);
+        let (rs, xh) = (&self.rstdf, &self.xhatf);
+        ln_backward(&self.dhf, xh, rs, w, g, lay.lnf_g, lay.lnf_b, d, &mut dxf);
+        for (t, &sl) in self.tslot.iter().enumerate() {
+            axpy(
+                1.0,
+                &dxf[t * d..(t + 1) * d],
+                &mut self.dx[sl * d..(sl + 1) * d],
             );
-            for (t, &sl) in self.tslot.iter().enumerate() {
-                axpy(
-                    1.0,
-                    &dxf[t * d..(t + 1) * d],
-                    &mut self.dx[sl * d..(sl + 1) * d],
-                );
-            }
-            self.dq = dxf;
         }
+        self.dq = dxf;
 
         // ---- blocks, last to first. self.dx holds d(block output) [nq, d].
         for bi in (0..nb).rev() {
@@ -802,23 +791,9 @@ impl Chunk {
                 inner,
                 false,
             );
-            {
-                let (gg, gb) = two(g, at.ln2_g, at.ln2_b, d);
-                let mut dln = std::mem::take(&mut self.dq);
-                sized(&mut dln, nq * d);
-                ln_backward(
-                    &df2,
-                    &ba.xhat2,
-                    &ba.rstd2,
-                    &w[at.ln2_g..at.ln2_g + d],
-                    d,
-                    gg,
-                    gb,
-                    &mut dln,
-                );
-                dy.iter_mut().zip(&dln).for_each(|(a, b)| *a += b);
-                self.dq = dln;
-            }
+            ln_backward(
+                &df2, &ba.xhat2, &ba.rstd2, w, g, at.ln2_g, at.ln2_b, d, &mut dy,
+            );
             // y = x_q + drop(O Wo + bo): d(x_q) = dy; dO2 = dy * mo
             let mut dxin = std::mem::take(&mut self.dk);
             zeroed(&mut dxin, n * d);
@@ -946,23 +921,9 @@ impl Chunk {
                     &mut dhn[f * d..(f + 1) * d],
                 );
             }
-            {
-                let (gg, gb) = two(g, at.ln1_g, at.ln1_b, d);
-                let mut dln = std::mem::take(&mut self.dx);
-                sized(&mut dln, n * d);
-                ln_backward(
-                    &dhn,
-                    &ba.xhat1,
-                    &ba.rstd1,
-                    &w[at.ln1_g..at.ln1_g + d],
-                    d,
-                    gg,
-                    gb,
-                    &mut dln,
-                );
-                dxin.iter_mut().zip(&dln).for_each(|(a, b)| *a += b);
-                self.dx = dln;
-            }
+            ln_backward(
+                &dhn, &ba.xhat1, &ba.rstd1, w, g, at.ln1_g, at.ln1_b, d, &mut dxin,
+            );
             // Hand the block input's gradient on; park the scratch buffers.
             std::mem::swap(&mut self.dx, &mut dxin);
             self.dk = dhq;
@@ -1086,18 +1047,22 @@ fn ln_forward(
     }
 }
 
-/// Layer-norm backward: accumulates d gamma, d beta; writes dx.
+/// Layer-norm backward for the norm whose gamma and beta sit at offsets `og`, `ob` of the
+/// flat vector: accumulates their gradients into `g` and the input's gradient into `dx`.
 #[allow(clippy::too_many_arguments)]
 fn ln_backward(
     dy: &[f32],
     xhat: &[f32],
     rstd: &[f32],
-    gamma: &[f32],
+    w: &[f32],
+    g: &mut [f32],
+    og: usize,
+    ob: usize,
     d: usize,
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
     dx: &mut [f32],
 ) {
+    let gamma = &w[og..og + d];
+    let (dgamma, dbeta) = two(g, og, ob, d);
     let inv_d = 1.0 / d as f32;
     for (i, dyr) in dy.chunks_exact(d).enumerate() {
         let xh = &xhat[i * d..(i + 1) * d];
@@ -1115,7 +1080,7 @@ fn ln_backward(
         let rs = rstd[i];
         let o = &mut dx[i * d..(i + 1) * d];
         for c in 0..d {
-            o[c] = rs * (dyr[c] * gamma[c] - m1 - xh[c] * m2);
+            o[c] += rs * (dyr[c] * gamma[c] - m1 - xh[c] * m2);
         }
     }
 }
@@ -1277,8 +1242,12 @@ mod tests {
         };
         let (mut xh, mut rs, mut o) = (vec![0.0; d], vec![0.0; 1], vec![0.0; d]);
         ln_forward(&x, &gamma, &beta, 1e-8, d, &mut xh, &mut rs, &mut o);
-        let (mut dg, mut db, mut dx) = (vec![0.0; d], vec![0.0; d], vec![0.0; d]);
-        ln_backward(&up, &xh, &rs, &gamma, d, &mut dg, &mut db, &mut dx);
+        // Flat layout [gamma | beta]; dx accumulates onto 0.5.
+        let w: Vec<f32> = gamma.iter().chain(&beta).copied().collect();
+        let mut g = vec![0f32; 2 * d];
+        let mut dx = vec![0.5f32; d];
+        ln_backward(&up, &xh, &rs, &w, &mut g, 0, d, d, &mut dx);
+        dx.iter_mut().for_each(|v| *v -= 0.5);
         for c in 0..d {
             let mut xp = x.clone();
             xp[c] += 1e-3;
