@@ -298,7 +298,7 @@ mod tests {
             let win = w.get(i.window as usize);
             let t = win.items[i.end as usize];
             // History length = min(10, t - 1).
-            assert_eq!(i.end as u32, (t - 1).min(10), "{i:?}");
+            assert_eq!(i.end, (t - 1).min(10), "{i:?}");
         }
         assert_eq!(training_instances(&w, Targets::Last).len(), 5);
     }

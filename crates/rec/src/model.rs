@@ -96,7 +96,9 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.attn_dropout) {
             bail!("model: dropout rates must be in [0, 1)");
         }
-        if self.kind == ModelKind::Sasrec && (self.heads == 0 || self.dim % self.heads != 0) {
+        if self.kind == ModelKind::Sasrec
+            && (self.heads == 0 || !self.dim.is_multiple_of(self.heads))
+        {
             bail!(
                 "model: dim {} is not divisible by heads {}",
                 self.dim,

@@ -511,8 +511,8 @@ impl Chunk {
                             *av /= sum;
                         }
                         let orow = &mut ba.o[qr * d + hh * dh..qr * d + (hh + 1) * dh];
-                        for j in 0..l {
-                            let mut p = arow[j];
+                        for (j, &a) in arow.iter().enumerate() {
+                            let mut p = a;
                             if !ba.ma.is_empty() {
                                 p *= ba.ma[ao + j];
                             }
@@ -1147,7 +1147,7 @@ fn linear_backward_params(
 /// [k, m], `tb` that `b` is stored [n, k]. One call of the `gemm` crate (single-threaded:
 /// chunks are the unit of parallelism).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+fn matmul(
     c: &mut [f32],
     a: &[f32],
     ta: bool,
