@@ -8,7 +8,7 @@
 //! module load ~150 ms; paid once per process by [`kernels`] (the v2 fused module only when
 //! first asked for, by `LLM4DSR_FUSED_VERSION=v2` or an explicit version).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use cudarc;
 
@@ -26,6 +26,7 @@ use crate::launch::{
 };
 use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
 use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
+use crate::resident::ResidentKey;
 use crate::sources::{
     nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
     ITEM_LOGLIK_LOGITS_CU, NEAREST_CU, NEAREST_TC_CU,
@@ -220,6 +221,8 @@ pub struct CudaKernels {
     /// The tensor-core grounding kernels, or why they are unavailable (then the f32 kernel
     /// serves every search). Compiled on first use.
     nearest_tc: OnceLock<std::result::Result<NearestTcFns, String>>,
+    /// The last LM head `item_loglik` uploaded, kept on the device between calls.
+    resident_head: Mutex<Option<(ResidentKey, Arc<DeviceMatrix>)>>,
 }
 
 /// The kernels of `kernels/nearest_tc.cu`.
@@ -310,6 +313,7 @@ impl CudaKernels {
             row_norms: next(&mut near),
             mark_excluded: next(&mut near),
             nearest_tc: OnceLock::new(),
+            resident_head: Mutex::new(None),
             ctx,
             stream,
             name,
@@ -322,6 +326,31 @@ impl CudaKernels {
     /// Compile and load another module for this device (benchmarks' input generators).
     pub fn load_extra(&self, file: &str, src: &str, names: &[&str]) -> Result<Vec<CudaFunction>> {
         compile_and_load(&self.ctx, self.arch, file, src, names)
+    }
+
+    /// The device copy of `t` as `dtype`, uploaded on the first call and reused while the
+    /// same tensor comes back (one slot: the LM head of the model being scored with; see
+    /// [`crate::resident`] for what "the same" means).
+    pub fn upload_resident(&self, t: &Tensor, dtype: DType) -> Result<Arc<DeviceMatrix>> {
+        let key = ResidentKey::of(t, dtype)?;
+        let mut slot = self
+            .resident_head
+            .lock()
+            .map_err(|_| anyhow!("resident LM head: lock poisoned"))?;
+        if let Some((k, m)) = slot.as_ref() {
+            if *k == key {
+                return Ok(m.clone());
+            }
+        }
+        // Free the old copy before allocating the new one (two Llama-3 heads are 2 GB).
+        *slot = None;
+        let m = Arc::new(self.upload(t, dtype)?);
+        tracing::debug!(
+            bytes = m.bytes(),
+            "LM head uploaded to the device (kept resident)"
+        );
+        *slot = Some((key, m.clone()));
+        Ok(m)
     }
 
     /// Copy a CPU tensor [rows, cols] to the device as `dtype` (BF16, F16 or F32).
@@ -638,7 +667,7 @@ impl CudaKernels {
             FusedVariant::F32 => DType::F32,
         };
         let h = self.upload(hidden, dt)?;
-        let w = self.upload(lm_head, dt)?;
+        let w = self.upload_resident(lm_head, dt)?;
         let t = self.stream.clone_htod(targets)?;
         let o = self.stream.clone_htod(offsets)?;
         let items = offsets.len() - 1;

@@ -16,6 +16,7 @@ pub mod launch;
 pub mod nearest;
 pub mod nearest_tc;
 pub mod reference;
+pub mod resident;
 pub mod sources;
 
 pub use backend::{backend, Backend};
