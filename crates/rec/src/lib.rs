@@ -12,6 +12,7 @@ pub mod caser;
 pub mod checkpoint;
 pub mod dataset;
 pub mod evaluate;
+pub mod fused;
 pub mod gru4rec;
 pub mod layers;
 pub mod metrics;

@@ -11,7 +11,7 @@
 //! preallocated buffers, layer norm, attention, activation and dropout are single loops
 //! that keep what the backward pass needs, and nothing is allocated after the first step.
 //!
-//! Parallelism: a batch is cut into fixed chunks of [`CHUNK`] instances; chunks run on the
+//! Parallelism: a batch is cut into fixed chunks of [`crate::fused::CHUNK`] instances; chunks run on the
 //! rayon pool, each with its own activations and gradient buffer, and the chunk gradients
 //! are summed in chunk order. The result is therefore the same for any number of threads.
 //! Dropout masks come from the same keyed draws as the candle model's
@@ -22,25 +22,17 @@
 //! 6 d V FLOPs for the full-softmax output layer over V items.
 
 use crate::batch::{Dropout, SeqBatch};
+pub use crate::fused::FusedLoss;
+use crate::fused::{
+    apply_mask, axpy, check_step, chunk_spans, dot, linear, linear_backward_params, masks, matmul,
+    output_loss, sized, sum_grads, zeroed, Span, NEG_BIAS,
+};
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-/// Instances per chunk (the unit of parallel work and of the deterministic gradient sum).
-pub const CHUNK: usize = 128;
-
 const SITE_EMB: u64 = 0;
-const NEG_BIAS: f32 = -1e9;
-
-/// The loss of a training step.
-#[derive(Clone, Copy, Debug)]
-pub enum FusedLoss<'a> {
-    /// Full softmax over the catalogue (padding column masked).
-    Ce,
-    /// BCE with one given negative item per target.
-    Bce { negatives: &'a [u32] },
-}
 
 /// Offsets of one block's parameters in the flat vector.
 #[derive(Clone, Debug)]
@@ -170,27 +162,16 @@ impl FusedSasrec {
         grad: &mut [f32],
     ) -> Result<f64> {
         let lay = &self.lay;
-        if flat.len() != lay.numel || grad.len() != lay.numel {
-            bail!(
-                "fused SASRec: {} parameters / {} gradients, the model has {}",
-                flat.len(),
-                grad.len(),
-                lay.numel
-            );
-        }
-        if batch.len != lay.len {
-            bail!(
-                "fused SASRec: batch of {} slots, the model has {}",
-                batch.len,
-                lay.len
-            );
-        }
-        if let FusedLoss::Bce { negatives } = loss {
-            if negatives.len() != batch.targets.len() {
-                bail!("fused SASRec: one negative per target needed");
-            }
-        }
-        check_ids(batch, lay.rows)?;
+        check_step(
+            "fused SASRec",
+            lay.numel,
+            flat,
+            grad.len(),
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )?;
         let last_only = batch.last_slot_only();
         let spans = chunk_spans(batch);
         if self.chunks.len() < spans.len() {
@@ -203,29 +184,26 @@ impl FusedSasrec {
             .for_each(|(c, span)| {
                 c.step(lay, flat, batch, span, last_only, dropout, loss, true);
             });
-        // Sum the chunk gradients in chunk order (parallel over parameter ranges).
         let chunks = &self.chunks[..spans.len()];
-        grad.par_chunks_mut(1 << 14)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let (lo, hi) = (i << 14, (i << 14) + out.len());
-                out.copy_from_slice(&chunks[0].grad[lo..hi]);
-                for c in &chunks[1..] {
-                    for (o, g) in out.iter_mut().zip(&c.grad[lo..hi]) {
-                        *o += g;
-                    }
-                }
-            });
+        let parts: Vec<&[f32]> = chunks.iter().map(|c| c.grad.as_slice()).collect();
+        sum_grads(&parts, grad);
         Ok(chunks.iter().map(|c| c.loss).sum())
     }
 
     /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
     /// pass alone, as `Backbone::hidden` gives it.
     pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        if flat.len() != self.lay.numel || batch.len != self.lay.len {
-            bail!("fused SASRec: parameter vector or batch does not fit the model");
-        }
-        check_ids(batch, self.lay.rows)?;
+        let lay = &self.lay;
+        check_step(
+            "fused SASRec",
+            lay.numel,
+            flat,
+            lay.numel,
+            batch,
+            lay.len,
+            lay.rows,
+            FusedLoss::Ce,
+        )?;
         let last_only = batch.last_slot_only();
         let spans = chunk_spans(batch);
         if self.chunks.len() < spans.len() {
@@ -253,43 +231,6 @@ impl FusedSasrec {
         }
         Ok(out)
     }
-}
-
-fn check_ids(batch: &SeqBatch, rows: usize) -> Result<()> {
-    if let Some(&bad) = batch
-        .ids_host
-        .iter()
-        .chain(batch.targets.iter())
-        .find(|&&i| i as usize >= rows)
-    {
-        bail!(
-            "fused SASRec: item id {bad} outside the catalogue of {} items",
-            rows - 1
-        );
-    }
-    Ok(())
-}
-
-/// One chunk's instances [r0, r1) and targets [t0, t1).
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    r0: usize,
-    r1: usize,
-    t0: usize,
-    t1: usize,
-}
-
-fn chunk_spans(batch: &SeqBatch) -> Vec<Span> {
-    let mut out = Vec::new();
-    let mut r0 = 0;
-    while r0 < batch.b {
-        let r1 = (r0 + CHUNK).min(batch.b);
-        let t0 = batch.target_rows.partition_point(|&r| (r as usize) < r0);
-        let t1 = batch.target_rows.partition_point(|&r| (r as usize) < r1);
-        out.push(Span { r0, r1, t0, t1 });
-        r0 = r1;
-    }
-    out
 }
 
 /// What one block keeps from its forward pass for the backward pass.
@@ -346,42 +287,6 @@ struct Chunk {
     dk: Vec<f32>,
     dv: Vec<f32>,
     dhf: Vec<f32>,
-}
-
-fn zeroed(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
-}
-
-fn sized(v: &mut Vec<f32>, n: usize) {
-    v.resize(n, 0.0);
-}
-
-/// Fill `out` with each instance's mask row for `site`, or leave it empty (= no dropout).
-fn masks(
-    out: &mut Vec<f32>,
-    dropout: Option<&Dropout>,
-    rate: f32,
-    site: u64,
-    ids: &[u64],
-    per_row: usize,
-) {
-    out.clear();
-    let Some(dr) = dropout else { return };
-    if rate <= 0.0 {
-        return;
-    }
-    let d = Dropout { rate, ..*dr };
-    out.resize(ids.len() * per_row, 0.0);
-    for (row, &id) in out.chunks_exact_mut(per_row).zip(ids) {
-        d.fill_row(site, id, row);
-    }
-}
-
-fn apply_mask(x: &mut [f32], m: &[f32]) {
-    if !m.is_empty() {
-        x.iter_mut().zip(m).for_each(|(a, b)| *a *= b);
-    }
 }
 
 impl Chunk {
@@ -626,85 +531,19 @@ impl Chunk {
         // ---- loss and its gradient w.r.t. the final hidden states
         zeroed(&mut self.grad, lay.numel);
         let g = &mut self.grad;
-        let table = &w[lay.item_emb..lay.item_emb + lay.rows * d];
-        let targets = &batch.targets[span.t0..span.t1];
-        zeroed(&mut self.dhf, nt * d);
-        let mut total = 0f64;
-        match loss {
-            FusedLoss::Ce => {
-                let v = lay.rows;
-                sized(&mut self.logits, nt * v);
-                matmul(
-                    &mut self.logits,
-                    &self.hf,
-                    false,
-                    table,
-                    true,
-                    nt,
-                    v,
-                    d,
-                    false,
-                );
-                for (t, &tg) in targets.iter().enumerate() {
-                    let row = &mut self.logits[t * v..(t + 1) * v];
-                    row[0] += NEG_BIAS;
-                    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let zt = row[tg as usize] - mx;
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                    let lse = sum.ln();
-                    total += (lse - zt) as f64;
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    row[tg as usize] -= 1.0;
-                }
-                // dH = dZ E ; dE += dZ^T H
-                matmul(
-                    &mut self.dhf,
-                    &self.logits,
-                    false,
-                    table,
-                    false,
-                    nt,
-                    d,
-                    v,
-                    false,
-                );
-                matmul(
-                    &mut g[lay.item_emb..lay.item_emb + v * d],
-                    &self.logits,
-                    true,
-                    &self.hf,
-                    false,
-                    v,
-                    d,
-                    nt,
-                    true,
-                );
-            }
-            FusedLoss::Bce { negatives } => {
-                let negs = &negatives[span.t0..span.t1];
-                for t in 0..nt {
-                    let hrow = &self.hf[t * d..(t + 1) * d];
-                    for (item, sign) in [(targets[t] as usize, -1f32), (negs[t] as usize, 1f32)] {
-                        let e = &table[item * d..(item + 1) * d];
-                        let z = sign * dot(hrow, e);
-                        total += softplus(z) as f64;
-                        let gz = sign * sigmoid(z);
-                        axpy(gz, e, &mut self.dhf[t * d..(t + 1) * d]);
-                        axpy(
-                            gz,
-                            hrow,
-                            &mut g[lay.item_emb + item * d..lay.item_emb + (item + 1) * d],
-                        );
-                    }
-                }
-            }
-        }
-        self.loss = total;
+        let v = lay.rows;
+        self.loss = output_loss(
+            loss,
+            span,
+            &batch.targets[span.t0..span.t1],
+            &w[lay.item_emb..lay.item_emb + v * d],
+            v,
+            d,
+            &self.hf,
+            &mut self.logits,
+            &mut self.dhf,
+            &mut g[lay.item_emb..lay.item_emb + v * d],
+        );
 
         // ---- final layer norm backward, scattered to the last block's output rows
         zeroed(&mut self.dx, rows_out * d);
@@ -965,40 +804,6 @@ fn two(g: &mut [f32], a: usize, b: usize, d: usize) -> (&mut [f32], &mut [f32]) 
     (&mut lo[a..a + d], &mut hi[..d])
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Four partial sums let the compiler vectorise without reassociation flags.
-    let mut s = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            s[i] += x[i] * y[i];
-        }
-    }
-    let mut t = (s[0] + s[4]) + (s[1] + s[5]) + ((s[2] + s[6]) + (s[3] + s[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        t += x * y;
-    }
-    t
-}
-
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (b, a) in y.iter_mut().zip(x) {
-        *b += alpha * a;
-    }
-}
-
-fn softplus(x: f32) -> f32 {
-    x.max(0.0) + (-x.abs()).exp().ln_1p()
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// 1 / sqrt(2 pi): phi(x) = GELU_PDF0 exp(-x^2 / 2).
 const GELU_PDF0: f32 = 0.398_942_3;
 
@@ -1085,145 +890,9 @@ fn ln_backward(
     }
 }
 
-/// y[rows, out] = x[rows, in] W[in, out] + b (W and b at offsets of the flat vector).
-#[allow(clippy::too_many_arguments)]
-fn linear(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    wo: usize,
-    bo: usize,
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-) {
-    matmul(
-        y,
-        x,
-        false,
-        &w[wo..wo + d_in * d_out],
-        false,
-        rows,
-        d_out,
-        d_in,
-        false,
-    );
-    let b = &w[bo..bo + d_out];
-    for row in y.chunks_exact_mut(d_out) {
-        row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
-    }
-}
-
-/// dW += x^T dy, db += column sums of dy.
-#[allow(clippy::too_many_arguments)]
-fn linear_backward_params(
-    g: &mut [f32],
-    wo: usize,
-    bo: usize,
-    x: &[f32],
-    dy: &[f32],
-    rows: usize,
-    d_in: usize,
-    d_out: usize,
-) {
-    matmul(
-        &mut g[wo..wo + d_in * d_out],
-        x,
-        true,
-        dy,
-        false,
-        d_in,
-        d_out,
-        rows,
-        true,
-    );
-    let db = &mut g[bo..bo + d_out];
-    for row in dy.chunks_exact(d_out) {
-        db.iter_mut().zip(row).for_each(|(a, c)| *a += c);
-    }
-}
-
-/// c[m, n] (+)= op(a)[m, k] op(b)[k, n] with row-major operands: `ta` means `a` is stored
-/// [k, m], `tb` that `b` is stored [n, k]. One call of the `gemm` crate (single-threaded:
-/// chunks are the unit of parallelism).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    ta: bool,
-    b: &[f32],
-    tb: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
-        }
-        return;
-    }
-    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the asserts above bound every index the strides reach; the slices do not alias
-    // (c is borrowed mutably, a and b shared).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn matmul_matches_naive_for_every_transpose() {
-        let (m, n, k) = (5, 7, 3);
-        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
-        for ta in [false, true] {
-            for tb in [false, true] {
-                let ga = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
-                let gb = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
-                let mut c = vec![1f32; m * n];
-                matmul(&mut c, &a, ta, &b, tb, m, n, k, true);
-                let mut c2 = vec![0f32; m * n];
-                matmul(&mut c2, &a, ta, &b, tb, m, n, k, false);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f32 = (0..k).map(|p| ga(i, p) * gb(p, j)).sum();
-                        assert!((c[i * n + j] - 1.0 - want).abs() < 1e-5);
-                        assert!((c2[i * n + j] - want).abs() < 1e-5);
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn layer_norm_backward_matches_finite_differences() {
@@ -1272,6 +941,7 @@ mod tests {
 mod equivalence {
     use super::*;
     use crate::batch::{training_instances, Targets};
+    use crate::fused::CHUNK;
     use crate::synthetic::{windows, SyntheticSpec};
     use crate::train::{loss_sum_of, sample_negatives, LossKind, TrainConfig};
     use crate::Recommender;

@@ -13,9 +13,10 @@
 use crate::adam::{Adam, AdamConfig};
 use crate::batch::{loss_terms, training_instances, Dropout, Instance, SeqBatch, Targets};
 use crate::evaluate::{evaluate, rank_slice, EvalOptions};
+use crate::fused::FusedLoss;
 use crate::metrics::Metrics;
 use crate::model::{ModelConfig, ModelKind, Recommender};
-use crate::sasrec_fused::{FusedLoss, FusedSasrec};
+use crate::sasrec_fused::FusedSasrec;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 use llm4dsr_comm::Comm;

@@ -1,0 +1,391 @@
+//! What the fused CPU engines (`sasrec_fused.rs`, `gru4rec_fused.rs`) share: batches cut into
+//! fixed chunks of [`CHUNK`] instances (the unit of parallel work and of the deterministic
+//! gradient sum), the output layer and its loss against the item table, dropout masks from the
+//! candle models' keyed draws, and the dense-algebra helpers (one `gemm` call per product on
+//! preallocated buffers).
+
+use crate::batch::{Dropout, SeqBatch};
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+/// Instances per chunk (the unit of parallel work and of the deterministic gradient sum).
+pub const CHUNK: usize = 128;
+
+/// Added to the padding column's logit: item 0 is never a prediction.
+pub(crate) const NEG_BIAS: f32 = -1e9;
+
+/// The loss of a training step.
+#[derive(Clone, Copy, Debug)]
+pub enum FusedLoss<'a> {
+    /// Full softmax over the catalogue (padding column masked).
+    Ce,
+    /// BCE with one given negative item per target.
+    Bce { negatives: &'a [u32] },
+}
+
+pub(crate) fn check_ids(batch: &SeqBatch, rows: usize) -> Result<()> {
+    if let Some(&bad) = batch
+        .ids_host
+        .iter()
+        .chain(batch.targets.iter())
+        .find(|&&i| i as usize >= rows)
+    {
+        bail!(
+            "fused engine: item id {bad} outside the catalogue of {} items",
+            rows - 1
+        );
+    }
+    Ok(())
+}
+
+/// One chunk's instances [r0, r1) and targets [t0, t1).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Span {
+    pub r0: usize,
+    pub r1: usize,
+    pub t0: usize,
+    pub t1: usize,
+}
+
+pub(crate) fn chunk_spans(batch: &SeqBatch) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    while r0 < batch.b {
+        let r1 = (r0 + CHUNK).min(batch.b);
+        let t0 = batch.target_rows.partition_point(|&r| (r as usize) < r0);
+        let t1 = batch.target_rows.partition_point(|&r| (r as usize) < r1);
+        out.push(Span { r0, r1, t0, t1 });
+        r0 = r1;
+    }
+    out
+}
+
+pub(crate) fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+pub(crate) fn sized(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
+/// Fill `out` with each instance's mask row for `site`, or leave it empty (= no dropout).
+pub(crate) fn masks(
+    out: &mut Vec<f32>,
+    dropout: Option<&Dropout>,
+    rate: f32,
+    site: u64,
+    ids: &[u64],
+    per_row: usize,
+) {
+    out.clear();
+    let Some(dr) = dropout else { return };
+    if rate <= 0.0 {
+        return;
+    }
+    let d = Dropout { rate, ..*dr };
+    out.resize(ids.len() * per_row, 0.0);
+    for (row, &id) in out.chunks_exact_mut(per_row).zip(ids) {
+        d.fill_row(site, id, row);
+    }
+}
+
+pub(crate) fn apply_mask(x: &mut [f32], m: &[f32]) {
+    if !m.is_empty() {
+        x.iter_mut().zip(m).for_each(|(a, b)| *a *= b);
+    }
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Four partial sums let the compiler vectorise without reassociation flags.
+    let mut s = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            s[i] += x[i] * y[i];
+        }
+    }
+    let mut t = (s[0] + s[4]) + (s[1] + s[5]) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        t += x * y;
+    }
+    t
+}
+
+#[inline]
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (b, a) in y.iter_mut().zip(x) {
+        *b += alpha * a;
+    }
+}
+
+pub(crate) fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// y[rows, out] = x[rows, in] W[in, out] + b (W and b at offsets of the flat vector).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    wo: usize,
+    bo: usize,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    matmul(
+        y,
+        x,
+        false,
+        &w[wo..wo + d_in * d_out],
+        false,
+        rows,
+        d_out,
+        d_in,
+        false,
+    );
+    let b = &w[bo..bo + d_out];
+    for row in y.chunks_exact_mut(d_out) {
+        row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+    }
+}
+
+/// dW += x^T dy, db += column sums of dy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_backward_params(
+    g: &mut [f32],
+    wo: usize,
+    bo: usize,
+    x: &[f32],
+    dy: &[f32],
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    matmul(
+        &mut g[wo..wo + d_in * d_out],
+        x,
+        true,
+        dy,
+        false,
+        d_in,
+        d_out,
+        rows,
+        true,
+    );
+    let db = &mut g[bo..bo + d_out];
+    for row in dy.chunks_exact(d_out) {
+        db.iter_mut().zip(row).for_each(|(a, c)| *a += c);
+    }
+}
+
+/// c[m, n] (+)= op(a)[m, k] op(b)[k, n] with row-major operands: `ta` means `a` is stored
+/// [k, m], `tb` that `b` is stored [n, k]. One call of the `gemm` crate (single-threaded:
+/// chunks are the unit of parallelism).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above bound every index the strides reach; the slices do not alias
+    // (c is borrowed mutably, a and b shared).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The output layer and its loss for one chunk's targets: `h` [nt, d] scored against the item
+/// table (`table`, [rows, d]); CE over every item (padding column masked) or BCE against one
+/// positive and one given negative. Returns the loss SUM; writes dL/dh into `dh` and
+/// accumulates the table's gradient into `g_table`. `logits` is scratch ([nt, rows] for CE).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn output_loss(
+    loss: FusedLoss,
+    span: &Span,
+    targets: &[u32],
+    table: &[f32],
+    rows: usize,
+    d: usize,
+    h: &[f32],
+    logits: &mut Vec<f32>,
+    dh: &mut Vec<f32>,
+    g_table: &mut [f32],
+) -> f64 {
+    let nt = targets.len();
+    zeroed(dh, nt * d);
+    let mut total = 0f64;
+    match loss {
+        FusedLoss::Ce => {
+            let v = rows;
+            sized(logits, nt * v);
+            matmul(logits, h, false, table, true, nt, v, d, false);
+            for (t, &tg) in targets.iter().enumerate() {
+                let row = &mut logits[t * v..(t + 1) * v];
+                row[0] += NEG_BIAS;
+                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let zt = row[tg as usize] - mx;
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                total += (sum.ln() - zt) as f64;
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                row[tg as usize] -= 1.0;
+            }
+            // dH = dZ E ; dE += dZ^T H
+            matmul(dh, logits, false, table, false, nt, d, v, false);
+            matmul(g_table, logits, true, h, false, v, d, nt, true);
+        }
+        FusedLoss::Bce { negatives } => {
+            let negs = &negatives[span.t0..span.t1];
+            for t in 0..nt {
+                let hrow = &h[t * d..(t + 1) * d];
+                for (item, sign) in [(targets[t] as usize, -1f32), (negs[t] as usize, 1f32)] {
+                    let e = &table[item * d..(item + 1) * d];
+                    let z = sign * dot(hrow, e);
+                    total += softplus(z) as f64;
+                    let gz = sign * sigmoid(z);
+                    axpy(gz, e, &mut dh[t * d..(t + 1) * d]);
+                    axpy(gz, hrow, &mut g_table[item * d..(item + 1) * d]);
+                }
+            }
+        }
+    }
+    total
+}
+
+/// `out` = the sum of the chunk gradients in chunk order (parallel over parameter ranges, so
+/// the result does not depend on the thread count).
+pub(crate) fn sum_grads(parts: &[&[f32]], out: &mut [f32]) {
+    const SPAN: usize = 1 << 14;
+    out.par_chunks_mut(SPAN).enumerate().for_each(|(i, o)| {
+        let (lo, hi) = (i * SPAN, i * SPAN + o.len());
+        o.copy_from_slice(&parts[0][lo..hi]);
+        for p in &parts[1..] {
+            for (a, b) in o.iter_mut().zip(&p[lo..hi]) {
+                *a += b;
+            }
+        }
+    });
+}
+
+/// The checks every fused engine makes before a step.
+pub(crate) fn check_step(
+    engine: &str,
+    numel: usize,
+    flat: &[f32],
+    grad_len: usize,
+    batch: &SeqBatch,
+    len: usize,
+    rows: usize,
+    loss: FusedLoss,
+) -> Result<()> {
+    if flat.len() != numel || grad_len != numel {
+        bail!(
+            "{engine}: {} parameters / {grad_len} gradients, the model has {numel}",
+            flat.len()
+        );
+    }
+    if batch.len != len {
+        bail!(
+            "{engine}: batch of {} slots, the model has {len}",
+            batch.len
+        );
+    }
+    if let FusedLoss::Bce { negatives } = loss {
+        if negatives.len() != batch.targets.len() {
+            bail!("{engine}: one negative per target needed");
+        }
+        check_item_ids(negatives, rows)?;
+    }
+    check_ids(batch, rows)
+}
+
+fn check_item_ids(ids: &[u32], rows: usize) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+        bail!(
+            "fused engine: item id {bad} outside the catalogue of {} items",
+            rows - 1
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive_for_every_transpose() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let ga = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
+                let gb = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
+                let mut c = vec![1f32; m * n];
+                matmul(&mut c, &a, ta, &b, tb, m, n, k, true);
+                let mut c2 = vec![0f32; m * n];
+                matmul(&mut c2, &a, ta, &b, tb, m, n, k, false);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k).map(|p| ga(i, p) * gb(p, j)).sum();
+                        assert!((c[i * n + j] - 1.0 - want).abs() < 1e-5);
+                        assert!((c2[i * n + j] - want).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
