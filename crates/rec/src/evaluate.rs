@@ -7,9 +7,9 @@
 //! are all-reduced (f64), so any number of ranks gives the same metrics.
 
 use crate::batch::{eval_instances, SeqBatch, Targets};
+use crate::fused::FusedEngine;
 use crate::metrics::{rank_of_target, MetricSums, Metrics};
-use crate::model::{ModelKind, Recommender};
-use crate::sasrec_fused::FusedSasrec;
+use crate::model::Recommender;
 use crate::train::Engine;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -21,7 +21,7 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Exclude the instance's history items from the ranking (never the target).
     pub mask_history: bool,
-    /// Forward-pass implementation (`Auto`: the fused engine for SASRec).
+    /// Forward-pass implementation (`Auto`: the model's fused engine where it has one).
     pub engine: Engine,
 }
 
@@ -53,14 +53,13 @@ pub fn evaluate(
     // instance order, so the metrics are bit-identical for any number of ranks.
     let mut target_ranks: Vec<u8> = Vec::with_capacity((hi - lo) * 4);
     let l = model.cfg.max_len;
-    // SASRec's forward pass through the fused engine (tested equal to candle's) unless the
-    // candle engine is asked for; the catalogue product is one candle matmul either way.
-    let mut fused = match (opts.engine, model.cfg.kind) {
-        (Engine::Candle, _) | (_, ModelKind::Gru4rec | ModelKind::Caser) => None,
-        (_, ModelKind::Sasrec) => Some((
-            FusedSasrec::new(&model.cfg, model.num_items, &model.params)?,
-            model.params.flat_values()?,
-        )),
+    // The forward pass through the model's fused engine (tested equal to candle's) unless
+    // the candle engine is asked for; the catalogue product is one candle matmul either way.
+    let mut fused = match opts.engine {
+        Engine::Candle => None,
+        _ => FusedEngine::for_model(&model.cfg, model.num_items, &model.params)?
+            .map(|f| Ok::<_, anyhow::Error>((f, model.params.flat_values()?)))
+            .transpose()?,
     };
     for start in (lo..hi).step_by(opts.batch_size.max(1)) {
         let end = (start + opts.batch_size.max(1)).min(hi);

@@ -1,4 +1,5 @@
-//! What the fused CPU engines (`sasrec_fused.rs`, `gru4rec_fused.rs`) share: batches cut into
+//! What the fused CPU engines (`sasrec_fused.rs`, `gru4rec_fused.rs`) share, and
+//! [`FusedEngine`], the one a model has: batches cut into
 //! fixed chunks of [`CHUNK`] instances (the unit of parallel work and of the deterministic
 //! gradient sum), the output layer and its loss against the item table, dropout masks from the
 //! candle models' keyed draws, and the dense-algebra helpers (one `gemm` call per product on
@@ -361,6 +362,55 @@ fn check_item_ids(ids: &[u32], rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// A model's fused engine, where it has one (SASRec, GRU4Rec; Caser runs on candle).
+pub enum FusedEngine {
+    Sasrec(crate::sasrec_fused::FusedSasrec),
+    Gru4rec(crate::gru4rec_fused::FusedGru4rec),
+}
+
+impl FusedEngine {
+    /// The fused engine of `cfg.kind` bound to `params`, or None where there is none.
+    pub fn for_model(
+        cfg: &crate::ModelConfig,
+        num_items: u32,
+        params: &crate::params::ParamStore,
+    ) -> Result<Option<Self>> {
+        use crate::ModelKind;
+        Ok(match cfg.kind {
+            ModelKind::Sasrec => Some(Self::Sasrec(crate::sasrec_fused::FusedSasrec::new(
+                cfg, num_items, params,
+            )?)),
+            ModelKind::Gru4rec => Some(Self::Gru4rec(crate::gru4rec_fused::FusedGru4rec::new(
+                cfg, num_items, params,
+            )?)),
+            ModelKind::Caser => None,
+        })
+    }
+
+    /// See `FusedSasrec::loss_and_grad`.
+    pub fn loss_and_grad(
+        &mut self,
+        flat: &[f32],
+        batch: &SeqBatch,
+        dropout: Option<&Dropout>,
+        loss: FusedLoss,
+        grad: &mut [f32],
+    ) -> Result<f64> {
+        match self {
+            Self::Sasrec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+            Self::Gru4rec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+        }
+    }
+
+    /// Hidden states at the batch's target slots ([n_targets, d], no dropout).
+    pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
+        match self {
+            Self::Sasrec(e) => e.hidden(flat, batch),
+            Self::Gru4rec(e) => e.hidden(flat, batch),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +434,149 @@ mod tests {
                         assert!((c[i * n + j] - 1.0 - want).abs() < 1e-5);
                         assert!((c2[i * n + j] - want).abs() < 1e-5);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Each fused engine against the candle model (autograd) it must equal.
+#[cfg(test)]
+mod equivalence {
+    use super::*;
+    use crate::batch::{training_instances, Targets};
+    use crate::model::{ModelConfig, ModelKind};
+    use crate::synthetic::{windows, SyntheticSpec};
+    use crate::train::{loss_sum_of, sample_negatives, LossKind, TrainConfig};
+    use crate::Recommender;
+    use candle_core::{Device, Tensor};
+
+    fn shapes() -> Vec<(&'static str, ModelConfig)> {
+        let mut gru = ModelConfig::defaults(ModelKind::Gru4rec);
+        gru.dim = 16;
+        gru.gru_hidden = 24;
+        gru.max_len = 6;
+        gru.dropout = 0.3;
+        let mut reference = ModelConfig::defaults(ModelKind::Sasrec);
+        reference.dim = 16;
+        reference.inner = 16;
+        reference.max_len = 6;
+        reference.dropout = 0.3;
+        reference.attn_dropout = 0.2;
+        let recbole = ModelConfig {
+            heads: 2,
+            inner: 40,
+            act: "gelu".into(),
+            blocks: 3,
+            ..reference.clone()
+        };
+        vec![
+            ("sasrec reference", reference),
+            ("sasrec recbole", recbole),
+            ("gru4rec", gru),
+        ]
+    }
+
+    fn close(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                x.is_finite() && (x - y).abs() <= 2e-4 * scale + 1e-6,
+                "{what}[{i}]: fused {x} vs candle {y} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_engines_equal_candle_in_loss_gradients_and_hidden() {
+        let spec = SyntheticSpec {
+            users: 100,
+            items: 30,
+            seq_len: 14,
+            jump: 0.3,
+            seed: 9,
+        };
+        let (train, _, _) = windows(spec);
+        for (name, mcfg) in shapes() {
+            for targets in [Targets::EveryPrefix, Targets::AllPositions] {
+                for loss in [LossKind::Ce, LossKind::Bce] {
+                    let what = format!("{name} {targets:?} {loss:?}");
+                    let mut cfg = TrainConfig::new(mcfg.clone());
+                    cfg.loss = loss;
+                    cfg.targets = targets;
+                    let model = Recommender::new(mcfg.clone(), spec.items, spec.users, 3).unwrap();
+                    // Perturb the zero-initialised biases and unit gammas so every term matters.
+                    let mut flat = model.params.flat_values().unwrap();
+                    for (i, v) in flat.iter_mut().enumerate() {
+                        *v += 0.05 * ((i as f32) * 0.618).sin();
+                    }
+                    model.params.set_flat(&flat).unwrap();
+                    let insts = training_instances(&train, targets);
+                    // More than one chunk, and a ragged last one.
+                    let take = (CHUNK + 9).min(insts.len());
+                    assert!(take > CHUNK, "{what}: synthetic set too small");
+                    let ids: Vec<u64> = (0..take as u64).map(|i| i * 7 + 1).collect();
+                    let batch =
+                        SeqBatch::build(&train, &insts[..take], &ids, targets, mcfg.max_len)
+                            .unwrap();
+                    let dropout = Dropout {
+                        seed: 11,
+                        epoch: 2,
+                        rate: mcfg.dropout,
+                    };
+                    let pad_bias = {
+                        let mut v = vec![0f32; spec.items as usize + 1];
+                        v[0] = -1e9;
+                        Tensor::from_vec(v, (1, spec.items as usize + 1), &Device::Cpu).unwrap()
+                    };
+                    let h = model.net.hidden(&batch, Some(&dropout)).unwrap();
+                    let l =
+                        loss_sum_of(&model, &h, &batch, &cfg, 2, &pad_bias, spec.items).unwrap();
+                    let grads = l.backward().unwrap();
+                    let n = model.params.numel();
+                    let mut want = vec![0f32; n];
+                    model.params.flat_grads(&grads, &mut want).unwrap();
+                    let want_loss = l.to_scalar::<f32>().unwrap() as f64;
+
+                    let mut fused = FusedEngine::for_model(&mcfg, spec.items, &model.params)
+                        .unwrap()
+                        .unwrap();
+                    let negs = sample_negatives(&batch, cfg.seed, 2, spec.items);
+                    let fl = match loss {
+                        LossKind::Ce => FusedLoss::Ce,
+                        LossKind::Bce => FusedLoss::Bce { negatives: &negs },
+                    };
+                    let mut got = vec![f32::NAN; n];
+                    let got_loss = fused
+                        .loss_and_grad(&flat, &batch, Some(&dropout), fl, &mut got)
+                        .unwrap();
+                    assert!(
+                        (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                        "{what}: loss fused {got_loss} vs candle {want_loss}"
+                    );
+                    for p in model.params.params() {
+                        let k: usize = p.shape.iter().product();
+                        let r = p.offset..p.offset + k;
+                        close(&format!("{what} {}", p.name), &got[r.clone()], &want[r]);
+                    }
+                    // A second step on the same buffers gives the same answer.
+                    let mut again = vec![0f32; n];
+                    fused
+                        .loss_and_grad(&flat, &batch, Some(&dropout), fl, &mut again)
+                        .unwrap();
+                    assert_eq!(again, got, "{what}: buffers reused");
+                    // Forward alone, no dropout.
+                    let hc = model
+                        .net
+                        .hidden(&batch, None)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let hf = fused.hidden(&flat, &batch).unwrap();
+                    close(&format!("{what} hidden"), &hf, &hc);
                 }
             }
         }

@@ -14,6 +14,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod fused;
 pub mod gru4rec;
+pub mod gru4rec_fused;
 pub mod layers;
 pub mod metrics;
 pub mod model;

@@ -13,11 +13,10 @@
 use crate::adam::{Adam, AdamConfig};
 use crate::batch::{loss_terms, training_instances, Dropout, Instance, SeqBatch, Targets};
 use crate::evaluate::{evaluate, rank_slice, EvalOptions};
-use crate::fused::FusedLoss;
+use crate::fused::{FusedEngine, FusedLoss};
 use crate::metrics::Metrics;
-use crate::model::{ModelConfig, ModelKind, Recommender};
-use crate::sasrec_fused::FusedSasrec;
-use anyhow::{bail, Result};
+use crate::model::{ModelConfig, Recommender};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use llm4dsr_comm::Comm;
 use llm4dsr_data::rng::{mix64, KeyedRng, Purpose};
@@ -40,10 +39,11 @@ pub enum LossKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Engine {
-    /// The fused CPU engine where the model has one (SASRec), else candle.
+    /// The fused CPU engine where the model has one (SASRec, GRU4Rec), else candle.
     #[default]
     Auto,
-    /// Hand-written forward + backward on flat buffers (`sasrec_fused.rs`; SASRec only).
+    /// Hand-written forward + backward on flat buffers (`sasrec_fused.rs`,
+    /// `gru4rec_fused.rs`; not Caser).
     Fused,
     /// candle ops with autograd (every model; the reference the fused engine is tested
     /// against).
@@ -217,13 +217,17 @@ pub fn train(
             .collect();
         model.params.set_flat(&flat)?;
     }
-    let mut fused = match (cfg.engine, cfg.model.kind) {
-        (Engine::Candle, _) => None,
-        (_, ModelKind::Sasrec) => Some(FusedSasrec::new(&cfg.model, num_items, &model.params)?),
-        (Engine::Fused, kind) => {
-            bail!("--engine fused implements SASRec only; use --engine candle (or auto) for {kind}")
-        }
-        (Engine::Auto, _) => None,
+    let mut fused = match cfg.engine {
+        Engine::Candle => None,
+        Engine::Auto => FusedEngine::for_model(&cfg.model, num_items, &model.params)?,
+        Engine::Fused => Some(
+            FusedEngine::for_model(&cfg.model, num_items, &model.params)?.with_context(|| {
+                format!(
+                    "--engine fused implements SASRec and GRU4Rec, not {}; use --engine candle (or auto)",
+                    cfg.model.kind
+                )
+            })?,
+        ),
     };
     let mut adam = Adam::new(cfg.adam, n);
     let cfg_json = serde_json::to_value(cfg)?;
