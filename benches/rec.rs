@@ -135,7 +135,7 @@ fn main() {
         cfg.engine = engine;
         let engine_used = match (engine, kind) {
             (Engine::Candle, _) => "candle",
-            (_, ModelKind::Sasrec) => "fused",
+            (_, ModelKind::Sasrec | ModelKind::Gru4rec) => "fused",
             _ => "candle",
         };
         let out = llm4dsr_rec::train(&tr, &va, items, users, &cfg, &Local, None).unwrap();
