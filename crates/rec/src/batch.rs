@@ -107,6 +107,7 @@ pub struct SeqBatch {
     pub real: Vec<f32>,
     /// User ids [b].
     pub users: Tensor,
+    pub users_host: Vec<u32>,
     /// Flat slot indices (row * len + slot) whose hidden state predicts a target, [n].
     pub target_slots: Tensor,
     pub target_slots_host: Vec<u32>,
@@ -171,7 +172,8 @@ impl SeqBatch {
             ids: Tensor::from_slice(&idv, (b, l), &dev)?,
             ids_host: idv,
             real,
-            users: Tensor::from_vec(users, b, &dev)?,
+            users: Tensor::from_slice(&users, b, &dev)?,
+            users_host: users,
             target_slots: Tensor::from_slice(&slots, slots.len(), &dev)?,
             target_slots_host: slots,
             targets: tg,

@@ -57,7 +57,7 @@ pub fn evaluate(
     // the candle engine is asked for; the catalogue product is one candle matmul either way.
     let mut fused = match opts.engine {
         Engine::Candle => None,
-        _ => FusedEngine::for_model(&model.cfg, model.num_items, &model.params)?
+        _ => FusedEngine::for_model(&model.cfg, model.num_items, model.num_users, &model.params)?
             .map(|f| Ok::<_, anyhow::Error>((f, model.params.flat_values()?)))
             .transpose()?,
     };

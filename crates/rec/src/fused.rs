@@ -1,4 +1,5 @@
-//! What the fused CPU engines (`sasrec_fused.rs`, `gru4rec_fused.rs`) share, and
+//! What the fused CPU engines (`sasrec_fused.rs`, `gru4rec_fused.rs`, `caser_fused.rs`)
+//! share, and
 //! [`FusedEngine`], the one a model has: batches cut into
 //! fixed chunks of [`CHUNK`] instances (the unit of parallel work and of the deterministic
 //! gradient sum), the output layer and its loss against the item table, dropout masks from the
@@ -362,17 +363,20 @@ fn check_item_ids(ids: &[u32], rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// A model's fused engine, where it has one (SASRec, GRU4Rec; Caser runs on candle).
+/// A model's fused engine.
 pub enum FusedEngine {
     Sasrec(crate::sasrec_fused::FusedSasrec),
     Gru4rec(crate::gru4rec_fused::FusedGru4rec),
+    Caser(crate::caser_fused::FusedCaser),
 }
 
 impl FusedEngine {
-    /// The fused engine of `cfg.kind` bound to `params`, or None where there is none.
+    /// The fused engine of `cfg.kind` bound to `params` (Option: a model without one would
+    /// run on candle; every model has one today).
     pub fn for_model(
         cfg: &crate::ModelConfig,
         num_items: u32,
+        num_users: u32,
         params: &crate::params::ParamStore,
     ) -> Result<Option<Self>> {
         use crate::ModelKind;
@@ -383,7 +387,9 @@ impl FusedEngine {
             ModelKind::Gru4rec => Some(Self::Gru4rec(crate::gru4rec_fused::FusedGru4rec::new(
                 cfg, num_items, params,
             )?)),
-            ModelKind::Caser => None,
+            ModelKind::Caser => Some(Self::Caser(crate::caser_fused::FusedCaser::new(
+                cfg, num_items, num_users, params,
+            )?)),
         })
     }
 
@@ -399,6 +405,7 @@ impl FusedEngine {
         match self {
             Self::Sasrec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
             Self::Gru4rec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+            Self::Caser(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
         }
     }
 
@@ -407,6 +414,7 @@ impl FusedEngine {
         match self {
             Self::Sasrec(e) => e.hidden(flat, batch),
             Self::Gru4rec(e) => e.hidden(flat, batch),
+            Self::Caser(e) => e.hidden(flat, batch),
         }
     }
 }
@@ -452,6 +460,12 @@ mod equivalence {
     use candle_core::{Device, Tensor};
 
     fn shapes() -> Vec<(&'static str, ModelConfig)> {
+        let mut caser = ModelConfig::defaults(ModelKind::Caser);
+        caser.dim = 16;
+        caser.max_len = 6;
+        caser.nv = 3;
+        caser.nh = 5;
+        caser.dropout = 0.3;
         let mut gru = ModelConfig::defaults(ModelKind::Gru4rec);
         gru.dim = 16;
         gru.gru_hidden = 24;
@@ -474,6 +488,7 @@ mod equivalence {
             ("sasrec reference", reference),
             ("sasrec recbole", recbole),
             ("gru4rec", gru),
+            ("caser", caser),
         ]
     }
 
@@ -500,6 +515,9 @@ mod equivalence {
         let (train, _, _) = windows(spec);
         for (name, mcfg) in shapes() {
             for targets in [Targets::EveryPrefix, Targets::AllPositions] {
+                if mcfg.kind == ModelKind::Caser && targets == Targets::AllPositions {
+                    continue; // Caser predicts only the item after a window
+                }
                 for loss in [LossKind::Ce, LossKind::Bce] {
                     let what = format!("{name} {targets:?} {loss:?}");
                     let mut cfg = TrainConfig::new(mcfg.clone());
@@ -539,9 +557,10 @@ mod equivalence {
                     model.params.flat_grads(&grads, &mut want).unwrap();
                     let want_loss = l.to_scalar::<f32>().unwrap() as f64;
 
-                    let mut fused = FusedEngine::for_model(&mcfg, spec.items, &model.params)
-                        .unwrap()
-                        .unwrap();
+                    let mut fused =
+                        FusedEngine::for_model(&mcfg, spec.items, spec.users, &model.params)
+                            .unwrap()
+                            .unwrap();
                     let negs = sample_negatives(&batch, cfg.seed, 2, spec.items);
                     let fl = match loss {
                         LossKind::Ce => FusedLoss::Ce,

@@ -9,6 +9,7 @@
 pub mod adam;
 pub mod batch;
 pub mod caser;
+pub mod caser_fused;
 pub mod checkpoint;
 pub mod dataset;
 pub mod evaluate;

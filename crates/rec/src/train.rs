@@ -16,7 +16,7 @@ use crate::evaluate::{evaluate, rank_slice, EvalOptions};
 use crate::fused::{FusedEngine, FusedLoss};
 use crate::metrics::Metrics;
 use crate::model::{ModelConfig, Recommender};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 use llm4dsr_comm::Comm;
 use llm4dsr_data::rng::{mix64, KeyedRng, Purpose};
@@ -39,11 +39,11 @@ pub enum LossKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Engine {
-    /// The fused CPU engine where the model has one (SASRec, GRU4Rec), else candle.
+    /// The fused CPU engine (every model has one today; a model without would take candle).
     #[default]
     Auto,
     /// Hand-written forward + backward on flat buffers (`sasrec_fused.rs`,
-    /// `gru4rec_fused.rs`; not Caser).
+    /// `gru4rec_fused.rs`, `caser_fused.rs`).
     Fused,
     /// candle ops with autograd (every model; the reference the fused engine is tested
     /// against).
@@ -219,15 +219,9 @@ pub fn train(
     }
     let mut fused = match cfg.engine {
         Engine::Candle => None,
-        Engine::Auto => FusedEngine::for_model(&cfg.model, num_items, &model.params)?,
-        Engine::Fused => Some(
-            FusedEngine::for_model(&cfg.model, num_items, &model.params)?.with_context(|| {
-                format!(
-                    "--engine fused implements SASRec and GRU4Rec, not {}; use --engine candle (or auto)",
-                    cfg.model.kind
-                )
-            })?,
-        ),
+        Engine::Auto | Engine::Fused => {
+            FusedEngine::for_model(&cfg.model, num_items, num_users, &model.params)?
+        }
     };
     let mut adam = Adam::new(cfg.adam, n);
     let cfg_json = serde_json::to_value(cfg)?;

@@ -90,8 +90,8 @@ pub struct TrainArgs {
     /// Caser horizontal filters per height (default 16).
     #[arg(long)]
     pub nh: Option<usize>,
-    /// Training-step implementation: `auto` (the fused CPU engine for SASRec and GRU4Rec,
-    /// candle for Caser), `fused` (not Caser) or `candle` (autograd; the reference). Both compute the
+    /// Training-step implementation: `fused` (hand-written CPU forward and backward, the
+    /// default through `auto`) or `candle` (autograd; the reference). Both compute the
     /// same function (equal to float tolerance); the fused engine is several times faster.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
