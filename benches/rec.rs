@@ -135,8 +135,7 @@ fn main() {
         cfg.engine = engine;
         let engine_used = match (engine, kind) {
             (Engine::Candle, _) => "candle",
-            (_, ModelKind::Sasrec | ModelKind::Gru4rec) => "fused",
-            _ => "candle",
+            _ => "fused",
         };
         let out = llm4dsr_rec::train(&tr, &va, items, users, &cfg, &Local, None).unwrap();
         // `out.model` holds the best epoch's weights (on valid).
