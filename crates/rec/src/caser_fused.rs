@@ -321,8 +321,8 @@ impl Chunk {
         sized(&mut self.y1, r * d);
         linear(&mut self.y1, &self.feats, w, lay.w1, lay.b1, r, nf, d);
         sized(&mut self.zu, r * 2 * d);
-        for ri in 0..r {
-            let u = users[ri] as usize;
+        for (ri, &u) in users.iter().enumerate() {
+            let u = u as usize;
             let zu = &mut self.zu[ri * 2 * d..(ri + 1) * 2 * d];
             for (o, &y) in zu[..d].iter_mut().zip(&self.y1[ri * d..(ri + 1) * d]) {
                 *o = y.max(0.0);
@@ -375,17 +375,20 @@ impl Chunk {
             false,
         );
         sized(&mut self.dy1, r * d);
-        for ri in 0..r {
-            let u = users[ri] as usize;
+        for (ri, &u) in users.iter().enumerate() {
+            let u = u as usize;
             let dzu = &self.dzu[ri * 2 * d..(ri + 1) * 2 * d];
             axpy(
                 1.0,
                 &dzu[d..],
                 &mut g[lay.user_emb + u * d..lay.user_emb + (u + 1) * d],
             );
-            for c in 0..d {
-                let y = self.y1[ri * d + c];
-                self.dy1[ri * d + c] = if y < 0.0 { 0.0 } else { dzu[c] };
+            let (y1, dy1) = (
+                &self.y1[ri * d..(ri + 1) * d],
+                &mut self.dy1[ri * d..(ri + 1) * d],
+            );
+            for ((o, &y), &dz) in dy1.iter_mut().zip(y1).zip(&dzu[..d]) {
+                *o = if y < 0.0 { 0.0 } else { dz };
             }
         }
         // ---- fc1

@@ -322,6 +322,7 @@ pub(crate) fn sum_grads(parts: &[&[f32]], out: &mut [f32]) {
 }
 
 /// The checks every fused engine makes before a step.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_step(
     engine: &str,
     numel: usize,

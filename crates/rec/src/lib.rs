@@ -1,7 +1,9 @@
 //! llm4dsr-rec: the sequential recommenders the denoiser is judged by. SASRec, GRU4Rec and
-//! Caser in candle (CPU, f32), trained with Adam (full-softmax cross-entropy or BCE with a
-//! sampled negative), early-stopped on the validation split, and evaluated by full ranking
-//! over the whole catalogue (HR@K, NDCG@K, K in 1, 5, 10, 20, 50).
+//! Caser (CPU, f32), each twice: in candle with autograd (`sasrec.rs`, ...: the reference) and
+//! as a fused engine with a hand-written backward pass (`*_fused.rs`, tested equal to the
+//! reference; the default, several times faster). Trained with Adam (full-softmax
+//! cross-entropy or BCE with a sampled negative), early-stopped on the validation split, and
+//! evaluated by full ranking over the whole catalogue (HR@K, NDCG@K, K in 1, 5, 10, 20, 50).
 //!
 //! Everything random is keyed (`KeyedRng`), so a seed fixes the result on CPU, and training
 //! and evaluation take a `Comm`: data-parallel over MPI ranks, or one process with `Local`.

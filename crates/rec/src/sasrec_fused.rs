@@ -86,7 +86,7 @@ impl FusedSasrec {
     /// Bind to a SASRec parameter store (names and shapes are checked against `cfg`).
     pub fn new(cfg: &ModelConfig, num_items: u32, params: &ParamStore) -> Result<Self> {
         if cfg.kind != ModelKind::Sasrec {
-            bail!("the fused engine implements SASRec only, not {}", cfg.kind);
+            bail!("the fused SASRec engine cannot run {}", cfg.kind);
         }
         cfg.validate()?;
         let (d, inner, l) = (cfg.dim, cfg.inner, cfg.max_len);
