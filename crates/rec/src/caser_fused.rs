@@ -16,13 +16,13 @@
 use crate::batch::{Dropout, SeqBatch};
 pub use crate::fused::FusedLoss;
 use crate::fused::{
-    apply_mask, axpy, check_step, chunk_spans, linear, linear_backward_params, masks, matmul,
-    output_loss, sized, sum_grads, zeroed, Span,
+    add_bias, add_col_sums, apply_mask, axpy, check_step, forward_hidden, linear,
+    linear_backward_params, masks, matmul, output_loss, param_offset, sized, train_step, zeroed,
+    ChunkWork, Span,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
-use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
+use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
 struct Layout {
@@ -75,20 +75,7 @@ impl FusedCaser {
         let (d, l, nv, nh) = (cfg.dim, cfg.max_len, cfg.nv, cfg.nh);
         let rows = num_items as usize + 1;
         let users = num_users as usize + 1;
-        let at = |name: &str, shape: &[usize]| -> Result<usize> {
-            let p = params
-                .params()
-                .iter()
-                .find(|p| p.name == name)
-                .with_context(|| format!("fused Caser: parameter `{name}` missing"))?;
-            if p.shape != shape {
-                bail!(
-                    "fused Caser: parameter `{name}` has shape {:?}, expected {shape:?}",
-                    p.shape
-                );
-            }
-            Ok(p.offset)
-        };
+        let at = |name: &str, shape: &[usize]| param_offset(params, "fused Caser", name, shape);
         let wh = (1..=l)
             .map(|h| at(&format!("conv_h{h}.weight"), &[h * d, nh]))
             .collect::<Result<Vec<_>>>()?;
@@ -149,8 +136,8 @@ impl FusedCaser {
         Ok(())
     }
 
-    /// The SUM of the loss over the batch's target terms; `grad` receives the SUM of their
-    /// gradients. `dropout` is the training dropout (None = no dropout).
+    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
+    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
     pub fn loss_and_grad(
         &mut self,
         flat: &[f32],
@@ -160,38 +147,22 @@ impl FusedCaser {
         grad: &mut [f32],
     ) -> Result<f64> {
         self.check(flat, grad.len(), batch, loss)?;
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| c.step(lay, flat, batch, span, dropout, loss, true));
-        let chunks = &self.chunks[..spans.len()];
-        let parts: Vec<&[f32]> = chunks.iter().map(|c| c.grad.as_slice()).collect();
-        sum_grads(&parts, grad);
-        Ok(chunks.iter().map(|c| c.loss).sum())
+        Ok(train_step(
+            &mut self.chunks,
+            &self.lay,
+            flat,
+            batch,
+            dropout,
+            loss,
+            grad,
+        ))
     }
 
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout).
+    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
+    /// pass alone, as `Backbone::hidden` gives it.
     pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
         self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| c.step(lay, flat, batch, span, None, FusedLoss::Ce, false));
-        let mut out = Vec::with_capacity(batch.targets.len() * lay.d);
-        for c in &self.chunks[..spans.len()] {
-            out.extend_from_slice(&c.out);
-        }
-        Ok(out)
+        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
     }
 }
 
@@ -225,8 +196,21 @@ struct Chunk {
     de: Vec<f32>,
 }
 
-impl Chunk {
-    #[allow(clippy::too_many_arguments)]
+impl ChunkWork for Chunk {
+    type Layout = Layout;
+
+    fn grad(&self) -> &[f32] {
+        &self.grad
+    }
+
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    fn hidden(&self) -> &[f32] {
+        &self.out
+    }
+
     fn step(
         &mut self,
         lay: &Layout,
@@ -294,10 +278,7 @@ impl Chunk {
                 h * d,
                 false,
             );
-            let bias = &w[lay.bh + (h - 1) * nh..lay.bh + h * nh];
-            for row in pre.chunks_exact_mut(nh) {
-                row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
-            }
+            add_bias(pre, &w[lay.bh + (h - 1) * nh..lay.bh + h * nh]);
             let conv = &mut self.conv[h - 1];
             sized(conv, r * n_out * nh);
             for (c, &p) in conv.iter_mut().zip(pre.iter()) {
@@ -444,12 +425,7 @@ impl Chunk {
                     }
                 }
             }
-            {
-                let gb = &mut g[lay.bh + (h - 1) * nh..lay.bh + h * nh];
-                for row in self.dconv.chunks_exact(nh) {
-                    gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-                }
-            }
+            add_col_sums(&mut g[lay.bh + (h - 1) * nh..lay.bh + h * nh], &self.dconv);
             let wo = lay.wh[h - 1];
             matmul(
                 &mut g[wo..wo + h * d * nh],

@@ -49,7 +49,7 @@ pub(crate) struct Span {
     pub t1: usize,
 }
 
-pub(crate) fn chunk_spans(batch: &SeqBatch) -> Vec<Span> {
+fn chunk_spans(batch: &SeqBatch) -> Vec<Span> {
     let mut out = Vec::new();
     let mut r0 = 0;
     while r0 < batch.b {
@@ -155,10 +155,7 @@ pub(crate) fn linear(
         d_in,
         false,
     );
-    let b = &w[bo..bo + d_out];
-    for row in y.chunks_exact_mut(d_out) {
-        row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
-    }
+    add_bias(y, &w[bo..bo + d_out]);
 }
 
 /// dW += x^T dy, db += column sums of dy.
@@ -184,10 +181,7 @@ pub(crate) fn linear_backward_params(
         rows,
         true,
     );
-    let db = &mut g[bo..bo + d_out];
-    for row in dy.chunks_exact(d_out) {
-        db.iter_mut().zip(row).for_each(|(a, c)| *a += c);
-    }
+    add_col_sums(&mut g[bo..bo + d_out], dy);
 }
 
 /// c[m, n] (+)= op(a)[m, k] op(b)[k, n] with row-major operands: `ta` means `a` is stored
@@ -241,6 +235,115 @@ pub(crate) fn matmul(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// One engine's work on one chunk: its forward (and backward) pass over a span of the batch,
+/// on buffers the chunk keeps from step to step.
+pub(crate) trait ChunkWork: Default + Send {
+    type Layout: Sync;
+    /// Run the chunk; with `backward`, leave the loss SUM and the gradient SUM in the chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        lay: &Self::Layout,
+        w: &[f32],
+        batch: &SeqBatch,
+        span: &Span,
+        dropout: Option<&Dropout>,
+        loss: FusedLoss,
+        backward: bool,
+    );
+    fn grad(&self) -> &[f32];
+    fn loss(&self) -> f64;
+    /// The hidden states of the chunk's targets after `step` ([nt, d]).
+    fn hidden(&self) -> &[f32];
+}
+
+/// Run every chunk of `batch` on the rayon pool; returns how many chunks were used.
+fn run_chunks<C: ChunkWork>(
+    chunks: &mut Vec<C>,
+    lay: &C::Layout,
+    w: &[f32],
+    batch: &SeqBatch,
+    dropout: Option<&Dropout>,
+    loss: FusedLoss,
+    backward: bool,
+) -> usize {
+    let spans = chunk_spans(batch);
+    if chunks.len() < spans.len() {
+        chunks.resize_with(spans.len(), C::default);
+    }
+    chunks[..spans.len()]
+        .par_iter_mut()
+        .zip(spans.par_iter())
+        .for_each(|(c, span)| c.step(lay, w, batch, span, dropout, loss, backward));
+    spans.len()
+}
+
+/// A training step over the whole batch: returns the loss SUM and writes the gradient SUM
+/// (chunk gradients added in chunk order) into `grad`.
+pub(crate) fn train_step<C: ChunkWork>(
+    chunks: &mut Vec<C>,
+    lay: &C::Layout,
+    w: &[f32],
+    batch: &SeqBatch,
+    dropout: Option<&Dropout>,
+    loss: FusedLoss,
+    grad: &mut [f32],
+) -> f64 {
+    let n = run_chunks(chunks, lay, w, batch, dropout, loss, true);
+    let parts: Vec<&[f32]> = chunks[..n].iter().map(|c| c.grad()).collect();
+    sum_grads(&parts, grad);
+    chunks[..n].iter().map(|c| c.loss()).sum()
+}
+
+/// The forward pass alone (no dropout): hidden states at the batch's target slots.
+pub(crate) fn forward_hidden<C: ChunkWork>(
+    chunks: &mut Vec<C>,
+    lay: &C::Layout,
+    w: &[f32],
+    batch: &SeqBatch,
+) -> Vec<f32> {
+    let n = run_chunks(chunks, lay, w, batch, None, FusedLoss::Ce, false);
+    chunks[..n]
+        .iter()
+        .flat_map(|c| c.hidden())
+        .copied()
+        .collect()
+}
+
+/// Offset of parameter `name` in the flat vector, checking its shape.
+pub(crate) fn param_offset(
+    params: &crate::params::ParamStore,
+    engine: &str,
+    name: &str,
+    shape: &[usize],
+) -> Result<usize> {
+    let Some(p) = params.params().iter().find(|p| p.name == name) else {
+        bail!("{engine}: parameter `{name}` missing");
+    };
+    if p.shape != shape {
+        bail!(
+            "{engine}: parameter `{name}` has shape {:?}, expected {shape:?}",
+            p.shape
+        );
+    }
+    Ok(p.offset)
+}
+
+/// Add `b` to every row of `y` (rows of b.len() values).
+pub(crate) fn add_bias(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+    }
+}
+
+/// `g` += the column sums of `dy` (rows of g.len() values): a bias gradient.
+pub(crate) fn add_col_sums(g: &mut [f32], dy: &[f32]) {
+    let n = g.len();
+    for row in dy.chunks_exact(n) {
+        g.iter_mut().zip(row).for_each(|(a, c)| *a += c);
     }
 }
 
@@ -308,7 +411,7 @@ pub(crate) fn output_loss(
 
 /// `out` = the sum of the chunk gradients in chunk order (parallel over parameter ranges, so
 /// the result does not depend on the thread count).
-pub(crate) fn sum_grads(parts: &[&[f32]], out: &mut [f32]) {
+fn sum_grads(parts: &[&[f32]], out: &mut [f32]) {
     const SPAN: usize = 1 << 14;
     out.par_chunks_mut(SPAN).enumerate().for_each(|(i, o)| {
         let (lo, hi) = (i * SPAN, i * SPAN + o.len());

@@ -14,13 +14,12 @@
 use crate::batch::{Dropout, SeqBatch};
 pub use crate::fused::FusedLoss;
 use crate::fused::{
-    apply_mask, axpy, check_step, chunk_spans, masks, matmul, output_loss, sized, sum_grads,
-    zeroed, Span,
+    add_bias, add_col_sums, apply_mask, axpy, check_step, forward_hidden, masks, matmul,
+    output_loss, param_offset, sized, train_step, zeroed, ChunkWork, Span,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
-use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
+use anyhow::{bail, Result};
 
 /// The model's shape and where each parameter sits in the flat vector.
 #[derive(Clone, Debug)]
@@ -55,20 +54,7 @@ impl FusedGru4rec {
         cfg.validate()?;
         let (d, hd) = (cfg.dim, cfg.gru_hidden);
         let rows = num_items as usize + 1;
-        let at = |name: &str, shape: &[usize]| -> Result<usize> {
-            let p = params
-                .params()
-                .iter()
-                .find(|p| p.name == name)
-                .with_context(|| format!("fused GRU4Rec: parameter `{name}` missing"))?;
-            if p.shape != shape {
-                bail!(
-                    "fused GRU4Rec: parameter `{name}` has shape {:?}, expected {shape:?}",
-                    p.shape
-                );
-            }
-            Ok(p.offset)
-        };
+        let at = |name: &str, shape: &[usize]| param_offset(params, "fused GRU4Rec", name, shape);
         let lay = Layout {
             d,
             hd,
@@ -90,8 +76,28 @@ impl FusedGru4rec {
         })
     }
 
-    /// The SUM of the loss over the batch's target terms; `grad` receives the SUM of their
-    /// gradients. `dropout` is the training dropout (None = no dropout).
+    fn check(
+        &self,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()> {
+        let lay = &self.lay;
+        check_step(
+            "fused GRU4Rec",
+            lay.numel,
+            flat,
+            grad_len,
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )
+    }
+
+    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
+    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
     pub fn loss_and_grad(
         &mut self,
         flat: &[f32],
@@ -100,59 +106,23 @@ impl FusedGru4rec {
         loss: FusedLoss,
         grad: &mut [f32],
     ) -> Result<f64> {
-        let lay = &self.lay;
-        check_step(
-            "fused GRU4Rec",
-            lay.numel,
+        self.check(flat, grad.len(), batch, loss)?;
+        Ok(train_step(
+            &mut self.chunks,
+            &self.lay,
             flat,
-            grad.len(),
             batch,
-            lay.len,
-            lay.rows,
+            dropout,
             loss,
-        )?;
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| c.step(lay, flat, batch, span, dropout, loss, true));
-        let chunks = &self.chunks[..spans.len()];
-        let parts: Vec<&[f32]> = chunks.iter().map(|c| c.grad.as_slice()).collect();
-        sum_grads(&parts, grad);
-        Ok(chunks.iter().map(|c| c.loss).sum())
+            grad,
+        ))
     }
 
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout).
+    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
+    /// pass alone, as `Backbone::hidden` gives it.
     pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        let lay = &self.lay;
-        check_step(
-            "fused GRU4Rec",
-            lay.numel,
-            flat,
-            lay.numel,
-            batch,
-            lay.len,
-            lay.rows,
-            FusedLoss::Ce,
-        )?;
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| c.step(lay, flat, batch, span, None, FusedLoss::Ce, false));
-        let mut out = Vec::with_capacity(batch.targets.len() * lay.d);
-        for c in &self.chunks[..spans.len()] {
-            out.extend_from_slice(&c.hid);
-        }
-        Ok(out)
+        self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
+        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
     }
 }
 
@@ -196,8 +166,21 @@ fn sigmoid(x: f32) -> f32 {
     ((-x).exp() + 1.0).recip()
 }
 
-impl Chunk {
-    #[allow(clippy::too_many_arguments)]
+impl ChunkWork for Chunk {
+    type Layout = Layout;
+
+    fn grad(&self) -> &[f32] {
+        &self.grad
+    }
+
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    fn hidden(&self) -> &[f32] {
+        &self.hid
+    }
+
     fn step(
         &mut self,
         lay: &Layout,
@@ -239,10 +222,7 @@ impl Chunk {
             d,
             false,
         );
-        let bih = &w[lay.bih..lay.bih + h3];
-        for row in self.xi.chunks_exact_mut(h3) {
-            row.iter_mut().zip(bih).for_each(|(a, b)| *a += b);
-        }
+        add_bias(&mut self.xi, &w[lay.bih..lay.bih + h3]);
 
         // ---- the recurrence
         let rh = r * hd;
@@ -311,10 +291,7 @@ impl Chunk {
             hd,
             false,
         );
-        let bd = &w[lay.bd..lay.bd + d];
-        for row in self.hid.chunks_exact_mut(d) {
-            row.iter_mut().zip(bd).for_each(|(a, b)| *a += b);
-        }
+        add_bias(&mut self.hid, &w[lay.bd..lay.bd + d]);
         if !backward {
             return;
         }
@@ -348,12 +325,7 @@ impl Chunk {
             nt,
             true,
         );
-        {
-            let gb = &mut g[lay.bd..lay.bd + d];
-            for row in self.dhid.chunks_exact(d) {
-                gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            }
-        }
+        add_col_sums(&mut g[lay.bd..lay.bd + d], &self.dhid);
         sized(&mut self.ds, nt * hd);
         matmul(
             &mut self.ds,
@@ -422,12 +394,7 @@ impl Chunk {
                     r,
                     true,
                 );
-                {
-                    let gb = &mut g[lay.bhh..lay.bhh + h3];
-                    for row in self.dgh.chunks_exact(h3) {
-                        gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-                    }
-                }
+                add_col_sums(&mut g[lay.bhh..lay.bhh + h3], &self.dgh);
                 matmul(&mut self.dh, &self.dgh, false, whh, true, r, hd, h3, true);
             }
             // The state before step t is the state after step t - 1: its targets' gradient.
@@ -447,12 +414,7 @@ impl Chunk {
             n,
             true,
         );
-        {
-            let gb = &mut g[lay.bih..lay.bih + h3];
-            for row in self.dxi.chunks_exact(h3) {
-                gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            }
-        }
+        add_col_sums(&mut g[lay.bih..lay.bih + h3], &self.dxi);
         sized(&mut self.de, n * d);
         matmul(
             &mut self.de,

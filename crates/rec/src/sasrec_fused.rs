@@ -24,13 +24,12 @@
 use crate::batch::{Dropout, SeqBatch};
 pub use crate::fused::FusedLoss;
 use crate::fused::{
-    apply_mask, axpy, check_step, chunk_spans, dot, linear, linear_backward_params, masks, matmul,
-    output_loss, sized, sum_grads, zeroed, Span, NEG_BIAS,
+    apply_mask, axpy, check_step, dot, forward_hidden, linear, linear_backward_params, masks,
+    matmul, output_loss, param_offset, sized, train_step, zeroed, ChunkWork, Span, NEG_BIAS,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
-use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
+use anyhow::{bail, Result};
 
 const SITE_EMB: u64 = 0;
 
@@ -91,20 +90,7 @@ impl FusedSasrec {
         cfg.validate()?;
         let (d, inner, l) = (cfg.dim, cfg.inner, cfg.max_len);
         let rows = num_items as usize + 1;
-        let at = |name: &str, shape: &[usize]| -> Result<usize> {
-            let p = params
-                .params()
-                .iter()
-                .find(|p| p.name == name)
-                .with_context(|| format!("fused SASRec: parameter `{name}` missing"))?;
-            if p.shape != shape {
-                bail!(
-                    "fused SASRec: parameter `{name}` has shape {:?}, expected {shape:?}",
-                    p.shape
-                );
-            }
-            Ok(p.offset)
-        };
+        let at = |name: &str, shape: &[usize]| param_offset(params, "fused SASRec", name, shape);
         let mut blocks = Vec::new();
         for b in 0..cfg.blocks {
             let p = format!("block{b}");
@@ -151,6 +137,26 @@ impl FusedSasrec {
         })
     }
 
+    fn check(
+        &self,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()> {
+        let lay = &self.lay;
+        check_step(
+            "fused SASRec",
+            lay.numel,
+            flat,
+            grad_len,
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )
+    }
+
     /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
     /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
     pub fn loss_and_grad(
@@ -161,75 +167,23 @@ impl FusedSasrec {
         loss: FusedLoss,
         grad: &mut [f32],
     ) -> Result<f64> {
-        let lay = &self.lay;
-        check_step(
-            "fused SASRec",
-            lay.numel,
+        self.check(flat, grad.len(), batch, loss)?;
+        Ok(train_step(
+            &mut self.chunks,
+            &self.lay,
             flat,
-            grad.len(),
             batch,
-            lay.len,
-            lay.rows,
+            dropout,
             loss,
-        )?;
-        let last_only = batch.last_slot_only();
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| {
-                c.step(lay, flat, batch, span, last_only, dropout, loss, true);
-            });
-        let chunks = &self.chunks[..spans.len()];
-        let parts: Vec<&[f32]> = chunks.iter().map(|c| c.grad.as_slice()).collect();
-        sum_grads(&parts, grad);
-        Ok(chunks.iter().map(|c| c.loss).sum())
+            grad,
+        ))
     }
 
     /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
     /// pass alone, as `Backbone::hidden` gives it.
     pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        let lay = &self.lay;
-        check_step(
-            "fused SASRec",
-            lay.numel,
-            flat,
-            lay.numel,
-            batch,
-            lay.len,
-            lay.rows,
-            FusedLoss::Ce,
-        )?;
-        let last_only = batch.last_slot_only();
-        let spans = chunk_spans(batch);
-        if self.chunks.len() < spans.len() {
-            self.chunks.resize_with(spans.len(), Chunk::default);
-        }
-        let lay = &self.lay;
-        self.chunks[..spans.len()]
-            .par_iter_mut()
-            .zip(spans.par_iter())
-            .for_each(|(c, span)| {
-                c.step(
-                    lay,
-                    flat,
-                    batch,
-                    span,
-                    last_only,
-                    None,
-                    FusedLoss::Ce,
-                    false,
-                );
-            });
-        let mut out = Vec::with_capacity(batch.targets.len() * lay.d);
-        for c in &self.chunks[..spans.len()] {
-            out.extend_from_slice(&c.hf);
-        }
-        Ok(out)
+        self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
+        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
     }
 }
 
@@ -289,19 +243,32 @@ struct Chunk {
     dhf: Vec<f32>,
 }
 
-impl Chunk {
-    #[allow(clippy::too_many_arguments)]
+impl ChunkWork for Chunk {
+    type Layout = Layout;
+
+    fn grad(&self) -> &[f32] {
+        &self.grad
+    }
+
+    fn loss(&self) -> f64 {
+        self.loss
+    }
+
+    fn hidden(&self) -> &[f32] {
+        &self.hf
+    }
+
     fn step(
         &mut self,
         lay: &Layout,
         w: &[f32],
         batch: &SeqBatch,
         span: &Span,
-        last_only: bool,
         dropout: Option<&Dropout>,
         loss: FusedLoss,
         backward: bool,
     ) {
+        let last_only = batch.last_slot_only();
         let (d, l, h) = (lay.d, lay.len, lay.heads);
         let dh = d / h;
         let r = span.r1 - span.r0;
