@@ -14,18 +14,17 @@
 //! the backward pass, plus the output layer (`fused::output_loss`).
 
 use crate::batch::{Dropout, SeqBatch};
-pub use crate::fused::FusedLoss;
+
 use crate::fused::{
-    add_bias, add_col_sums, apply_mask, axpy, check_step, forward_hidden, linear,
-    linear_backward_params, masks, matmul, output_loss, param_offset, sized, train_step, zeroed,
-    ChunkWork, Span,
+    add_bias, add_col_sums, apply_mask, axpy, check_step, linear, linear_backward_params, masks,
+    matmul, output_loss, param_offset, sized, zeroed, ChunkWork, FusedLoss, Span,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
-struct Layout {
+pub(crate) struct Layout {
     d: usize,
     len: usize,
     nv: usize,
@@ -54,20 +53,14 @@ impl Layout {
     }
 }
 
-/// The fused Caser engine: stateless apart from reusable buffers.
-pub struct FusedCaser {
-    lay: Layout,
-    chunks: Vec<Chunk>,
-}
-
-impl FusedCaser {
-    /// Bind to a Caser parameter store (names and shapes are checked against `cfg`).
-    pub fn new(
+/// The layout of this model's parameters in the flat vector.
+impl Layout {
+    pub(crate) fn new(
         cfg: &ModelConfig,
         num_items: u32,
         num_users: u32,
         params: &ParamStore,
-    ) -> Result<Self> {
+    ) -> Result<Layout> {
         if cfg.kind != ModelKind::Caser {
             bail!("the fused Caser engine cannot run {}", cfg.kind);
         }
@@ -100,75 +93,13 @@ impl FusedCaser {
             b2: at("fc2.bias", &[d])?,
             numel: params.numel(),
         };
-        Ok(Self {
-            lay,
-            chunks: Vec::new(),
-        })
-    }
-
-    fn check(
-        &self,
-        flat: &[f32],
-        grad_len: usize,
-        batch: &SeqBatch,
-        loss: FusedLoss,
-    ) -> Result<()> {
-        let lay = &self.lay;
-        check_step(
-            "fused Caser",
-            lay.numel,
-            flat,
-            grad_len,
-            batch,
-            lay.len,
-            lay.rows,
-            loss,
-        )?;
-        if !batch.last_slot_only() {
-            bail!("Caser encodes a whole window and predicts only the next item: use targets `every-prefix` or `last`");
-        }
-        if let Some(&u) = batch.users_host.iter().find(|&&u| u as usize >= lay.users) {
-            bail!(
-                "fused Caser: user id {u} outside the {} users of the model",
-                lay.users - 1
-            );
-        }
-        Ok(())
-    }
-
-    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
-    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
-    pub fn loss_and_grad(
-        &mut self,
-        flat: &[f32],
-        batch: &SeqBatch,
-        dropout: Option<&Dropout>,
-        loss: FusedLoss,
-        grad: &mut [f32],
-    ) -> Result<f64> {
-        self.check(flat, grad.len(), batch, loss)?;
-        Ok(train_step(
-            &mut self.chunks,
-            &self.lay,
-            flat,
-            batch,
-            dropout,
-            loss,
-            grad,
-        ))
-    }
-
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
-    /// pass alone, as `Backbone::hidden` gives it.
-    pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
-        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
+        Ok(lay)
     }
 }
 
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
-struct Chunk {
+pub(crate) struct Chunk {
     grad: Vec<f32>,
     loss: f64,
     /// Embeddings times the real mask [R, L, d].
@@ -198,6 +129,35 @@ struct Chunk {
 
 impl ChunkWork for Chunk {
     type Layout = Layout;
+
+    fn check(
+        lay: &Layout,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()> {
+        check_step(
+            "fused Caser",
+            lay.numel,
+            flat,
+            grad_len,
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )?;
+        if !batch.last_slot_only() {
+            bail!("Caser encodes a whole window and predicts only the next item: use targets `every-prefix` or `last`");
+        }
+        if let Some(&u) = batch.users_host.iter().find(|&&u| u as usize >= lay.users) {
+            bail!(
+                "fused Caser: user id {u} outside the {} users of the model",
+                lay.users - 1
+            );
+        }
+        Ok(())
+    }
 
     fn grad(&self) -> &[f32] {
         &self.grad

@@ -242,6 +242,14 @@ pub(crate) fn matmul(
 /// on buffers the chunk keeps from step to step.
 pub(crate) trait ChunkWork: Default + Send {
     type Layout: Sync;
+    /// The checks before a step (shapes, ids): a clear error, nothing run.
+    fn check(
+        lay: &Self::Layout,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()>;
     /// Run the chunk; with `backward`, leave the loss SUM and the gradient SUM in the chunk.
     #[allow(clippy::too_many_arguments)]
     fn step(
@@ -283,7 +291,7 @@ fn run_chunks<C: ChunkWork>(
 
 /// A training step over the whole batch: returns the loss SUM and writes the gradient SUM
 /// (chunk gradients added in chunk order) into `grad`.
-pub(crate) fn train_step<C: ChunkWork>(
+fn train_step<C: ChunkWork>(
     chunks: &mut Vec<C>,
     lay: &C::Layout,
     w: &[f32],
@@ -299,7 +307,7 @@ pub(crate) fn train_step<C: ChunkWork>(
 }
 
 /// The forward pass alone (no dropout): hidden states at the batch's target slots.
-pub(crate) fn forward_hidden<C: ChunkWork>(
+fn forward_hidden<C: ChunkWork>(
     chunks: &mut Vec<C>,
     lay: &C::Layout,
     w: &[f32],
@@ -467,16 +475,61 @@ fn check_item_ids(ids: &[u32], rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// A model's fused engine.
-pub enum FusedEngine {
-    Sasrec(crate::sasrec_fused::FusedSasrec),
-    Gru4rec(crate::gru4rec_fused::FusedGru4rec),
-    Caser(crate::caser_fused::FusedCaser),
+/// One model's fused engine: its parameter layout and the reusable chunk buffers.
+pub(crate) struct FusedModel<C: ChunkWork> {
+    lay: C::Layout,
+    chunks: Vec<C>,
+}
+
+impl<C: ChunkWork> FusedModel<C> {
+    fn new(lay: C::Layout) -> Self {
+        Self {
+            lay,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn loss_and_grad(
+        &mut self,
+        flat: &[f32],
+        batch: &SeqBatch,
+        dropout: Option<&Dropout>,
+        loss: FusedLoss,
+        grad: &mut [f32],
+    ) -> Result<f64> {
+        C::check(&self.lay, flat, grad.len(), batch, loss)?;
+        Ok(train_step(
+            &mut self.chunks,
+            &self.lay,
+            flat,
+            batch,
+            dropout,
+            loss,
+            grad,
+        ))
+    }
+
+    fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
+        C::check(&self.lay, flat, flat.len(), batch, FusedLoss::Ce)?;
+        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
+    }
+}
+
+/// A backbone's fused CPU engine: a hand-written forward and backward pass on the model's
+/// flat parameter vector (`sasrec_fused.rs`, `gru4rec_fused.rs`, `caser_fused.rs`), equal to
+/// the candle model's autograd to float tolerance.
+pub struct FusedEngine(Inner);
+
+enum Inner {
+    Sasrec(FusedModel<crate::sasrec_fused::Chunk>),
+    Gru4rec(FusedModel<crate::gru4rec_fused::Chunk>),
+    Caser(FusedModel<crate::caser_fused::Chunk>),
 }
 
 impl FusedEngine {
-    /// The fused engine of `cfg.kind` bound to `params` (Option: a model without one would
-    /// run on candle; every model has one today).
+    /// The fused engine of `cfg.kind`, bound to the layout of `params` (names and shapes are
+    /// checked). Option: a model without a fused engine would run on candle; every backbone
+    /// has one today.
     pub fn for_model(
         cfg: &crate::ModelConfig,
         num_items: u32,
@@ -484,20 +537,21 @@ impl FusedEngine {
         params: &crate::params::ParamStore,
     ) -> Result<Option<Self>> {
         use crate::ModelKind;
-        Ok(match cfg.kind {
-            ModelKind::Sasrec => Some(Self::Sasrec(crate::sasrec_fused::FusedSasrec::new(
+        Ok(Some(Self(match cfg.kind {
+            ModelKind::Sasrec => Inner::Sasrec(FusedModel::new(crate::sasrec_fused::Layout::new(
                 cfg, num_items, params,
             )?)),
-            ModelKind::Gru4rec => Some(Self::Gru4rec(crate::gru4rec_fused::FusedGru4rec::new(
-                cfg, num_items, params,
-            )?)),
-            ModelKind::Caser => Some(Self::Caser(crate::caser_fused::FusedCaser::new(
+            ModelKind::Gru4rec => Inner::Gru4rec(FusedModel::new(
+                crate::gru4rec_fused::Layout::new(cfg, num_items, params)?,
+            )),
+            ModelKind::Caser => Inner::Caser(FusedModel::new(crate::caser_fused::Layout::new(
                 cfg, num_items, num_users, params,
             )?)),
-        })
+        })))
     }
 
-    /// See `FusedSasrec::loss_and_grad`.
+    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
+    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
     pub fn loss_and_grad(
         &mut self,
         flat: &[f32],
@@ -506,19 +560,20 @@ impl FusedEngine {
         loss: FusedLoss,
         grad: &mut [f32],
     ) -> Result<f64> {
-        match self {
-            Self::Sasrec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
-            Self::Gru4rec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
-            Self::Caser(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+        match &mut self.0 {
+            Inner::Sasrec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+            Inner::Gru4rec(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
+            Inner::Caser(e) => e.loss_and_grad(flat, batch, dropout, loss, grad),
         }
     }
 
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout).
+    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
+    /// pass alone, as `Backbone::hidden` gives it.
     pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        match self {
-            Self::Sasrec(e) => e.hidden(flat, batch),
-            Self::Gru4rec(e) => e.hidden(flat, batch),
-            Self::Caser(e) => e.hidden(flat, batch),
+        match &mut self.0 {
+            Inner::Sasrec(e) => e.hidden(flat, batch),
+            Inner::Gru4rec(e) => e.hidden(flat, batch),
+            Inner::Caser(e) => e.hidden(flat, batch),
         }
     }
 }

@@ -12,10 +12,10 @@
 //! backward pass, plus the output layer (see `fused::output_loss`).
 
 use crate::batch::{Dropout, SeqBatch};
-pub use crate::fused::FusedLoss;
+
 use crate::fused::{
-    add_bias, add_col_sums, apply_mask, axpy, check_step, forward_hidden, masks, matmul,
-    output_loss, param_offset, sized, train_step, zeroed, ChunkWork, Span,
+    add_bias, add_col_sums, apply_mask, axpy, check_step, masks, matmul, output_loss, param_offset,
+    sized, zeroed, ChunkWork, FusedLoss, Span,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
@@ -23,7 +23,7 @@ use anyhow::{bail, Result};
 
 /// The model's shape and where each parameter sits in the flat vector.
 #[derive(Clone, Debug)]
-struct Layout {
+pub(crate) struct Layout {
     d: usize,
     hd: usize,
     len: usize,
@@ -39,15 +39,9 @@ struct Layout {
     numel: usize,
 }
 
-/// The fused GRU4Rec engine: stateless apart from reusable buffers.
-pub struct FusedGru4rec {
-    lay: Layout,
-    chunks: Vec<Chunk>,
-}
-
-impl FusedGru4rec {
-    /// Bind to a GRU4Rec parameter store (names and shapes are checked against `cfg`).
-    pub fn new(cfg: &ModelConfig, num_items: u32, params: &ParamStore) -> Result<Self> {
+/// The layout of this model's parameters in the flat vector.
+impl Layout {
+    pub(crate) fn new(cfg: &ModelConfig, num_items: u32, params: &ParamStore) -> Result<Layout> {
         if cfg.kind != ModelKind::Gru4rec {
             bail!("the fused GRU4Rec engine cannot run {}", cfg.kind);
         }
@@ -70,65 +64,13 @@ impl FusedGru4rec {
             bd: at("dense.bias", &[d])?,
             numel: params.numel(),
         };
-        Ok(Self {
-            lay,
-            chunks: Vec::new(),
-        })
-    }
-
-    fn check(
-        &self,
-        flat: &[f32],
-        grad_len: usize,
-        batch: &SeqBatch,
-        loss: FusedLoss,
-    ) -> Result<()> {
-        let lay = &self.lay;
-        check_step(
-            "fused GRU4Rec",
-            lay.numel,
-            flat,
-            grad_len,
-            batch,
-            lay.len,
-            lay.rows,
-            loss,
-        )
-    }
-
-    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
-    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
-    pub fn loss_and_grad(
-        &mut self,
-        flat: &[f32],
-        batch: &SeqBatch,
-        dropout: Option<&Dropout>,
-        loss: FusedLoss,
-        grad: &mut [f32],
-    ) -> Result<f64> {
-        self.check(flat, grad.len(), batch, loss)?;
-        Ok(train_step(
-            &mut self.chunks,
-            &self.lay,
-            flat,
-            batch,
-            dropout,
-            loss,
-            grad,
-        ))
-    }
-
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
-    /// pass alone, as `Backbone::hidden` gives it.
-    pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
-        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
+        Ok(lay)
     }
 }
 
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
-struct Chunk {
+pub(crate) struct Chunk {
     grad: Vec<f32>,
     loss: f64,
     real: Vec<f32>,
@@ -168,6 +110,25 @@ fn sigmoid(x: f32) -> f32 {
 
 impl ChunkWork for Chunk {
     type Layout = Layout;
+
+    fn check(
+        lay: &Layout,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()> {
+        check_step(
+            "fused GRU4Rec",
+            lay.numel,
+            flat,
+            grad_len,
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )
+    }
 
     fn grad(&self) -> &[f32] {
         &self.grad

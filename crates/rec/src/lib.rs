@@ -30,6 +30,7 @@ pub mod train;
 pub use batch::Targets;
 pub use dataset::RecDataset;
 pub use evaluate::{evaluate, EvalOptions};
+pub use fused::FusedEngine;
 pub use metrics::{Metrics, KS};
 pub use model::{ModelConfig, ModelKind, Recommender};
 pub use train::{train, Engine, LossKind, SelectOn, TrainConfig, TrainOutcome};

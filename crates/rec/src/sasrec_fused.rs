@@ -22,10 +22,10 @@
 //! 6 d V FLOPs for the full-softmax output layer over V items.
 
 use crate::batch::{Dropout, SeqBatch};
-pub use crate::fused::FusedLoss;
+
 use crate::fused::{
-    apply_mask, axpy, check_step, dot, forward_hidden, linear, linear_backward_params, masks,
-    matmul, output_loss, param_offset, sized, train_step, zeroed, ChunkWork, Span, NEG_BIAS,
+    apply_mask, axpy, check_step, dot, linear, linear_backward_params, masks, matmul, output_loss,
+    param_offset, sized, zeroed, ChunkWork, FusedLoss, Span, NEG_BIAS,
 };
 use crate::model::{ModelConfig, ModelKind};
 use crate::params::ParamStore;
@@ -56,7 +56,7 @@ struct BlockAt {
 
 /// The model's shape and where each parameter sits in the flat vector.
 #[derive(Clone, Debug)]
-struct Layout {
+pub(crate) struct Layout {
     d: usize,
     heads: usize,
     inner: usize,
@@ -75,15 +75,9 @@ struct Layout {
     numel: usize,
 }
 
-/// The fused SASRec engine: stateless apart from reusable buffers.
-pub struct FusedSasrec {
-    lay: Layout,
-    chunks: Vec<Chunk>,
-}
-
-impl FusedSasrec {
-    /// Bind to a SASRec parameter store (names and shapes are checked against `cfg`).
-    pub fn new(cfg: &ModelConfig, num_items: u32, params: &ParamStore) -> Result<Self> {
+/// The layout of this model's parameters in the flat vector.
+impl Layout {
+    pub(crate) fn new(cfg: &ModelConfig, num_items: u32, params: &ParamStore) -> Result<Layout> {
         if cfg.kind != ModelKind::Sasrec {
             bail!("the fused SASRec engine cannot run {}", cfg.kind);
         }
@@ -131,59 +125,7 @@ impl FusedSasrec {
             lnf_b: at("ln_final.bias", &[d])?,
             numel: params.numel(),
         };
-        Ok(Self {
-            lay,
-            chunks: Vec::new(),
-        })
-    }
-
-    fn check(
-        &self,
-        flat: &[f32],
-        grad_len: usize,
-        batch: &SeqBatch,
-        loss: FusedLoss,
-    ) -> Result<()> {
-        let lay = &self.lay;
-        check_step(
-            "fused SASRec",
-            lay.numel,
-            flat,
-            grad_len,
-            batch,
-            lay.len,
-            lay.rows,
-            loss,
-        )
-    }
-
-    /// The SUM of the loss over the batch's target terms; `grad` (numel values) receives the
-    /// SUM of their gradients. `dropout` is the training dropout (None = no dropout).
-    pub fn loss_and_grad(
-        &mut self,
-        flat: &[f32],
-        batch: &SeqBatch,
-        dropout: Option<&Dropout>,
-        loss: FusedLoss,
-        grad: &mut [f32],
-    ) -> Result<f64> {
-        self.check(flat, grad.len(), batch, loss)?;
-        Ok(train_step(
-            &mut self.chunks,
-            &self.lay,
-            flat,
-            batch,
-            dropout,
-            loss,
-            grad,
-        ))
-    }
-
-    /// Hidden states at the batch's target slots ([n_targets, d], no dropout): the forward
-    /// pass alone, as `Backbone::hidden` gives it.
-    pub fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        self.check(flat, self.lay.numel, batch, FusedLoss::Ce)?;
-        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
+        Ok(lay)
     }
 }
 
@@ -217,7 +159,7 @@ struct BlockActs {
 
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
-struct Chunk {
+pub(crate) struct Chunk {
     grad: Vec<f32>,
     loss: f64,
     ids: Vec<u32>,
@@ -245,6 +187,25 @@ struct Chunk {
 
 impl ChunkWork for Chunk {
     type Layout = Layout;
+
+    fn check(
+        lay: &Layout,
+        flat: &[f32],
+        grad_len: usize,
+        batch: &SeqBatch,
+        loss: FusedLoss,
+    ) -> Result<()> {
+        check_step(
+            "fused SASRec",
+            lay.numel,
+            flat,
+            grad_len,
+            batch,
+            lay.len,
+            lay.rows,
+            loss,
+        )
+    }
 
     fn grad(&self) -> &[f32] {
         &self.grad
