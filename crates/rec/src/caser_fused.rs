@@ -100,8 +100,6 @@ impl Layout {
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
 pub(crate) struct Chunk {
-    grad: Vec<f32>,
-    loss: f64,
     /// Embeddings times the real mask [R, L, d].
     e: Vec<f32>,
     /// Per height: the unfolded rows [R (L-h+1), h d] and the convolution after ReLU.
@@ -159,14 +157,6 @@ impl ChunkWork for Chunk {
         Ok(())
     }
 
-    fn grad(&self) -> &[f32] {
-        &self.grad
-    }
-
-    fn loss(&self) -> f64 {
-        self.loss
-    }
-
     fn hidden(&self) -> &[f32] {
         &self.out
     }
@@ -179,8 +169,8 @@ impl ChunkWork for Chunk {
         span: &Span,
         dropout: Option<&Dropout>,
         loss: FusedLoss,
-        backward: bool,
-    ) {
+        grad: Option<&mut [f32]>,
+    ) -> f64 {
         let (d, l, nv, nh) = (lay.d, lay.len, lay.nv, lay.nh);
         let r = span.r1 - span.r0;
         let nf = lay.feats();
@@ -276,15 +266,13 @@ impl ChunkWork for Chunk {
         for (o, &y) in self.out.iter_mut().zip(&self.y2) {
             *o = y.max(0.0);
         }
-        if !backward {
-            return;
-        }
+        let Some(g) = grad else {
+            return 0.0;
+        };
 
         // ---- loss
-        zeroed(&mut self.grad, lay.numel);
-        let g = &mut self.grad;
         let v = lay.rows;
-        self.loss = output_loss(
+        let total = output_loss(
             loss,
             span,
             &batch.targets[span.t0..span.t1],
@@ -433,5 +421,6 @@ impl ChunkWork for Chunk {
                 &mut g[lay.item_emb + id * d..lay.item_emb + (id + 1) * d],
             );
         }
+        total
     }
 }

@@ -250,7 +250,9 @@ pub(crate) trait ChunkWork: Default + Send {
         batch: &SeqBatch,
         loss: FusedLoss,
     ) -> Result<()>;
-    /// Run the chunk; with `backward`, leave the loss SUM and the gradient SUM in the chunk.
+    /// Run the chunk's forward pass; with `grad` (zeroed, numel values) also the backward
+    /// pass: the gradient SUM of the chunk's loss terms is added to it and the loss SUM
+    /// returned (0 without `grad`).
     #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
@@ -260,65 +262,83 @@ pub(crate) trait ChunkWork: Default + Send {
         span: &Span,
         dropout: Option<&Dropout>,
         loss: FusedLoss,
-        backward: bool,
-    );
-    fn grad(&self) -> &[f32];
-    fn loss(&self) -> f64;
+        grad: Option<&mut [f32]>,
+    ) -> f64;
     /// The hidden states of the chunk's targets after `step` ([nt, d]).
     fn hidden(&self) -> &[f32];
 }
 
-/// Run every chunk of `batch` on the rayon pool; returns how many chunks were used.
-fn run_chunks<C: ChunkWork>(
-    chunks: &mut Vec<C>,
-    lay: &C::Layout,
-    w: &[f32],
-    batch: &SeqBatch,
-    dropout: Option<&Dropout>,
-    loss: FusedLoss,
-    backward: bool,
-) -> usize {
-    let spans = chunk_spans(batch);
-    if chunks.len() < spans.len() {
-        chunks.resize_with(spans.len(), C::default);
+/// One model's fused engine: its parameter layout, the reusable chunk buffers and one
+/// gradient buffer per chunk.
+pub(crate) struct FusedModel<C: ChunkWork> {
+    lay: C::Layout,
+    chunks: Vec<C>,
+    grads: Vec<Vec<f32>>,
+}
+
+impl<C: ChunkWork> FusedModel<C> {
+    fn new(lay: C::Layout) -> Self {
+        Self {
+            lay,
+            chunks: Vec::new(),
+            grads: Vec::new(),
+        }
     }
-    chunks[..spans.len()]
-        .par_iter_mut()
-        .zip(spans.par_iter())
-        .for_each(|(c, span)| c.step(lay, w, batch, span, dropout, loss, backward));
-    spans.len()
-}
 
-/// A training step over the whole batch: returns the loss SUM and writes the gradient SUM
-/// (chunk gradients added in chunk order) into `grad`.
-fn train_step<C: ChunkWork>(
-    chunks: &mut Vec<C>,
-    lay: &C::Layout,
-    w: &[f32],
-    batch: &SeqBatch,
-    dropout: Option<&Dropout>,
-    loss: FusedLoss,
-    grad: &mut [f32],
-) -> f64 {
-    let n = run_chunks(chunks, lay, w, batch, dropout, loss, true);
-    let parts: Vec<&[f32]> = chunks[..n].iter().map(|c| c.grad()).collect();
-    sum_grads(&parts, grad);
-    chunks[..n].iter().map(|c| c.loss()).sum()
-}
+    /// A training step over the whole batch: the loss SUM, and the gradient SUM (chunk
+    /// gradients added in chunk order, so any thread count gives the same result) in `grad`.
+    fn loss_and_grad(
+        &mut self,
+        flat: &[f32],
+        batch: &SeqBatch,
+        dropout: Option<&Dropout>,
+        loss: FusedLoss,
+        grad: &mut [f32],
+    ) -> Result<f64> {
+        C::check(&self.lay, flat, grad.len(), batch, loss)?;
+        let spans = chunk_spans(batch);
+        let n = spans.len();
+        if self.chunks.len() < n {
+            self.chunks.resize_with(n, C::default);
+            self.grads.resize_with(n, Vec::new);
+        }
+        let lay = &self.lay;
+        let losses: Vec<f64> = self.chunks[..n]
+            .par_iter_mut()
+            .zip(self.grads[..n].par_iter_mut())
+            .zip(spans.par_iter())
+            .map(|((c, g), span)| {
+                zeroed(g, grad.len());
+                c.step(lay, flat, batch, span, dropout, loss, Some(g))
+            })
+            .collect();
+        let parts: Vec<&[f32]> = self.grads[..n].iter().map(|g| g.as_slice()).collect();
+        sum_grads(&parts, grad);
+        Ok(losses.iter().sum())
+    }
 
-/// The forward pass alone (no dropout): hidden states at the batch's target slots.
-fn forward_hidden<C: ChunkWork>(
-    chunks: &mut Vec<C>,
-    lay: &C::Layout,
-    w: &[f32],
-    batch: &SeqBatch,
-) -> Vec<f32> {
-    let n = run_chunks(chunks, lay, w, batch, None, FusedLoss::Ce, false);
-    chunks[..n]
-        .iter()
-        .flat_map(|c| c.hidden())
-        .copied()
-        .collect()
+    /// The forward pass alone (no dropout): hidden states at the batch's target slots.
+    fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
+        C::check(&self.lay, flat, flat.len(), batch, FusedLoss::Ce)?;
+        let spans = chunk_spans(batch);
+        let n = spans.len();
+        if self.chunks.len() < n {
+            self.chunks.resize_with(n, C::default);
+            self.grads.resize_with(n, Vec::new);
+        }
+        let lay = &self.lay;
+        self.chunks[..n]
+            .par_iter_mut()
+            .zip(spans.par_iter())
+            .for_each(|(c, span)| {
+                c.step(lay, flat, batch, span, None, FusedLoss::Ce, None);
+            });
+        Ok(self.chunks[..n]
+            .iter()
+            .flat_map(|c| c.hidden())
+            .copied()
+            .collect())
+    }
 }
 
 /// Offset of parameter `name` in the flat vector, checking its shape.
@@ -473,46 +493,6 @@ fn check_item_ids(ids: &[u32], rows: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// One model's fused engine: its parameter layout and the reusable chunk buffers.
-pub(crate) struct FusedModel<C: ChunkWork> {
-    lay: C::Layout,
-    chunks: Vec<C>,
-}
-
-impl<C: ChunkWork> FusedModel<C> {
-    fn new(lay: C::Layout) -> Self {
-        Self {
-            lay,
-            chunks: Vec::new(),
-        }
-    }
-
-    fn loss_and_grad(
-        &mut self,
-        flat: &[f32],
-        batch: &SeqBatch,
-        dropout: Option<&Dropout>,
-        loss: FusedLoss,
-        grad: &mut [f32],
-    ) -> Result<f64> {
-        C::check(&self.lay, flat, grad.len(), batch, loss)?;
-        Ok(train_step(
-            &mut self.chunks,
-            &self.lay,
-            flat,
-            batch,
-            dropout,
-            loss,
-            grad,
-        ))
-    }
-
-    fn hidden(&mut self, flat: &[f32], batch: &SeqBatch) -> Result<Vec<f32>> {
-        C::check(&self.lay, flat, flat.len(), batch, FusedLoss::Ce)?;
-        Ok(forward_hidden(&mut self.chunks, &self.lay, flat, batch))
-    }
 }
 
 /// A backbone's fused CPU engine: a hand-written forward and backward pass on the model's

@@ -71,8 +71,6 @@ impl Layout {
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
 pub(crate) struct Chunk {
-    grad: Vec<f32>,
-    loss: f64,
     real: Vec<f32>,
     m0: Vec<f32>,
     /// Embeddings after dropout [n, d] and their input projections [n, 3H].
@@ -130,14 +128,6 @@ impl ChunkWork for Chunk {
         )
     }
 
-    fn grad(&self) -> &[f32] {
-        &self.grad
-    }
-
-    fn loss(&self) -> f64 {
-        self.loss
-    }
-
     fn hidden(&self) -> &[f32] {
         &self.hid
     }
@@ -150,8 +140,8 @@ impl ChunkWork for Chunk {
         span: &Span,
         dropout: Option<&Dropout>,
         loss: FusedLoss,
-        backward: bool,
-    ) {
+        grad: Option<&mut [f32]>,
+    ) -> f64 {
         let (d, hd, l) = (lay.d, lay.hd, lay.len);
         let h3 = 3 * hd;
         let r = span.r1 - span.r0;
@@ -253,15 +243,13 @@ impl ChunkWork for Chunk {
             false,
         );
         add_bias(&mut self.hid, &w[lay.bd..lay.bd + d]);
-        if !backward {
-            return;
-        }
+        let Some(g) = grad else {
+            return 0.0;
+        };
 
         // ---- loss
-        zeroed(&mut self.grad, lay.numel);
-        let g = &mut self.grad;
         let v = lay.rows;
-        self.loss = output_loss(
+        let total = output_loss(
             loss,
             span,
             &batch.targets[span.t0..span.t1],
@@ -400,5 +388,6 @@ impl ChunkWork for Chunk {
                 &mut g[lay.item_emb + id * d..lay.item_emb + (id + 1) * d],
             );
         }
+        total
     }
 }

@@ -160,8 +160,6 @@ struct BlockActs {
 /// One chunk's buffers (reused from step to step).
 #[derive(Default)]
 pub(crate) struct Chunk {
-    grad: Vec<f32>,
-    loss: f64,
     ids: Vec<u32>,
     real: Vec<f32>,
     m0: Vec<f32>,
@@ -207,14 +205,6 @@ impl ChunkWork for Chunk {
         )
     }
 
-    fn grad(&self) -> &[f32] {
-        &self.grad
-    }
-
-    fn loss(&self) -> f64 {
-        self.loss
-    }
-
     fn hidden(&self) -> &[f32] {
         &self.hf
     }
@@ -227,8 +217,8 @@ impl ChunkWork for Chunk {
         span: &Span,
         dropout: Option<&Dropout>,
         loss: FusedLoss,
-        backward: bool,
-    ) {
+        grad: Option<&mut [f32]>,
+    ) -> f64 {
         let last_only = batch.last_slot_only();
         let (d, l, h) = (lay.d, lay.len, lay.heads);
         let dh = d / h;
@@ -452,15 +442,13 @@ impl ChunkWork for Chunk {
             &mut self.hf,
         );
         self.dy = xf;
-        if !backward {
-            return;
-        }
+        let Some(g) = grad else {
+            return 0.0;
+        };
 
         // ---- loss and its gradient w.r.t. the final hidden states
-        zeroed(&mut self.grad, lay.numel);
-        let g = &mut self.grad;
         let v = lay.rows;
-        self.loss = output_loss(
+        let total = output_loss(
             loss,
             span,
             &batch.targets[span.t0..span.t1],
@@ -722,6 +710,7 @@ impl ChunkWork for Chunk {
                 &mut g[lay.item_emb + id * d..lay.item_emb + (id + 1) * d],
             );
         }
+        total
     }
 }
 
