@@ -454,14 +454,14 @@ impl CudaKernels {
         })
     }
 
-    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v1),
+    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v2),
     /// resolved to v1 for f32 (v2 has no f32 kernel) or when v2 failed to load (logged).
     pub fn fused_version(&self, variant: FusedVariant) -> Result<FusedVersion> {
         let asked = FusedVersion::from_env()?;
         let version = asked.resolve(variant);
         if version == FusedVersion::V2 {
             if let Some(why) = self.fused_v2_unavailable() {
-                tracing::warn!("kernels: fused v2 asked for but unavailable ({why}); v1");
+                tracing::debug!("kernels: fused v2 unavailable ({why}); v1 serves");
                 return Ok(FusedVersion::V1);
             }
         }
@@ -753,7 +753,7 @@ impl CudaKernels {
     }
 
     /// [`crate::nearest_items`] on the GPU, with the kernel `LLM4DSR_NEAREST_VERSION` picks
-    /// (f32 by default; tc: [`Self::nearest_items_version`]).
+    /// (tc by default; f32: [`Self::nearest_items_version`]).
     pub fn nearest_items(
         &self,
         queries: &[f32],
