@@ -540,12 +540,17 @@ mod gpu {
                 FusedVersion::V2,
                 llm4dsr_kernels::launch::FUSED2_SMEM as usize,
             ),
+            (
+                FusedVersion::V3,
+                llm4dsr_kernels::launch::FUSED3_SMEM as usize,
+            ),
         ] {
             match g.fused_function(version, FusedVariant::TensorCoreBf16) {
                 Some(f) => {
                     let threads = match version {
                         FusedVersion::V1 => llm4dsr_kernels::launch::FUSED_TC_THREADS,
                         FusedVersion::V2 => llm4dsr_kernels::launch::FUSED2_THREADS,
+                        FusedVersion::V3 => llm4dsr_kernels::launch::FUSED3_THREADS,
                     };
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
@@ -558,7 +563,7 @@ mod gpu {
                 }
                 None => println!(
                     "fused bf16 {version:?}: unavailable ({})",
-                    g.fused_v2_unavailable().unwrap_or("?")
+                    g.fused_unavailable(version).unwrap_or("?")
                 ),
             }
         }
@@ -585,23 +590,27 @@ mod gpu {
             let mut fused = buffers(FusedVersion::V1, ScoreMode::Fused)?;
             let ms_fused = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut fused))?;
             let fused_tok = g.stream.clone_dtoh(&fused.per_token)?;
-            // v2a on the same inputs (None when it did not load: the row says so).
-            let v2 = match buffers(FusedVersion::V2, ScoreMode::Fused) {
-                Ok(mut b2) => {
-                    let ms = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut b2))?;
-                    let tok = g.stream.clone_dtoh(&b2.per_token)?;
-                    let p = b2.plan;
-                    let grid = format!(
-                        "grid {} slices x {} row blocks",
-                        p.split.slices, p.row_blocks
-                    );
-                    Some((ms, tok, grid))
-                }
-                Err(e) => {
-                    eprintln!("fused v2 not timed: {e:#}");
-                    None
-                }
+            // v2a and v3 on the same inputs (None when one did not load: stderr says why).
+            let time_version = |version: FusedVersion| -> Result<Option<(f64, Vec<f32>, String)>> {
+                Ok(match buffers(version, ScoreMode::Fused) {
+                    Ok(mut b2) => {
+                        let ms = event_ms(g, 2, reps, || g.score_device(&h, &w, &t, &o, &mut b2))?;
+                        let tok = g.stream.clone_dtoh(&b2.per_token)?;
+                        let p = b2.plan;
+                        let grid = format!(
+                            "grid {} slices x {} row blocks",
+                            p.split.slices, p.row_blocks
+                        );
+                        Some((ms, tok, grid))
+                    }
+                    Err(e) => {
+                        eprintln!("fused {version:?} not timed: {e:#}");
+                        None
+                    }
+                })
             };
+            let v2 = time_version(FusedVersion::V2)?;
+            let v3 = time_version(FusedVersion::V3)?;
             let mut mat = buffers(FusedVersion::V1, ScoreMode::Materialised)?;
             let ms_mat = event_ms(g, 1, reps.min(5), || {
                 g.score_device(&h, &w, &t, &o, &mut mat)
@@ -613,6 +622,12 @@ mod gpu {
             let mat2 = match buffers(FusedVersion::V2, ScoreMode::Materialised) {
                 Ok(mut m2) => Some(event_ms(g, 1, reps.min(5), || {
                     g.score_device(&h, &w, &t, &o, &mut m2)
+                })?),
+                Err(_) => None,
+            };
+            let mat3 = match buffers(FusedVersion::V3, ScoreMode::Materialised) {
+                Ok(mut m3) => Some(event_ms(g, 1, reps.min(5), || {
+                    g.score_device(&h, &w, &t, &o, &mut m3)
                 })?),
                 Err(_) => None,
             };
@@ -630,6 +645,7 @@ mod gpu {
             let mut ref_rows = Vec::new();
             let mut got_rows = Vec::new();
             let mut got_rows_v2 = Vec::new();
+            let mut got_rows_v3 = Vec::new();
             for r in [0, n - 1] {
                 let hr: Vec<f64> = hb[r * d..(r + 1) * d].iter().map(|&x| bf(x)).collect();
                 let logits: Vec<f64> = (0..v)
@@ -647,6 +663,9 @@ mod gpu {
                 got_rows.push(fused_tok[r]);
                 if let Some((_, tok, _)) = &v2 {
                     got_rows_v2.push(tok[r]);
+                }
+                if let Some((_, tok, _)) = &v3 {
+                    got_rows_v3.push(tok[r]);
                 }
             }
             let e_ref = rel_err(&got_rows, &ref_rows);
@@ -674,6 +693,26 @@ mod gpu {
                 }),
                 None => eprintln!("{shape}: no v2 row (v2 unavailable)"),
             }
+            if let Some((ms3, tok3, grid)) = &v3 {
+                let vs_v2 = match &v2 {
+                    Some((ms2, tok2, _)) => {
+                        format!("vs v2 {:.1e}; x{:.2} v2, ", rel_err(tok3, tok2), ms2 / ms3)
+                    }
+                    None => String::new(),
+                };
+                rows.push(Row {
+                    case: "fused bf16 v3 (wgmma, 128 x 256)".into(),
+                    shape: shape.clone(),
+                    ms: *ms3,
+                    work: fused_work(s, 2.0, true),
+                    note: format!(
+                        "rel err vs f64 (2 rows) {:.1e}; {vs_v2}x{:.2} v1, x{:.2} materialised (v1 GEMM); {grid}",
+                        rel_err(&got_rows_v3, &ref_rows),
+                        ms_fused / ms3,
+                        ms_mat / ms3
+                    ),
+                });
+            }
             rows.push(Row {
                 case: "materialise (v1 GEMM) + logits kernel".into(),
                 shape: shape.clone(),
@@ -689,6 +728,18 @@ mod gpu {
                     work: materialised_work(s, 2.0, true),
                     note: match &v2 {
                         Some((ms2, ..)) => format!("v2 fused speed-up x{:.2}", ms / ms2),
+                        None => String::new(),
+                    },
+                });
+            }
+            if let Some(ms) = mat3 {
+                rows.push(Row {
+                    case: "materialise (v3 GEMM) + logits kernel".into(),
+                    shape: shape.clone(),
+                    ms,
+                    work: materialised_work(s, 2.0, true),
+                    note: match &v3 {
+                        Some((ms3, ..)) => format!("v3 fused speed-up x{:.2}", ms / ms3),
                         None => String::new(),
                     },
                 });

@@ -105,6 +105,18 @@ status=0
   > "$OUT/nvidia-smi.txt" 2>&1
 head -3 "$OUT/nvidia-smi.txt"
 
+# v3 (wgmma) first, in its own process: a fault there poisons the CUDA context, so if its
+# layout test fails the rest runs with v3 disabled (and the check fails).
+echo "== v3 layout smoke test (separate process)"
+timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_v3_logits_layout > "$OUT/v3-smoke.log" 2>&1
+rc=$?
+grep -E "^test |test result|v3 layout|\(row |wrong rows|panicked|SKIP" "$OUT/v3-smoke.log" | head -40
+if [ $rc -ne 0 ]; then
+  echo "FAILED: v3 layout test (exit $rc); the rest runs with LLM4DSR_FUSED_V3=off"
+  export LLM4DSR_FUSED_V3=off
+  status=1
+fi
+
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)
 timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
@@ -141,7 +153,7 @@ else
 fi
 
 HF=${HF_BASELINE:-}
-for c in shared/bench/hf_scoring_baseline.py ../shared/bench/hf_scoring_baseline.py; do
+for c in "$BIN/hf_scoring_baseline.py" shared/bench/hf_scoring_baseline.py ../shared/bench/hf_scoring_baseline.py; do
   [ -z "$HF" ] && [ -f "$c" ] && HF=$c
 done
 if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ] && [ $torch = 1 ]; then

@@ -212,7 +212,7 @@ fn cpu_nearest_matches_reference_and_naive() {
 mod gpu {
     use super::*;
     use llm4dsr_kernels::cuda::{kernels, CudaKernels, ScoreMode};
-    use llm4dsr_kernels::launch::FusedVersion;
+    use llm4dsr_kernels::launch::{FusedVariant, FusedVersion};
 
     fn gpu() -> Option<&'static CudaKernels> {
         let k = kernels();
@@ -320,6 +320,34 @@ mod gpu {
             }
             assert_eq!(tc.matches("ldmatrix.sync").count(), 24, "{arch}");
             assert_eq!(tc.matches("mma.sync").count(), 64, "{arch}");
+            // v3 (compiled for compute_90a whatever the arch): 4 wgmma per stage per kernel,
+            // the proxy fence between the cp.async copies and wgmma's reads, the waits.
+            let v3 = &ptx
+                .iter()
+                .find(|(f, _)| *f == "item_loglik_fused_v3.cu")
+                .expect("v3 compiled")
+                .1;
+            assert!(v3.contains(".target sm_90a"), "v3 PTX target");
+            for needle in [
+                ".entry item_loglik_fused_v3_bf16(",
+                ".entry item_loglik_fused_v3_f16(",
+                "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16",
+                "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16",
+                "wgmma.fence.sync.aligned",
+                "wgmma.commit_group.sync.aligned",
+                "wgmma.wait_group.sync.aligned 1",
+                "wgmma.wait_group.sync.aligned 0",
+                "fence.proxy.async.shared::cta",
+                "cp.async.cg.shared.global",
+            ] {
+                assert!(v3.contains(needle), "v3 PTX lacks {needle}");
+            }
+            assert_eq!(
+                v3.matches("wgmma.mma_async").count(),
+                2 * 4,
+                "v3 wgmma count"
+            );
+            assert!(!v3.contains(".local"), "v3 uses local memory");
         }
     }
 
@@ -337,8 +365,10 @@ mod gpu {
     #[test]
     fn gpu_fused_item_loglik_matches_reference() {
         let Some(g) = gpu() else { return };
-        // On a GPU machine v2 must load (it is what the GPU check is for).
+        // On a GPU machine v2 must load (it is what the GPU check is for); v3 where the card
+        // is compute capability 9.0 (H100/H200).
         assert_eq!(g.fused_v2_unavailable(), None, "fused v2 did not load");
+        let v3 = v3_expected(g);
         for (case, (n, v, d)) in SHAPES.into_iter().enumerate() {
             for (dt, tol) in [(DType::F32, 2e-5), (DType::BF16, 2e-3), (DType::F16, 2e-3)] {
                 let key = 500 + case as u64 * 10;
@@ -349,6 +379,8 @@ mod gpu {
                 // v2 has no f32 kernel (resolve() sends f32 to v1): test it on 16-bit inputs.
                 let versions: &[FusedVersion] = if dt == DType::F32 {
                     &[FusedVersion::V1]
+                } else if v3 {
+                    &[FusedVersion::V1, FusedVersion::V2, FusedVersion::V3]
                 } else {
                     &[FusedVersion::V1, FusedVersion::V2]
                 };
@@ -380,6 +412,123 @@ mod gpu {
         );
     }
 
+    /// Whether v3 must run here: on compute capability 9.0 it has to load (a failure is a
+    /// test failure, not a skip); elsewhere it is skipped with a message.
+    fn v3_expected(g: &CudaKernels) -> bool {
+        if g.fused_unavailable(FusedVersion::V3) == Some(llm4dsr_kernels::cuda::V3_DISABLED) {
+            eprintln!("SKIP: fused v3: {}", llm4dsr_kernels::cuda::V3_DISABLED);
+            return false;
+        }
+        if g.cc == (9, 0) {
+            assert_eq!(
+                g.fused_unavailable(FusedVersion::V3),
+                None,
+                "fused v3 did not load on an sm_90 card"
+            );
+            true
+        } else {
+            eprintln!(
+                "SKIP: fused v3 (wgmma) needs compute capability 9.0, not {:?}",
+                g.cc
+            );
+            false
+        }
+    }
+
+    /// v3's logits, element by element, against an f64 product of the same bf16 inputs (the
+    /// materialising mode writes them): on a mismatch it prints where each wrong value
+    /// belongs (which row and column of the reference it equals), so one GPU run tells a
+    /// fragment-layout error from a descriptor or swizzle error. Shapes: one tile and one
+    /// 64-deep stage; two stages; a partial tile with d = 72.
+    #[test]
+    fn gpu_v3_logits_layout() {
+        let Some(g) = gpu() else { return };
+        if !v3_expected(g) {
+            return;
+        }
+        for (n, v, d) in [
+            (128usize, 256usize, 64usize),
+            (128, 256, 128),
+            (100, 300, 72),
+        ] {
+            let h = randn(61, n, d, 1.0, DType::BF16);
+            let w = randn(62, v, d, 0.5, DType::BF16);
+            let (t, o) = targets_offsets(63, n, v);
+            let hd = g.upload(&h, DType::BF16).unwrap();
+            let wd = g.upload(&w, DType::BF16).unwrap();
+            let td = g.stream.clone_htod(&t).unwrap();
+            let od = g.stream.clone_htod(&o).unwrap();
+            let mut buf = g
+                .score_buffers_version(
+                    FusedVersion::V3,
+                    FusedVariant::TensorCoreBf16,
+                    n,
+                    v,
+                    d,
+                    o.len() - 1,
+                    ScoreMode::Materialised,
+                )
+                .unwrap();
+            g.score_device(&hd, &wd, &td, &od, &mut buf).unwrap();
+            g.stream.synchronize().unwrap();
+            let got = g.stream.clone_dtoh(buf.logits.as_ref().unwrap()).unwrap();
+            let hv: Vec<f64> = h
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let wv: Vec<f64> = w
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f64> = (0..n * v)
+                .map(|i| {
+                    let (r, c) = (i / v, i % v);
+                    (0..d).map(|k| hv[r * d + k] * wv[c * d + k]).sum()
+                })
+                .collect();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * (1.0 + b.abs());
+            let bad: Vec<usize> = (0..n * v)
+                .filter(|&i| !close(got[i] as f64, want[i]))
+                .collect();
+            if !bad.is_empty() {
+                eprintln!(
+                    "v3 layout n={n} v={v} d={d}: {} of {} logits wrong",
+                    bad.len(),
+                    n * v
+                );
+                for &i in bad.iter().take(12) {
+                    let at = (0..n * v)
+                        .filter(|&j| close(got[i] as f64, want[j]))
+                        .map(|j| format!("({}, {})", j / v, j % v))
+                        .take(3)
+                        .collect::<Vec<_>>();
+                    eprintln!(
+                        "  (row {}, col {}): got {:.5}, want {:.5}; got equals the reference at {:?}",
+                        i / v,
+                        i % v,
+                        got[i],
+                        want[i],
+                        at
+                    );
+                }
+                let rows: std::collections::BTreeSet<usize> = bad.iter().map(|i| i / v).collect();
+                let cols: std::collections::BTreeSet<usize> = bad.iter().map(|i| i % v).collect();
+                eprintln!(
+                    "  wrong rows {:?}..., wrong columns {:?}...",
+                    rows.iter().take(20).collect::<Vec<_>>(),
+                    cols.iter().take(20).collect::<Vec<_>>()
+                );
+                panic!("v3 logits differ at n={n} v={v} d={d}");
+            }
+        }
+    }
+
     #[test]
     fn gpu_fused_results_are_repeatable() {
         // A moving error is a race: the same inputs must give bit-identical outputs.
@@ -388,7 +537,11 @@ mod gpu {
         let h = randn(41, n, d, 1.0, DType::BF16);
         let w = randn(42, v, d, 0.3, DType::BF16);
         let (t, o) = targets_offsets(43, n, v);
-        for version in [FusedVersion::V1, FusedVersion::V2] {
+        let mut versions = vec![FusedVersion::V1, FusedVersion::V2];
+        if v3_expected(g) {
+            versions.push(FusedVersion::V3);
+        }
+        for &version in &versions {
             let run = || {
                 g.item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, version)
                     .unwrap()
@@ -404,10 +557,12 @@ mod gpu {
         let w = randn(45, v, d, 3.0 / (d as f64).sqrt(), DType::BF16);
         let (t, o) = targets_offsets(46, n, v);
         let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
-        let got = g
-            .item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, FusedVersion::V2)
-            .unwrap();
-        check_loglik("GPU V2 bf16 d=4096", &got, &want, 2e-3);
+        for &version in &versions[1..] {
+            let got = g
+                .item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, version)
+                .unwrap();
+            check_loglik(&format!("GPU {version:?} bf16 d=4096"), &got, &want, 2e-3);
+        }
     }
 
     #[test]

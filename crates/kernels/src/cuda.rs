@@ -28,9 +28,13 @@ use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest}
 use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
 use crate::resident::ResidentKey;
 use crate::sources::{
-    nvrtc_arch, nvrtc_defines, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
-    ITEM_LOGLIK_LOGITS_CU, NEAREST_CU, NEAREST_TC_CU,
+    nvrtc_arch, nvrtc_defines, FUSED3_ARCH, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
+    ITEM_LOGLIK_FUSED_V3_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU, NEAREST_TC_CU,
 };
+
+/// Why v3 is unavailable when `LLM4DSR_FUSED_V3=off` (the GPU check sets it after a failed
+/// v3 smoke test, so that a faulting v3 cannot take the other measurements down with it).
+pub const V3_DISABLED: &str = "disabled by LLM4DSR_FUSED_V3=off";
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
 /// log line) when the start fails: the callers then take the CPU path.
@@ -109,16 +113,22 @@ pub fn compile_and_load(
 }
 
 /// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
-/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs.
+/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs. The v3 source targets
+/// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
 pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
-    for (file, src) in [
-        ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU),
-        ("item_loglik_fused_v2.cu", ITEM_LOGLIK_FUSED_V2_CU),
-        ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU),
-        ("nearest.cu", NEAREST_CU),
-        ("nearest_tc.cu", NEAREST_TC_CU),
-        ("bench_fill.cu", crate::sources::BENCH_FILL_CU),
+    for (file, src, arch) in [
+        ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU, arch),
+        ("item_loglik_fused_v2.cu", ITEM_LOGLIK_FUSED_V2_CU, arch),
+        (
+            "item_loglik_fused_v3.cu",
+            ITEM_LOGLIK_FUSED_V3_CU,
+            FUSED3_ARCH,
+        ),
+        ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU, arch),
+        ("nearest.cu", NEAREST_CU, arch),
+        ("nearest_tc.cu", NEAREST_TC_CU, arch),
+        ("bench_fill.cu", crate::sources::BENCH_FILL_CU, arch),
     ] {
         let ptx = std::panic::catch_unwind(|| {
             compile_ptx_with_opts(
@@ -212,6 +222,8 @@ pub struct CudaKernels {
     /// v2a bf16 and f16 kernels, or why they are unavailable (then v1 serves every call).
     /// Compiled on first use, so processes that run v1 (the default) do not pay for it.
     fused_v2: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
+    /// v3 (wgmma, sm_90a) bf16 and f16 kernels, or why they are unavailable; on first use.
+    fused_v3: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -306,6 +318,7 @@ impl CudaKernels {
             fused_f16: next(&mut fused),
             fused_f32: next(&mut fused),
             fused_v2: OnceLock::new(),
+            fused_v3: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -399,19 +412,82 @@ impl CudaKernels {
             (FusedVersion::V1, FusedVariant::TensorCoreBf16) => Some(&self.fused_bf16),
             (FusedVersion::V1, FusedVariant::TensorCoreF16) => Some(&self.fused_f16),
             (FusedVersion::V1, FusedVariant::F32) => Some(&self.fused_f32),
-            (FusedVersion::V2, FusedVariant::TensorCoreBf16) => {
-                self.fused_v2().as_ref().ok().map(|f| &f.0)
-            }
-            (FusedVersion::V2, FusedVariant::TensorCoreF16) => {
-                self.fused_v2().as_ref().ok().map(|f| &f.1)
-            }
-            (FusedVersion::V2, FusedVariant::F32) => None,
+            (_, FusedVariant::F32) => None,
+            (v, FusedVariant::TensorCoreBf16) => self.fused_tc(v)?.as_ref().ok().map(|f| &f.0),
+            (v, FusedVariant::TensorCoreF16) => self.fused_tc(v)?.as_ref().ok().map(|f| &f.1),
         }
+    }
+
+    /// The (bf16, f16) kernels of a tensor-core version after v1, loaded on first call, or
+    /// why they are unavailable; None for v1 (always loaded).
+    fn fused_tc(
+        &self,
+        version: FusedVersion,
+    ) -> Option<&std::result::Result<(CudaFunction, CudaFunction), String>> {
+        match version {
+            FusedVersion::V1 => None,
+            FusedVersion::V2 => Some(self.fused_v2()),
+            FusedVersion::V3 => Some(self.fused_v3()),
+        }
+    }
+
+    /// Why the fused kernels of `version` are unavailable on this device (None: loaded).
+    pub fn fused_unavailable(&self, version: FusedVersion) -> Option<&str> {
+        self.fused_tc(version)?.as_ref().err().map(|e| e.as_str())
+    }
+
+    /// The v3 kernels (`kernels/item_loglik_fused_v3.cu`: wgmma, sm_90a), compiled and loaded
+    /// on first call: only on compute capability 9.0 (wgmma is an sm_90a feature; Blackwell
+    /// has its own instructions) with 194 KB of opt-in shared memory.
+    fn fused_v3(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
+        self.fused_v3.get_or_init(|| {
+            let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
+                if std::env::var("LLM4DSR_FUSED_V3").is_ok_and(|x| x == "off") {
+                    bail!("{V3_DISABLED}");
+                }
+                if self.cc != (9, 0) {
+                    bail!(
+                        "needs compute capability 9.0 (wgmma), the device has {}.{}",
+                        self.cc.0,
+                        self.cc.1
+                    );
+                }
+                let optin = self.ctx.attribute(
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )? as u32;
+                if optin < launch::FUSED3_SMEM {
+                    bail!(
+                        "needs {} B of shared memory per block, the device allows {optin} B",
+                        launch::FUSED3_SMEM
+                    );
+                }
+                let f = compile_and_load(
+                    &self.ctx,
+                    FUSED3_ARCH,
+                    "item_loglik_fused_v3.cu",
+                    ITEM_LOGLIK_FUSED_V3_CU,
+                    &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
+                )?;
+                for func in &f {
+                    func.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        launch::FUSED3_SMEM as i32,
+                    )
+                    .context("opting in to dynamic shared memory for fused v3")?;
+                }
+                Ok((f[0].clone(), f[1].clone()))
+            })()
+            .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &loaded {
+                tracing::warn!("kernels: fused item_loglik v3 unavailable ({e})");
+            }
+            loaded
+        })
     }
 
     /// Why the v2 fused kernels are unavailable on this device (None: they are loaded).
     pub fn fused_v2_unavailable(&self) -> Option<&str> {
-        self.fused_v2().as_ref().err().map(|e| e.as_str())
+        self.fused_unavailable(FusedVersion::V2)
     }
 
     /// The v2 kernels, compiled and loaded on first call. v2 is optional: a device without
@@ -458,12 +534,12 @@ impl CudaKernels {
     /// resolved to v1 for f32 (v2 has no f32 kernel) or when v2 failed to load (logged).
     pub fn fused_version(&self, variant: FusedVariant) -> Result<FusedVersion> {
         let asked = FusedVersion::from_env()?;
-        let version = asked.resolve(variant);
-        if version == FusedVersion::V2 {
-            if let Some(why) = self.fused_v2_unavailable() {
-                tracing::debug!("kernels: fused v2 unavailable ({why}); v1 serves");
-                return Ok(FusedVersion::V1);
-            }
+        let mut version = asked.resolve(variant);
+        // v3 -> v2 -> v1: the first one this device has.
+        while let Some(why) = self.fused_unavailable(version) {
+            let next = version.fallback();
+            tracing::debug!("kernels: fused {version:?} unavailable ({why}); {next:?} serves");
+            version = next;
         }
         Ok(version)
     }
@@ -497,10 +573,8 @@ impl CudaKernels {
         items: usize,
         mode: ScoreMode,
     ) -> Result<ScoreBuffers> {
-        if version == FusedVersion::V2 {
-            if let Some(why) = self.fused_v2_unavailable() {
-                bail!("fused item_loglik v2 is unavailable on this device: {why}");
-            }
+        if let Some(why) = self.fused_unavailable(version) {
+            bail!("fused item_loglik {version:?} is unavailable on this device: {why}");
         }
         let plan = launch::fused_plan_version(version, variant, n, v, d, self.sm_count)?;
         let s = &self.stream;
@@ -539,10 +613,10 @@ impl CudaKernels {
                 plan.vocab
             );
         }
-        let v2 = match (plan.version, self.fused_v2()) {
-            (FusedVersion::V2, Ok(f)) => Some(f),
-            (FusedVersion::V2, Err(why)) => bail!("score_device: fused v2 unavailable: {why}"),
-            (FusedVersion::V1, _) => None,
+        let v2 = match self.fused_tc(plan.version) {
+            Some(Ok(f)) => Some(f),
+            Some(Err(why)) => bail!("score_device: fused {:?} unavailable: {why}", plan.version),
+            None => None,
         };
         let (func, same) = match (plan.variant, hidden, head) {
             (FusedVariant::TensorCoreBf16, DeviceMatrix::Bf16(..), DeviceMatrix::Bf16(..)) => {

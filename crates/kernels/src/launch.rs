@@ -53,6 +53,23 @@ pub const FUSED2_BLOCK_OVERHEAD_STEPS: u32 = 4;
 // at 128 for that residency.
 const _: () = assert!(FUSED2_SMEM <= SMEM_OPTIN_MAX_SM90);
 const _: () = assert!(2 * (FUSED2_SMEM + 1024) <= SMEM_PER_SM_SM90);
+/// Version 3 of the tensor-core fused kernel (`kernels/item_loglik_fused_v3.cu`, wgmma on
+/// sm_90a): rows per block (2 warpgroups x 64).
+pub const FUSED3_BM: u32 = 128;
+/// v3: vocabulary entries per tile (one m64n256k16 wgmma per warpgroup per 16 deep).
+pub const FUSED3_BN: u32 = 256;
+/// v3: depth per pipeline stage (128-byte rows: wgmma's 128-byte swizzle).
+pub const FUSED3_BK: u32 = 64;
+/// v3: stages in the ring (copies run STAGES - 2 steps ahead).
+pub const FUSED3_STAGES: u32 = 4;
+/// v3: threads per block (2 warpgroups).
+pub const FUSED3_THREADS: u32 = 256;
+/// v3 dynamic shared memory: the ring plus 1 KB to align it to 1024 B. Must equal
+/// `FUSED3_SMEM` in the `.cu`.
+pub const FUSED3_SMEM: u32 = FUSED3_STAGES * (FUSED3_BM + FUSED3_BN) * FUSED3_BK * 2 + 1024;
+/// v3: a block's fixed cost in k-steps for the split (two stages of prologue, the merges).
+pub const FUSED3_BLOCK_OVERHEAD_STEPS: u32 = 3;
+const _: () = assert!(FUSED3_SMEM <= SMEM_OPTIN_MAX_SM90);
 /// Shared memory a block may use without opting in (static or dynamic).
 pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
 /// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
@@ -228,6 +245,10 @@ pub enum FusedVersion {
     /// 128 x 128 tiles, 8 warps, 3-stage cp.async ring, ldmatrix (`item_loglik_fused_v2.cu`).
     #[default]
     V2,
+    /// 128 x 256 tiles, 2 warpgroups, wgmma from 128-byte-swizzled shared tiles, 4-stage
+    /// cp.async ring (`item_loglik_fused_v3.cu`); compute capability 9.0 only. Opt-in
+    /// (`LLM4DSR_FUSED_VERSION=v3`) until a GPU run has checked and timed it.
+    V3,
 }
 
 /// The environment variable that picks the fused kernel's version.
@@ -238,7 +259,8 @@ impl FusedVersion {
         match s.trim().to_ascii_lowercase().as_str() {
             "v1" | "1" => Ok(FusedVersion::V1),
             "" | "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
-            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1 or v2"),
+            "v3" | "3" => Ok(FusedVersion::V3),
+            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2 or v3"),
         }
     }
 
@@ -255,7 +277,15 @@ impl FusedVersion {
     pub fn supports(&self, variant: FusedVariant) -> bool {
         match self {
             FusedVersion::V1 => true,
-            FusedVersion::V2 => variant != FusedVariant::F32,
+            FusedVersion::V2 | FusedVersion::V3 => variant != FusedVariant::F32,
+        }
+    }
+
+    /// The version that serves when this one is unavailable on a device (v3 -> v2 -> v1).
+    pub fn fallback(self) -> Self {
+        match self {
+            FusedVersion::V3 => FusedVersion::V2,
+            _ => FusedVersion::V1,
         }
     }
 
@@ -275,8 +305,10 @@ impl FusedVersion {
             (FusedVersion::V1, v) => v.kernel_name(),
             (FusedVersion::V2, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v2_bf16",
             (FusedVersion::V2, FusedVariant::TensorCoreF16) => "item_loglik_fused_v2_f16",
-            (FusedVersion::V2, FusedVariant::F32) => {
-                bail!("fused item_loglik v2 has no f32 kernel")
+            (FusedVersion::V3, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v3_bf16",
+            (FusedVersion::V3, FusedVariant::TensorCoreF16) => "item_loglik_fused_v3_f16",
+            (v, FusedVariant::F32) => {
+                bail!("fused item_loglik {v:?} has no f32 kernel")
             }
         })
     }
@@ -286,6 +318,7 @@ impl FusedVersion {
         match self {
             FusedVersion::V1 => (FUSED_BM, FUSED_BN),
             FusedVersion::V2 => (FUSED2_BM, FUSED2_BN),
+            FusedVersion::V3 => (FUSED3_BM, FUSED3_BN),
         }
     }
 }
@@ -371,6 +404,17 @@ pub fn fused_plan_version(
             ),
             FUSED2_THREADS,
             FUSED2_SMEM,
+        ),
+        FusedVersion::V3 => (
+            TileSplit::balanced(
+                tiles,
+                row_blocks,
+                sm_count.max(1),
+                (d as u32).div_ceil(FUSED3_BK),
+                FUSED3_BLOCK_OVERHEAD_STEPS,
+            ),
+            FUSED3_THREADS,
+            FUSED3_SMEM,
         ),
     };
     Ok(FusedPlan {
@@ -726,6 +770,40 @@ mod tests {
     }
 
     #[test]
+    fn fused_v3_plan_shapes() {
+        use FusedVersion::V3;
+        assert_eq!(FUSED3_SMEM, 4 * 384 * 128 + 1024);
+        for (n, v, d) in [
+            (5120usize, 49_152usize, 576usize),
+            (5120, 151_936, 896),
+            (1280, 128_256, 4096),
+            (2560, 128_256, 4096),
+        ] {
+            let p = fused_plan_version(V3, FusedVariant::TensorCoreBf16, n, v, d, 132).unwrap();
+            assert_eq!(p.fused.block, (FUSED3_THREADS, 1, 1));
+            assert_eq!(p.fused.shared_bytes, FUSED3_SMEM);
+            assert_eq!(p.row_blocks as usize, n.div_ceil(128));
+            assert_eq!(p.split.tiles as usize, v.div_ceil(256));
+            assert_eq!(p.fused.grid, (p.split.slices, p.row_blocks, 1));
+            assert_covers(&p.split);
+            let steps = d.div_ceil(64) as u32;
+            let even = (p.row_blocks as f64 * p.split.tiles as f64 * steps as f64) / 132.0;
+            let busiest =
+                p.split
+                    .busiest_sm_cost(p.row_blocks, 132, steps, FUSED3_BLOCK_OVERHEAD_STEPS)
+                    as f64;
+            eprintln!(
+                "v3 {n}x{v}x{d}: {} slices x {} row blocks, busiest {busiest} vs even {even:.1}",
+                p.split.slices, p.row_blocks
+            );
+            assert!(busiest <= 1.08 * even, "{n}x{v}: {busiest} vs {even:.1}");
+        }
+        let p = fused_plan_version(V3, FusedVariant::TensorCoreF16, 130, 300, 72, 4).unwrap();
+        assert_eq!((p.row_blocks, p.split.tiles), (2, 2));
+        assert!(fused_plan_version(V3, FusedVariant::F32, 10, 10, 16, 132).is_err());
+    }
+
+    #[test]
     fn fused_v2_shared_memory_fits() {
         // 3 stages x (128 + 128) rows x 128 B, plus 2 KB of per-row reductions.
         assert_eq!(FUSED2_SMEM, 3 * 256 * 128 + 2048);
@@ -752,7 +830,16 @@ mod tests {
         assert_eq!(FusedVersion::parse("v1").unwrap(), FusedVersion::V1);
         assert_eq!(FusedVersion::parse(" V2 ").unwrap(), FusedVersion::V2);
         assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V2);
-        assert!(FusedVersion::parse("v3").is_err());
+        assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
+        assert!(FusedVersion::parse("v4").is_err());
+        assert_eq!(FusedVersion::V3.resolve(F32), FusedVersion::V1);
+        assert_eq!(FusedVersion::V3.fallback(), FusedVersion::V2);
+        assert_eq!(FusedVersion::V2.fallback(), FusedVersion::V1);
+        assert_eq!(
+            FusedVersion::V3.kernel_name(TensorCoreBf16).unwrap(),
+            "item_loglik_fused_v3_bf16"
+        );
+        assert!(FusedVersion::V3.kernel_name(F32).is_err());
         assert_eq!(FusedVersion::default(), FusedVersion::V2);
         assert_eq!(FusedVersion::V2.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V2.resolve(TensorCoreBf16), FusedVersion::V2);

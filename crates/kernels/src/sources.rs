@@ -9,6 +9,12 @@ pub const ITEM_LOGLIK_LOGITS_CU: &str = include_str!("../../../kernels/item_logl
 pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_loglik_fused.cu");
 /// Version 2a of the tensor-core fused kernel (opt-in: `LLM4DSR_FUSED_VERSION=v2`).
 pub const ITEM_LOGLIK_FUSED_V2_CU: &str = include_str!("../../../kernels/item_loglik_fused_v2.cu");
+/// Version 3 of the tensor-core fused kernel: wgmma on sm_90a (opt-in:
+/// `LLM4DSR_FUSED_VERSION=v3`).
+pub const ITEM_LOGLIK_FUSED_V3_CU: &str = include_str!("../../../kernels/item_loglik_fused_v3.cu");
+/// NVRTC architecture of the v3 source: wgmma is an sm_90a ("architecture-specific") feature,
+/// so its PTX is compute_90a, which the driver JITs for compute capability 9.0 only.
+pub const FUSED3_ARCH: &str = "compute_90a";
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
 /// The tensor-core grounding search (opt-in: `LLM4DSR_NEAREST_VERSION=tc`).
 pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
@@ -49,6 +55,11 @@ pub fn nvrtc_defines() -> Vec<String> {
         format!("-DFUSED2_BK={FUSED2_BK}"),
         format!("-DFUSED2_STAGES={FUSED2_STAGES}"),
         format!("-DFUSED2_THREADS={FUSED2_THREADS}"),
+        format!("-DFUSED3_BM={FUSED3_BM}"),
+        format!("-DFUSED3_BN={FUSED3_BN}"),
+        format!("-DFUSED3_BK={FUSED3_BK}"),
+        format!("-DFUSED3_STAGES={FUSED3_STAGES}"),
+        format!("-DFUSED3_THREADS={FUSED3_THREADS}"),
         format!("-DFUSED_F32_THREADS={FUSED_F32_THREADS}"),
         format!("-DLOGITS_THREADS={LOGITS_THREADS}"),
         format!("-DNEAREST_BQ={NEAREST_BQ}"),
@@ -86,6 +97,10 @@ mod tests {
                 &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"][..],
             ),
             (
+                ITEM_LOGLIK_FUSED_V3_CU,
+                &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"][..],
+            ),
+            (
                 ITEM_LOGLIK_LOGITS_CU,
                 &["item_loglik_logits", "item_segment_sum"][..],
             ),
@@ -120,6 +135,7 @@ mod tests {
         let all = [
             ITEM_LOGLIK_FUSED_CU,
             ITEM_LOGLIK_FUSED_V2_CU,
+            ITEM_LOGLIK_FUSED_V3_CU,
             ITEM_LOGLIK_LOGITS_CU,
             NEAREST_CU,
             NEAREST_TC_CU,
@@ -152,6 +168,21 @@ mod tests {
         ] {
             assert!(src.contains(ptx), "{ptx}");
         }
+    }
+
+    /// The v3 source's shared-memory formula and tile shape are launch.rs's.
+    #[test]
+    fn v3_source_matches_launch_constants() {
+        let src = ITEM_LOGLIK_FUSED_V3_CU;
+        assert!(src.contains("#define F3_A_BYTES (FUSED3_BM * FUSED3_BK * 2)"));
+        assert!(src.contains("#define F3_B_BYTES (FUSED3_BN * FUSED3_BK * 2)"));
+        assert!(src.contains("#define F3_STAGE_BYTES (F3_A_BYTES + F3_B_BYTES)"));
+        assert!(src.contains("#define FUSED3_SMEM (FUSED3_STAGES * F3_STAGE_BYTES + 1024)"));
+        assert!(src.contains("__launch_bounds__(FUSED3_THREADS, 1)"));
+        assert!(src.contains(&format!(
+            "wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16",
+            crate::launch::FUSED3_BN
+        )));
     }
 
     /// The tensor-core grounding source's shared-memory formula is launch.rs's, and its list
