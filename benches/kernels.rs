@@ -412,7 +412,7 @@ mod gpu {
     use anyhow::{Context, Result};
     use llm4dsr_kernels::cuda::cudarc::driver::{sys, CudaFunction, CudaSlice, PushKernelArg};
     use llm4dsr_kernels::cuda::{cfg, kernels, CudaKernels, DeviceMatrix, ScoreMode};
-    use llm4dsr_kernels::launch::{FusedVariant, FusedVersion, Shape};
+    use llm4dsr_kernels::launch::{FusedVariant, FusedVersion, Shape, TcCandidates};
     use llm4dsr_kernels::sources::BENCH_FILL_CU;
 
     struct Fill {
@@ -837,49 +837,93 @@ mod gpu {
                             )?
                         );
                     }
+                    if si == 0 {
+                        match g.nearest_tc_v3_function() {
+                            Some(f3) => println!(
+                                "nearest_tc_candidates_v3: {} registers, {} B local, {} B dynamic \
+                                 shared, {} resident blocks/SM",
+                                f3.num_regs()?,
+                                f3.local_size_bytes()?,
+                                llm4dsr_kernels::launch::NTC3_SMEM,
+                                f3.occupancy_max_active_blocks_per_multiprocessor(
+                                    llm4dsr_kernels::launch::FUSED3_THREADS,
+                                    llm4dsr_kernels::launch::NTC3_SMEM as usize,
+                                    None
+                                )?
+                            ),
+                            None => println!(
+                                "nearest_tc_candidates_v3: unavailable ({})",
+                                g.nearest_tc_v3_unavailable().unwrap_or("?")
+                            ),
+                        }
+                    }
                     let cat = g.tc_catalog(&c, n, d, &[0])?;
-                    let mut pend = None;
-                    let ms_kernels = event_ms(g, 1, 3, || {
-                        pend = Some(g.nearest_tc_launch(&q, b, &c, &cat, k)?);
-                        Ok(())
-                    })?;
-                    let mut res = None;
-                    let ms_all = event_ms(g, 1, 3, || {
-                        let p = g.nearest_tc_launch(&q, b, &c, &cat, k)?;
-                        res = Some(g.nearest_tc_finish(p, &q, &c, &cat)?);
-                        Ok(())
-                    })?;
-                    let (tc, st) = res.context("no tc run")?;
-                    let p = pend.context("no tc launch")?.plan;
-                    let same = tc == merged;
-                    rows.push(Row {
-                        case: "nearest tc: candidates + re-rank (f16 mma.sync)".into(),
-                        shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
-                        ms: ms_kernels,
-                        work: nearest_tc_work(s),
-                        note: format!(
-                            "query prep + candidates + re-rank, no fallback; grid {} query blocks \
-                             x {} slices; x{:.1} f32",
-                            p.query_blocks,
-                            p.split.slices,
-                            ms / ms_kernels
-                        ),
-                    });
-                    rows.push(Row {
-                        case: "nearest tc end to end (certificate + f32 fallback)".into(),
-                        shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
-                        ms: ms_all,
-                        work: nearest_tc_work(s),
-                        note: format!(
-                            "equals the f32 kernel: {same}; {} certified ({} at level 2), {} \
-                             through the f32 kernel, min level-1 margin {:.3e}; x{:.1} f32",
-                            st.certified,
-                            st.deep,
-                            st.fallback,
-                            st.min_margin,
-                            ms / ms_all
-                        ),
-                    });
+                    // Both candidate kernels where v3 loads (and the GPU check did not turn it
+                    // off with LLM4DSR_NEAREST_TC_CANDIDATES=v2 after a failed smoke test).
+                    let mut cands = vec![TcCandidates::V2];
+                    if g.nearest_tc_v3_unavailable().is_none()
+                        && std::env::var("LLM4DSR_NEAREST_TC_CANDIDATES").as_deref() != Ok("v2")
+                    {
+                        cands.push(TcCandidates::V3);
+                    }
+                    let mut ms_v2 = None;
+                    for cand in cands {
+                        let label = match cand {
+                            TcCandidates::V2 => "f16 mma.sync",
+                            TcCandidates::V3 => "f16 wgmma, 128 x 256",
+                        };
+                        let mut pend = None;
+                        let ms_kernels = event_ms(g, 1, 3, || {
+                            pend = Some(g.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?);
+                            Ok(())
+                        })?;
+                        let mut res = None;
+                        let ms_all = event_ms(g, 1, 3, || {
+                            let p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?;
+                            res = Some(g.nearest_tc_finish(p, &q, &c, &cat)?);
+                            Ok(())
+                        })?;
+                        let (tc, st) = res.context("no tc run")?;
+                        let p = pend.context("no tc launch")?.plan;
+                        let same = tc == merged;
+                        let vs_v2 = match ms_v2 {
+                            Some(m) => format!("; x{:.2} v2 candidates", m / ms_kernels),
+                            None => String::new(),
+                        };
+                        if cand == TcCandidates::V2 {
+                            ms_v2 = Some(ms_kernels);
+                        }
+                        rows.push(Row {
+                            case: format!("nearest tc: candidates + re-rank ({label})"),
+                            shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                            ms: ms_kernels,
+                            work: nearest_tc_work(s),
+                            note: format!(
+                                "query prep + candidates + re-rank, no fallback; grid {} query \
+                                 blocks x {} slices; x{:.1} f32{vs_v2}",
+                                p.query_blocks,
+                                p.split.slices,
+                                ms / ms_kernels
+                            ),
+                        });
+                        rows.push(Row {
+                            case: format!(
+                                "nearest tc end to end ({label}; certificate + f32 fallback)"
+                            ),
+                            shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                            ms: ms_all,
+                            work: nearest_tc_work(s),
+                            note: format!(
+                                "equals the f32 kernel: {same}; {} certified ({} at level 2), {} \
+                                 through the f32 kernel, min level-1 margin {:.3e}; x{:.1} f32",
+                                st.certified,
+                                st.deep,
+                                st.fallback,
+                                st.min_margin,
+                                ms / ms_all
+                            ),
+                        });
+                    }
                 }
             }
         }

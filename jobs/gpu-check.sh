@@ -117,6 +117,17 @@ if [ $rc -ne 0 ]; then
   status=1
 fi
 
+echo "== tensor-core grounding with the v3 (wgmma) candidate kernel (separate process)"
+timeout 90 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_nearest_tc_equals_f32_kernel > "$OUT/tc3-smoke.log" 2>&1
+rc=$?
+grep -E "^test |test result|panicked|SKIP" "$OUT/tc3-smoke.log" | head -10
+grep -E "GPU nearest tc V3" "$OUT/tc3-smoke.log" | head -8
+if [ $rc -ne 0 ]; then
+  echo "FAILED: tensor-core grounding test (exit $rc); the rest runs with LLM4DSR_NEAREST_TC_CANDIDATES=v2"
+  export LLM4DSR_NEAREST_TC_CANDIDATES=v2
+  status=1
+fi
+
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)
 timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1

@@ -320,6 +320,24 @@ mod gpu {
             }
             assert_eq!(tc.matches("ldmatrix.sync").count(), 24, "{arch}");
             assert_eq!(tc.matches("mma.sync").count(), 64, "{arch}");
+            let tc3 = &ptx
+                .iter()
+                .find(|(f, _)| *f == "nearest_tc_v3.cu")
+                .expect("nearest_tc_v3 compiled")
+                .1;
+            for needle in [
+                ".entry nearest_tc_candidates_v3(",
+                "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16",
+                "fence.proxy.async.shared::cta",
+                "wgmma.wait_group.sync.aligned 0",
+            ] {
+                assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
+            }
+            assert_eq!(
+                tc3.matches("wgmma.mma_async").count(),
+                4,
+                "nearest_tc_v3 wgmma"
+            );
             // v3 (compiled for compute_90a whatever the arch): 4 wgmma per stage per kernel,
             // the proxy fence between the cp.async copies and wgmma's reads, the waits.
             let v3 = &ptx
@@ -602,7 +620,33 @@ mod gpu {
 #[cfg(feature = "cuda")]
 mod gpu_tc {
     use super::*;
+    use llm4dsr_kernels::launch::TcCandidates;
     use llm4dsr_kernels::nearest_tc::{kernel_f32_search, NearestVersion};
+
+    /// The candidate kernels to test here: v2 everywhere, v3 (wgmma) on compute capability
+    /// 9.0, where it must load (unless disabled by the GPU check after a failed v3 smoke test).
+    fn candidate_kernels(g: &llm4dsr_kernels::cuda::CudaKernels) -> Vec<TcCandidates> {
+        let why = g.nearest_tc_v3_unavailable();
+        if std::env::var("LLM4DSR_NEAREST_TC_CANDIDATES").as_deref() == Ok("v2") {
+            eprintln!("SKIP: nearest tc v3 candidates: LLM4DSR_NEAREST_TC_CANDIDATES=v2");
+            vec![TcCandidates::V2]
+        } else if why == Some(llm4dsr_kernels::cuda::V3_DISABLED) {
+            eprintln!(
+                "SKIP: nearest tc v3 candidates: {}",
+                llm4dsr_kernels::cuda::V3_DISABLED
+            );
+            vec![TcCandidates::V2]
+        } else if g.cc == (9, 0) {
+            assert_eq!(
+                why, None,
+                "nearest tc v3 candidates did not load on an sm_90 card"
+            );
+            vec![TcCandidates::V2, TcCandidates::V3]
+        } else {
+            eprintln!("SKIP: nearest tc v3 candidates need compute capability 9.0");
+            vec![TcCandidates::V2]
+        }
+    }
 
     fn gpu() -> Option<&'static llm4dsr_kernels::cuda::CudaKernels> {
         let k = llm4dsr_kernels::cuda::kernels();
@@ -647,6 +691,7 @@ mod gpu_tc {
     fn gpu_nearest_tc_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
         assert_eq!(g.nearest_tc_unavailable(), None, "nearest tc did not load");
+        let cands = candidate_kernels(g);
         for (case, (b, n, d, k, kind)) in [
             (1usize, 5usize, 8usize, 5usize, Data::Gauss),
             (37, 2100, 24, 10, Data::Gauss),
@@ -663,24 +708,30 @@ mod gpu_tc {
             let q = data(kind, key, b * d, true);
             let cat = data(kind, key + 1, n * d, false);
             let exclude = [0u32, 2, 2];
-            let what = format!("GPU nearest tc {kind:?} b={b} n={n} d={d} k={k}");
-            let (got, st) = g.nearest_items_tc(&q, &cat, d, k, &exclude).unwrap();
-            let f32k = g.nearest_items_f32(&q, &cat, d, k, &exclude).unwrap();
-            eprintln!("{what}: {st:?}");
-            assert_eq!(got, f32k, "{what}: differs from the f32 kernel");
-            let want = reference::nearest_items(&q, &cat, d, k, &exclude).unwrap();
-            check_nearest(&what, &got, &want, &q, &cat, d, 1e-4);
-            assert_eq!(st.certified + st.fallback, b, "{what}");
-            match kind {
-                Data::Gauss => assert!(st.certified > 0, "{what}: nothing certified"),
-                Data::Binary => assert!(
-                    st.deep + st.fallback > 0,
-                    "{what}: ties at the k-th must be refused by the first level"
-                ),
-                Data::Crowded => assert_eq!(st.fallback, b, "{what}: crowded must fall back"),
+            for &cand in &cands {
+                let what = format!("GPU nearest tc {cand:?} {kind:?} b={b} n={n} d={d} k={k}");
+                let (got, st) = g
+                    .nearest_items_tc_with(&q, &cat, d, k, &exclude, cand)
+                    .unwrap();
+                let f32k = g.nearest_items_f32(&q, &cat, d, k, &exclude).unwrap();
+                eprintln!("{what}: {st:?}");
+                assert_eq!(got, f32k, "{what}: differs from the f32 kernel");
+                let want = reference::nearest_items(&q, &cat, d, k, &exclude).unwrap();
+                check_nearest(&what, &got, &want, &q, &cat, d, 1e-4);
+                assert_eq!(st.certified + st.fallback, b, "{what}");
+                match kind {
+                    Data::Gauss => assert!(st.certified > 0, "{what}: nothing certified"),
+                    Data::Binary => assert!(
+                        st.deep + st.fallback > 0,
+                        "{what}: ties at the k-th must be refused by the first level"
+                    ),
+                    Data::Crowded => assert_eq!(st.fallback, b, "{what}: crowded must fall back"),
+                }
+                let (again, st2) = g
+                    .nearest_items_tc_with(&q, &cat, d, k, &exclude, cand)
+                    .unwrap();
+                assert_eq!((&got, st), (&again, st2), "{what}: not repeatable");
             }
-            let (again, st2) = g.nearest_items_tc(&q, &cat, d, k, &exclude).unwrap();
-            assert_eq!((&got, st), (&again, st2), "{what}: not repeatable");
         }
         // A query with values below 2^-41 (its f16 scale is clamped) falls back and is right;
         // k > 16 and d % 8 != 0 take the f32 kernel through the versioned entry point.

@@ -5,6 +5,8 @@ section 5). The Rust check (tests/kernels.rs, nvrtc_compiles_every_kernel) compi
 sources with the same -D options; this script adds `--ptxas-options=-v` on real architectures.
 
   python3 jobs/sim/ptxas_report.py kernels/nearest_tc.cu [-DNAME=V ...]
+  python3 jobs/sim/ptxas_report.py kernels/item_loglik_fused_v3.cu   (sm_90a files: compiled
+      after kernels/wgmma_common.cuh, as crates/kernels/src/sources.rs does, for sm_90a only)
   NVRTC_LIB=/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13 (default)
 """
 import ctypes, os, sys
@@ -12,8 +14,14 @@ import ctypes, os, sys
 lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "/tmp/nvrtc/x/nvidia/cu13/lib/libnvrtc.so.13"))
 
 
+SM90A = ("item_loglik_fused_v3.cu", "nearest_tc_v3.cu")
+
+
 def compile_(path, arch, defs, extra=()):
     src = open(path, "rb").read()
+    if os.path.basename(path) in SM90A:
+        common = os.path.join(os.path.dirname(path), "wgmma_common.cuh")
+        src = open(common, "rb").read() + b"\n#line 1\n" + src
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None) == 0
     opts = [f"--gpu-architecture={arch}".encode()] + [d.encode() for d in defs] + [e.encode() for e in extra]
@@ -33,8 +41,9 @@ if __name__ == "__main__":
     defs = [a for a in sys.argv[1:] if a.startswith("-D")]
     rc = 0
     for f in files:
-        for arch in ("compute_80", "compute_90"):
+        sm90a = os.path.basename(f) in SM90A
+        for arch in ("compute_90a",) if sm90a else ("compute_80", "compute_90"):
             rc |= compile_(f, arch, defs)
-        for arch in ("sm_80", "sm_90"):
+        for arch in ("sm_90a",) if sm90a else ("sm_80", "sm_90"):
             rc |= compile_(f, arch, defs, ["--ptxas-options=-v"])
     sys.exit(rc)

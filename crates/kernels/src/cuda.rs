@@ -22,14 +22,15 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use crate::backend::{backend, request, Backend, Request};
 use crate::item_loglik::{check_args, ItemLogLik};
 use crate::launch::{
-    self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, NearestTcPlan, Shape,
+    self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, NearestTcPlan, Shape, TcCandidates,
 };
 use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
 use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
 use crate::resident::ResidentKey;
 use crate::sources::{
-    nvrtc_arch, nvrtc_defines, FUSED3_ARCH, ITEM_LOGLIK_FUSED_CU, ITEM_LOGLIK_FUSED_V2_CU,
-    ITEM_LOGLIK_FUSED_V3_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU, NEAREST_TC_CU,
+    nvrtc_arch, nvrtc_defines, sm90a_source, FUSED3_ARCH, ITEM_LOGLIK_FUSED_CU,
+    ITEM_LOGLIK_FUSED_V2_CU, ITEM_LOGLIK_FUSED_V3_CU, ITEM_LOGLIK_LOGITS_CU, NEAREST_CU,
+    NEAREST_TC_CU, NEAREST_TC_V3_CU,
 };
 
 /// Why v3 is unavailable when `LLM4DSR_FUSED_V3=off` (the GPU check sets it after a failed
@@ -117,22 +118,32 @@ pub fn compile_and_load(
 /// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
 pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
+    let plain = |src: &str| src.to_string();
     for (file, src, arch) in [
-        ("item_loglik_fused.cu", ITEM_LOGLIK_FUSED_CU, arch),
-        ("item_loglik_fused_v2.cu", ITEM_LOGLIK_FUSED_V2_CU, arch),
+        ("item_loglik_fused.cu", plain(ITEM_LOGLIK_FUSED_CU), arch),
+        (
+            "item_loglik_fused_v2.cu",
+            plain(ITEM_LOGLIK_FUSED_V2_CU),
+            arch,
+        ),
         (
             "item_loglik_fused_v3.cu",
-            ITEM_LOGLIK_FUSED_V3_CU,
+            sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
             FUSED3_ARCH,
         ),
-        ("item_loglik_logits.cu", ITEM_LOGLIK_LOGITS_CU, arch),
-        ("nearest.cu", NEAREST_CU, arch),
-        ("nearest_tc.cu", NEAREST_TC_CU, arch),
-        ("bench_fill.cu", crate::sources::BENCH_FILL_CU, arch),
+        ("item_loglik_logits.cu", plain(ITEM_LOGLIK_LOGITS_CU), arch),
+        ("nearest.cu", plain(NEAREST_CU), arch),
+        ("nearest_tc.cu", plain(NEAREST_TC_CU), arch),
+        (
+            "nearest_tc_v3.cu",
+            sm90a_source(NEAREST_TC_V3_CU),
+            FUSED3_ARCH,
+        ),
+        ("bench_fill.cu", plain(crate::sources::BENCH_FILL_CU), arch),
     ] {
         let ptx = std::panic::catch_unwind(|| {
             compile_ptx_with_opts(
-                src,
+                &src,
                 CompileOptions {
                     arch: Some(arch),
                     options: nvrtc_defines(),
@@ -233,6 +244,8 @@ pub struct CudaKernels {
     /// The tensor-core grounding kernels, or why they are unavailable (then the f32 kernel
     /// serves every search). Compiled on first use.
     nearest_tc: OnceLock<std::result::Result<NearestTcFns, String>>,
+    /// The wgmma candidate kernel (`nearest_tc_v3.cu`, sm_90a), or why it is unavailable.
+    nearest_tc_v3: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The last LM head `item_loglik` uploaded, kept on the device between calls.
     resident_head: Mutex<Option<(ResidentKey, Arc<DeviceMatrix>)>>,
 }
@@ -326,6 +339,7 @@ impl CudaKernels {
             row_norms: next(&mut near),
             mark_excluded: next(&mut near),
             nearest_tc: OnceLock::new(),
+            nearest_tc_v3: OnceLock::new(),
             resident_head: Mutex::new(None),
             ctx,
             stream,
@@ -465,7 +479,7 @@ impl CudaKernels {
                     &self.ctx,
                     FUSED3_ARCH,
                     "item_loglik_fused_v3.cu",
-                    ITEM_LOGLIK_FUSED_V3_CU,
+                    &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                     &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
                 )?;
                 for func in &f {
@@ -479,7 +493,7 @@ impl CudaKernels {
             })()
             .map_err(|e| format!("{e:#}"));
             if let Err(e) = &loaded {
-                tracing::warn!("kernels: fused item_loglik v3 unavailable ({e})");
+                tracing::info!("kernels: fused item_loglik v3 unavailable ({e}); v2 or v1 serves");
             }
             loaded
         })
@@ -927,6 +941,76 @@ impl CudaKernels {
             .map_err(|e| e.as_str())
     }
 
+    /// The wgmma candidate kernel, compiled and loaded on first call: compute capability 9.0
+    /// with NTC3_SMEM of opt-in shared memory, and not disabled by `LLM4DSR_FUSED_V3=off`.
+    fn nearest_tc_v3_fn(&self) -> std::result::Result<&CudaFunction, &str> {
+        self.nearest_tc_v3
+            .get_or_init(|| {
+                let loaded = (|| -> Result<CudaFunction> {
+                    if std::env::var("LLM4DSR_FUSED_V3").is_ok_and(|x| x == "off") {
+                        bail!("{V3_DISABLED}");
+                    }
+                    if self.cc != (9, 0) {
+                        bail!("needs compute capability 9.0 (wgmma), not {}.{}", self.cc.0, self.cc.1);
+                    }
+                    let optin = self.ctx.attribute(
+                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                    )? as u32;
+                    if optin < launch::NTC3_SMEM {
+                        bail!(
+                            "needs {} B of shared memory per block, the device allows {optin} B",
+                            launch::NTC3_SMEM
+                        );
+                    }
+                    let f = compile_and_load(
+                        &self.ctx,
+                        FUSED3_ARCH,
+                        "nearest_tc_v3.cu",
+                        &sm90a_source(NEAREST_TC_V3_CU),
+                        &["nearest_tc_candidates_v3"],
+                    )?;
+                    f[0].set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        launch::NTC3_SMEM as i32,
+                    )
+                    .context("opting in to dynamic shared memory for nearest_tc_candidates_v3")?;
+                    Ok(f[0].clone())
+                })()
+                .map_err(|e| format!("{e:#}"));
+                if let Err(e) = &loaded {
+                    tracing::info!("kernels: wgmma grounding candidates unavailable ({e}); v2 serves");
+                }
+                loaded
+            })
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Why the wgmma candidate kernel is unavailable (None: loaded).
+    pub fn nearest_tc_v3_unavailable(&self) -> Option<&str> {
+        self.nearest_tc_v3_fn().err()
+    }
+
+    /// The loaded wgmma candidate kernel (for its attributes), if any.
+    pub fn nearest_tc_v3_function(&self) -> Option<&CudaFunction> {
+        self.nearest_tc_v3_fn().ok()
+    }
+
+    /// The candidate kernel a tensor-core search runs: `LLM4DSR_NEAREST_TC_CANDIDATES=v2|v3`
+    /// when set, else v3 where it loads (H100/H200) and v2 elsewhere.
+    pub fn tc_candidates(&self) -> Result<TcCandidates> {
+        match std::env::var("LLM4DSR_NEAREST_TC_CANDIDATES").as_deref() {
+            Ok("v2") => Ok(TcCandidates::V2),
+            Ok("v3") => Ok(TcCandidates::V3),
+            Ok(other) => bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2 or v3"),
+            Err(_) => Ok(if self.nearest_tc_v3_fn().is_ok() {
+                TcCandidates::V3
+            } else {
+                TcCandidates::V2
+            }),
+        }
+    }
+
     /// Why the tensor-core grounding is unavailable on this device (None: it is loaded).
     pub fn nearest_tc_unavailable(&self) -> Option<&str> {
         self.nearest_tc_fns().err()
@@ -997,9 +1081,29 @@ impl CudaKernels {
         cat: &TcCatalog,
         k: usize,
     ) -> Result<TcPending> {
+        self.nearest_tc_launch_with(queries, b, catalog, cat, k, self.tc_candidates()?)
+    }
+
+    /// [`Self::nearest_tc_launch`] with an explicit candidate kernel (tests and benchmarks
+    /// compare the two in one process).
+    pub fn nearest_tc_launch_with(
+        &self,
+        queries: &CudaSlice<f32>,
+        b: usize,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        k: usize,
+        cand: TcCandidates,
+    ) -> Result<TcPending> {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
+        let cand_fn = match cand {
+            TcCandidates::V2 => &f.candidates,
+            TcCandidates::V3 => self
+                .nearest_tc_v3_fn()
+                .map_err(|e| anyhow!("nearest tc v3 candidates unavailable: {e}"))?,
+        };
         let (n, d) = (cat.n, cat.d);
-        let plan = launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
+        let plan = launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count)?;
         let qnorm = self.row_norms(queries, b, d)?;
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
         let s = &self.stream;
@@ -1009,12 +1113,13 @@ impl CudaKernels {
         let per_slice = plan.split.per_slice as i32;
         let slices = plan.split.slices as i32;
         {
-            let mut lb = s.launch_builder(&f.candidates);
+            let mut lb = s.launch_builder(cand_fn);
             lb.arg(&q16).arg(&cat.c16).arg(&qinfo).arg(&cat.info);
             lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
             lb.arg(&mut cand_k).arg(&mut cand_i);
-            // SAFETY: arguments match nearest_tc_candidates; outputs sized by the plan; the
-            // dynamic shared memory (NTC_SMEM) was opted in at load.
+            // SAFETY: arguments match nearest_tc_candidates (v3: nearest_tc_candidates_v3, the
+            // same signature); outputs sized by the plan; the dynamic shared memory (the plan's,
+            // NTC_SMEM or NTC3_SMEM) was opted in at load.
             unsafe { lb.launch(cfg(plan.candidates)) }
                 .context("launching nearest_tc_candidates")?;
         }
@@ -1161,6 +1266,19 @@ impl CudaKernels {
         k: usize,
         exclude: &[u32],
     ) -> Result<(Nearest, TcStats)> {
+        self.nearest_items_tc_with(queries, catalog, d, k, exclude, self.tc_candidates()?)
+    }
+
+    /// [`Self::nearest_items_tc`] with an explicit candidate kernel.
+    pub fn nearest_items_tc_with(
+        &self,
+        queries: &[f32],
+        catalog: &[f32],
+        d: usize,
+        k: usize,
+        exclude: &[u32],
+        cand: TcCandidates,
+    ) -> Result<(Nearest, TcStats)> {
         check_nearest_args(queries, catalog, d)?;
         let b = queries.len() / d;
         let n = catalog.len() / d;
@@ -1173,11 +1291,11 @@ impl CudaKernels {
             };
             return Ok((empty, TcStats::default()));
         }
-        launch::nearest_tc_plan(b, n, d, k, self.sm_count)?;
+        launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count)?;
         let q = self.stream.clone_htod(queries)?;
         let c = self.stream.clone_htod(catalog)?;
         let cat = self.tc_catalog(&c, n, d, exclude)?;
-        let p = self.nearest_tc_launch(&q, b, &c, &cat, k)?;
+        let p = self.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?;
         self.nearest_tc_finish(p, &q, &c, &cat)
     }
 

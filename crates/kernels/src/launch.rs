@@ -112,6 +112,39 @@ pub const NTC_BLOCK_OVERHEAD_STEPS: u32 = 4;
 const _: () = assert!(NTC_SMEM <= SMEM_OPTIN_MAX_SM90);
 const _: () = assert!(NTC_SMEM <= 163 * 1024);
 
+/// Tensor-core grounding, candidate kernel v3 (`kernels/nearest_tc_v3.cu`, wgmma on sm_90a):
+/// catalogue rows per tile (the queries per block stay [`NTC_BM`]).
+pub const NTC3_BN: u32 = FUSED3_BN;
+/// v3 candidate kernel: dynamic shared memory, v3's ring (with its 1 KB of alignment slack)
+/// then the lists. Must equal `NTC3_SMEM` in the `.cu`.
+pub const NTC3_SMEM: u32 = FUSED3_SMEM + 2 * NTC_BM * NTC_LIST * 4;
+const _: () = assert!(NTC3_SMEM <= SMEM_OPTIN_MAX_SM90);
+
+/// Which candidate kernel the tensor-core grounding runs (the re-rank, certificate and
+/// fallback are the same for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcCandidates {
+    /// `nearest_tc_candidates` (`nearest_tc.cu`): v2a's mma.sync loop, 128 x 128 tiles; sm_80+.
+    V2,
+    /// `nearest_tc_candidates_v3` (`nearest_tc_v3.cu`): wgmma, 128 x 256 tiles; sm_90 only.
+    V3,
+}
+
+impl TcCandidates {
+    /// Catalogue rows per tile, threads, dynamic shared memory, fixed cost per block (k-steps).
+    pub fn shape(&self) -> (u32, u32, u32, u32) {
+        match self {
+            TcCandidates::V2 => (NTC_BN, NTC_THREADS, NTC_SMEM, NTC_BLOCK_OVERHEAD_STEPS),
+            TcCandidates::V3 => (
+                NTC3_BN,
+                FUSED3_THREADS,
+                NTC3_SMEM,
+                FUSED3_BLOCK_OVERHEAD_STEPS,
+            ),
+        }
+    }
+}
+
 /// CUDA's limit on gridDim.y and gridDim.z.
 pub const GRID_YZ_MAX: u32 = 65_535;
 
@@ -234,20 +267,20 @@ impl FusedVariant {
     }
 }
 
-/// Which generation of the fused kernel runs (`LLM4DSR_FUSED_VERSION=v1|v2`, default v2).
-/// v2 (v2a: `kernels/item_loglik_fused_v2.cu`) exists for the tensor-core variants only (f32
-/// heads take v1); on an H200 it is 7.5-9.2x faster than v1 with the same results
-/// (docs/kernels.md, section 8), so it is the default since 2026-11-27.
+/// Which generation of the fused kernel runs (`LLM4DSR_FUSED_VERSION=v1|v2|v3`, default v3).
+/// v2 and v3 exist for the tensor-core variants only (f32 heads take v1); v3 needs compute
+/// capability 9.0, and a device without it takes v2 (sm_80+), then v1. On an H200, v2 is
+/// 7.5-9.2x v1 and v3 1.6-1.9x v2, with the same results (docs/kernels.md, sections 8b-8c).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FusedVersion {
     /// 64 x 64 x 32 tiles, 4 warps, plain loads (`item_loglik_fused.cu`).
     V1,
     /// 128 x 128 tiles, 8 warps, 3-stage cp.async ring, ldmatrix (`item_loglik_fused_v2.cu`).
-    #[default]
     V2,
     /// 128 x 256 tiles, 2 warpgroups, wgmma from 128-byte-swizzled shared tiles, 4-stage
-    /// cp.async ring (`item_loglik_fused_v3.cu`); compute capability 9.0 only. Opt-in
-    /// (`LLM4DSR_FUSED_VERSION=v3`) until a GPU run has checked and timed it.
+    /// cp.async ring (`item_loglik_fused_v3.cu`); compute capability 9.0 only (elsewhere the
+    /// default falls back to v2, then v1). 66-73% of the floor on an H200 (docs/kernels.md).
+    #[default]
     V3,
 }
 
@@ -258,13 +291,14 @@ impl FusedVersion {
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "v1" | "1" => Ok(FusedVersion::V1),
-            "" | "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
-            "v3" | "3" => Ok(FusedVersion::V3),
+            "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
+            "" | "v3" | "3" => Ok(FusedVersion::V3),
             other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2 or v3"),
         }
     }
 
-    /// The version asked for in the environment (v2 when unset).
+    /// The version asked for in the environment (v3 when unset; [`Self::fallback`] where a
+    /// device lacks it).
     pub fn from_env() -> Result<Self> {
         match std::env::var(FUSED_VERSION_ENV) {
             Ok(s) => Self::parse(&s),
@@ -332,7 +366,7 @@ pub struct FusedPlan {
     pub vocab: u32,
     pub row_blocks: u32,
     pub split: TileSplit,
-    /// grid = (vocabulary slices, row blocks).
+    /// grid = (vocabulary slices, row blocks); v3: (row blocks, vocabulary slices).
     pub fused: Shape,
     /// One thread per row: merges the slices' (max, sum-exp) partials.
     pub combine: Shape,
@@ -425,7 +459,11 @@ pub fn fused_plan_version(
         row_blocks,
         split,
         fused: Shape {
-            grid: (split.slices, row_blocks, 1),
+            grid: match version {
+                // Row blocks fastest: the blocks running together share one head slice.
+                FusedVersion::V3 => (row_blocks, split.slices, 1),
+                _ => (split.slices, row_blocks, 1),
+            },
             block: (threads, 1, 1),
             shared_bytes,
         },
@@ -506,6 +544,7 @@ pub fn nearest_plan(b: usize, n: usize, d: usize, k: usize, sm_count: u32) -> Re
 /// Launch plan of the tensor-core grounding search: candidates, then re-rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NearestTcPlan {
+    pub cand: TcCandidates,
     pub queries: u32,
     pub items: u32,
     pub d: u32,
@@ -532,7 +571,20 @@ pub fn nearest_tc_plan(
     k: usize,
     sm_count: u32,
 ) -> Result<NearestTcPlan> {
+    nearest_tc_plan_with(TcCandidates::V2, b, n, d, k, sm_count)
+}
+
+/// [`nearest_tc_plan`] for the candidate kernel `cand`.
+pub fn nearest_tc_plan_with(
+    cand: TcCandidates,
+    b: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+    sm_count: u32,
+) -> Result<NearestTcPlan> {
     use crate::nearest_tc::{tc_depth_ok, TC_KMAX};
+    let (bn, threads, smem, overhead) = cand.shape();
     if b == 0 || n == 0 || d == 0 || k == 0 {
         bail!("nearest tc: empty problem (queries={b}, items={n}, d={d}, k={k})");
     }
@@ -542,22 +594,23 @@ pub fn nearest_tc_plan(
     if !d.is_multiple_of(8) || !tc_depth_ok(d) {
         bail!("nearest tc: depth {d} is not a multiple of 8 (or too large for the bound)");
     }
-    if b > i32::MAX as usize || n > i32::MAX as usize - NTC_BN as usize {
+    if b > i32::MAX as usize || n > i32::MAX as usize - bn as usize {
         bail!("nearest tc: dimensions exceed i32");
     }
     let query_blocks = (b as u32).div_ceil(NTC_BM);
-    let tiles = (n as u32).div_ceil(NTC_BN);
+    let tiles = (n as u32).div_ceil(bn);
     let split = TileSplit::balanced(
         tiles,
         query_blocks,
         sm_count.max(1),
         (d as u32).div_ceil(NTC_BK),
-        NTC_BLOCK_OVERHEAD_STEPS,
+        overhead,
     );
     if split.slices > GRID_YZ_MAX {
         bail!("nearest tc: {} slices > {GRID_YZ_MAX}", split.slices);
     }
     Ok(NearestTcPlan {
+        cand,
         queries: b as u32,
         items: n as u32,
         d: d as u32,
@@ -566,8 +619,8 @@ pub fn nearest_tc_plan(
         split,
         candidates: Shape {
             grid: (query_blocks, split.slices, 1),
-            block: (NTC_THREADS, 1, 1),
-            shared_bytes: NTC_SMEM,
+            block: (threads, 1, 1),
+            shared_bytes: smem,
         },
         rerank: Shape {
             grid: ((b as u32).div_ceil(NTC_RERANK_WARPS), 1, 1),
@@ -784,7 +837,7 @@ mod tests {
             assert_eq!(p.fused.shared_bytes, FUSED3_SMEM);
             assert_eq!(p.row_blocks as usize, n.div_ceil(128));
             assert_eq!(p.split.tiles as usize, v.div_ceil(256));
-            assert_eq!(p.fused.grid, (p.split.slices, p.row_blocks, 1));
+            assert_eq!(p.fused.grid, (p.row_blocks, p.split.slices, 1));
             assert_covers(&p.split);
             let steps = d.div_ceil(64) as u32;
             let even = (p.row_blocks as f64 * p.split.tiles as f64 * steps as f64) / 132.0;
@@ -829,7 +882,7 @@ mod tests {
         use FusedVariant::*;
         assert_eq!(FusedVersion::parse("v1").unwrap(), FusedVersion::V1);
         assert_eq!(FusedVersion::parse(" V2 ").unwrap(), FusedVersion::V2);
-        assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V2);
+        assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
         assert!(FusedVersion::parse("v4").is_err());
         assert_eq!(FusedVersion::V3.resolve(F32), FusedVersion::V1);
@@ -840,7 +893,7 @@ mod tests {
             "item_loglik_fused_v3_bf16"
         );
         assert!(FusedVersion::V3.kernel_name(F32).is_err());
-        assert_eq!(FusedVersion::default(), FusedVersion::V2);
+        assert_eq!(FusedVersion::default(), FusedVersion::V3);
         assert_eq!(FusedVersion::V2.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V2.resolve(TensorCoreBf16), FusedVersion::V2);
         assert_eq!(
@@ -901,6 +954,17 @@ mod tests {
         assert!(nearest_tc_plan(1, 10, 12, 1, 132).is_err());
         assert!(nearest_tc_plan(0, 10, 8, 1, 132).is_err());
         assert_eq!(NTC_SMEM, 131_072);
+        // The v3 candidate kernel: 256-row tiles, the same lists and re-rank.
+        assert_eq!(NTC3_SMEM, 197_632 + 32_768);
+        for (n, d) in [(1_000_000usize, 4096usize), (100_000, 384)] {
+            let p = nearest_tc_plan_with(TcCandidates::V3, 1024, n, d, 10, 132).unwrap();
+            assert_eq!(p.cand, TcCandidates::V3);
+            assert_eq!(p.split.tiles as usize, n.div_ceil(256));
+            assert_covers(&p.split);
+            assert_eq!(p.candidates.grid, (8, p.split.slices, 1));
+            assert_eq!(p.candidates.shared_bytes, NTC3_SMEM);
+            assert_eq!(p.candidates_len, p.split.slices as usize * 1024 * 32);
+        }
         assert_eq!(gather_shape(0).grid.0, 1);
         assert_eq!(gather_shape(1 << 30).grid.0, 132 * 8);
     }

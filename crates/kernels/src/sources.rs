@@ -12,9 +12,19 @@ pub const ITEM_LOGLIK_FUSED_V2_CU: &str = include_str!("../../../kernels/item_lo
 /// Version 3 of the tensor-core fused kernel: wgmma on sm_90a (opt-in:
 /// `LLM4DSR_FUSED_VERSION=v3`).
 pub const ITEM_LOGLIK_FUSED_V3_CU: &str = include_str!("../../../kernels/item_loglik_fused_v3.cu");
-/// NVRTC architecture of the v3 source: wgmma is an sm_90a ("architecture-specific") feature,
-/// so its PTX is compute_90a, which the driver JITs for compute capability 9.0 only.
+/// The tensor-core grounding's candidate kernel on wgmma (sm_90a; the default there).
+pub const NEAREST_TC_V3_CU: &str = include_str!("../../../kernels/nearest_tc_v3.cu");
+/// The machinery the sm_90a kernels share (wgmma main loop, descriptors, copies): compiled in
+/// front of each of them ([`sm90a_source`]), since NVRTC gets no include files.
+pub const WGMMA_COMMON_CUH: &str = include_str!("../../../kernels/wgmma_common.cuh");
+/// NVRTC architecture of the sm_90a sources: wgmma is an "architecture-specific" feature, so
+/// their PTX is compute_90a, which the driver JITs for compute capability 9.0 only.
 pub const FUSED3_ARCH: &str = "compute_90a";
+
+/// The text NVRTC compiles for an sm_90a kernel file: `wgmma_common.cuh`, then the file.
+pub fn sm90a_source(src: &str) -> String {
+    format!("{WGMMA_COMMON_CUH}\n#line 1\n{src}")
+}
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
 /// The tensor-core grounding search (opt-in: `LLM4DSR_NEAREST_VERSION=tc`).
 pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
@@ -100,6 +110,7 @@ mod tests {
                 ITEM_LOGLIK_FUSED_V3_CU,
                 &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"][..],
             ),
+            (NEAREST_TC_V3_CU, &["nearest_tc_candidates_v3"][..]),
             (
                 ITEM_LOGLIK_LOGITS_CU,
                 &["item_loglik_logits", "item_segment_sum"][..],
@@ -136,6 +147,7 @@ mod tests {
             ITEM_LOGLIK_FUSED_CU,
             ITEM_LOGLIK_FUSED_V2_CU,
             ITEM_LOGLIK_FUSED_V3_CU,
+            NEAREST_TC_V3_CU,
             ITEM_LOGLIK_LOGITS_CU,
             NEAREST_CU,
             NEAREST_TC_CU,
@@ -179,10 +191,29 @@ mod tests {
         assert!(src.contains("#define F3_STAGE_BYTES (F3_A_BYTES + F3_B_BYTES)"));
         assert!(src.contains("#define FUSED3_SMEM (FUSED3_STAGES * F3_STAGE_BYTES + 1024)"));
         assert!(src.contains("__launch_bounds__(FUSED3_THREADS, 1)"));
-        assert!(src.contains(&format!(
+        assert!(src.contains("static_assert(FUSED3_SMEM == WG_RING_BYTES"));
+        assert!(WGMMA_COMMON_CUH.contains(&format!(
             "wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16",
             crate::launch::FUSED3_BN
         )));
+        assert!(WGMMA_COMMON_CUH.contains("#define WG_BN 256"));
+        assert!(WGMMA_COMMON_CUH.contains("#define WG_BM 128"));
+        assert!(WGMMA_COMMON_CUH.contains("#define WG_STAGES 4"));
+    }
+
+    /// The v3 candidate kernel's shared-memory formula is launch.rs's.
+    #[test]
+    fn nearest_tc_v3_source_matches_launch_constants() {
+        let src = NEAREST_TC_V3_CU;
+        assert!(src.contains("#define NT3_LIST_OFFSET WG_RING_BYTES"));
+        assert!(src.contains("#define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(src.contains("__launch_bounds__(WG_THREADS, 1)"));
+        // The record layout is nearest_tc.cu's (the prep kernel writes it).
+        let rec = |s: &str| {
+            let a = s.find("struct __align__(16) NtInfo {").unwrap();
+            s[a..a + s[a..].find("};").unwrap()].to_string()
+        };
+        assert_eq!(rec(src), rec(NEAREST_TC_CU));
     }
 
     /// The tensor-core grounding source's shared-memory formula is launch.rs's, and its list

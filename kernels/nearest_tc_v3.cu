@@ -1,0 +1,162 @@
+// Tensor-core grounding, candidate kernel version 3 (sm_90a): nearest_tc.cu's
+// nearest_tc_candidates with the products on wgmma (wgmma_common.cuh's main loop, compiled in
+// front of this file) instead of v2a's mma.sync loop. Same inputs (nearest_tc_prep's f16 rows
+// and records), same key arithmetic, same output ([slice][query][NTC_LIST] keys and rows, the
+// 32 smallest keys of the block's catalogue slice per query), so nearest_tc.cu's re-rank,
+// certificate and fallback run unchanged on its lists. The certificate does not depend on the
+// tile width: T is built from each slice list's last key whatever the slices are.
+//
+// What differs from nearest_tc_candidates: 128 queries x 256 catalogue rows per tile (2
+// warpgroups of 64 x 256, wgmma.m64n256k16 f16 -> f32), a 4-stage ring; every warp owns 16
+// whole query rows of the tile, so each query's list is written by one warp only and the
+// named barriers that ordered v2a's two column warps are gone. The f16 products go through
+// the same k16 tensor-core accumulation as mma.m16n8k16's, which is what the bound models.
+//
+// Launch (crates/kernels/src/launch.rs, nearest_tc_plan with TcCandidates::V3): grid = (query
+// blocks, catalogue slices of 256-row tiles), WG_THREADS threads, NTC3_SMEM bytes of dynamic
+// shared memory (the ring, then the lists). Needs sm_90a (NVRTC compute_90a).
+
+#ifndef NTC_LIST
+#define NTC_LIST 32
+#endif
+static_assert(NTC_LIST == 32, "one list entry per lane");
+
+// Dynamic shared memory: wgmma_common.cuh's ring (aligned inside its own 1 KB of slack), then
+// the candidate lists (keys, then rows) of the block's 128 queries.
+#define NT3_LIST_OFFSET WG_RING_BYTES
+#define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
+
+#define NT3_POS_INF __int_as_float(0x7f800000)
+#define NT3_NONE 0xffffffffu
+#define NT3_FULL 0xffffffffu
+
+// nearest_tc.cu's per-row record (same layout: 4 f32, one 16-byte load).
+struct __align__(16) NtInfo {
+    float norm;   // |x|^2 (f32, row_sq_norms), +inf for excluded rows
+    float bound;  // coef * sqrt(norm): queries Q, catalogue e_c; 0 when norm is not finite
+    float inv;    // 1/s = 2^(E - 15), exact
+    float flag;   // 1 when the scale was clamped (the row must take the f32 path)
+};
+
+__device__ __forceinline__ bool nt3_before(float d1, u32 i1, float d2, u32 i2) {
+    return d1 < d2 || (d1 == d2 && i1 < i2);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
+                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
+                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
+                         u32 *__restrict__ out_idx) {
+    extern __shared__ __align__(1024) unsigned char nt3_smem[];
+    const u32 smem = (wg_smem_addr(nt3_smem) + 1023u) & ~1023u;
+    float *lkeys = reinterpret_cast<float *>(nt3_smem + NT3_LIST_OFFSET);  // [BM][32]
+    u32 *lidx = reinterpret_cast<u32 *>(lkeys + WG_BM * NTC_LIST);         // [BM][32]
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * WG_BM, slice = blockIdx.y;
+    const int ctiles = (n + WG_BN - 1) / WG_BN;
+    const int ct_begin = slice * tiles_per_slice;
+    const int ct_end = min(ct_begin + tiles_per_slice, ctiles);
+
+    // Visible to every warp at the main loop's first __syncthreads, before any epilogue.
+    for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
+        lkeys[e] = NT3_POS_INF;
+        lidx[e] = NT3_NONE;
+    }
+
+    // This thread's 2 query rows (local warp * 16 + g + 8 h): Q and 2/s_q. Rows past b get
+    // Q = 0, 2/s_q = 0: finite keys, lists never written out.
+    float qQ[2], qm2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int q = row0 + warp * 16 + 8 * h + g;
+        qQ[h] = q < b ? qinfo[q].bound : 0.f;
+        qm2[h] = q < b ? 2.f * qinfo[q].inv : 0.f;
+    }
+
+    wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end,
+                        [&](float (&acc)[WG_NACC], int ct) {
+        // acc[4 j + 2 h + e] is query row warp*16 + 8h + g, catalogue row col0 + 8j + 2t + e;
+        // it becomes that pair's key in place (nearest_tc.cu's two FMAs).
+        const int col0 = ct * WG_BN;
+#pragma unroll
+        for (int j = 0; j < WG_BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = col0 + 8 * j + 2 * t + e;
+                NtInfo ci;
+                if (col < n) {
+                    ci = cinfo[col];
+                } else {
+                    ci.norm = NT3_POS_INF; ci.bound = 0.f; ci.inv = 0.f; ci.flag = 0.f;
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float &x = acc[4 * j + 2 * h + e];
+                    const float base = fmaf(-qQ[h], ci.bound, ci.norm);
+                    x = fmaf(-(qm2[h] * ci.inv), x, base);
+                }
+            }
+        // Selection into the warp's own rows' lists (no other warp touches them).
+        float thr[2];
+        bool any = false;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            thr[h] = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
+#pragma unroll
+            for (int j = 0; j < WG_BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) any |= acc[4 * j + 2 * h + e] < thr[h];
+        }
+        if (__any_sync(NT3_FULL, any)) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rbase = warp * 16 + 8 * h;
+#pragma unroll
+                for (int j = 0; j < WG_BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float key = acc[4 * j + 2 * h + e];
+                        u32 want = __ballot_sync(NT3_FULL, key < thr[h]);
+                        const u32 cbase = (u32)(col0 + 8 * j + e);
+                        while (want) {
+                            const int src = __ffs(want) - 1;
+                            want &= want - 1;
+                            const float ck = __shfl_sync(NT3_FULL, key, src);
+                            const u32 cix = cbase + 2 * (src & 3);
+                            float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
+                            u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
+                            const float Lk = lk[lane];
+                            const u32 Li = li[lane];
+                            const int pos =
+                                __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
+                            if (pos < NTC_LIST) {  // uniform across the warp
+                                const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
+                                const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
+                                if (lane > pos) {
+                                    lk[lane] = uk;
+                                    li[lane] = ui;
+                                } else if (lane == pos) {
+                                    lk[lane] = ck;
+                                    li[lane] = cix;
+                                }
+                            }
+                            __syncwarp();
+                        }
+                    }
+                // The lists of these rows may have tightened: re-read the threshold.
+                thr[h] = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
+            }
+        }
+    });
+    __syncthreads();  // every warp's last insertions done
+    for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
+        const int q = row0 + e / NTC_LIST;
+        if (q < b) {
+            const u64 o = ((u64)slice * b + q) * NTC_LIST + (e % NTC_LIST);
+            out_key[o] = lkeys[e];
+            out_idx[o] = lidx[e];
+        }
+    }
+}

@@ -1,0 +1,234 @@
+// Shared machinery of the sm_90a (Hopper) kernels: item_loglik_fused_v3.cu and
+// nearest_tc_v3.cu. NVRTC gets no include files (the binary embeds the sources), so the Rust
+// side compiles this text followed by the kernel's own file (sources.rs, `sm90a_source`);
+// jobs/sim/ptxas_report.py does the same.
+//
+// The main loop these kernels share: a block of 2 warpgroups (256 threads) computes a
+// 128-row x 256-column tile C = A B^T over the depth, A [rows, d] and B [cols, d] both 16-bit
+// and K-major (d contiguous), in 64-deep steps:
+//   - global -> shared by cp.async.cg (16 B, L2 only) into a ring of WG_STAGES stages; a
+//     stage holds A (128 rows x 128 B) then B (256 rows x 128 B); chunk c (16 B) of row r is
+//     stored at chunk c ^ (r & 7), which with 1024-byte aligned tiles is exactly wgmma's
+//     128-byte swizzle for K-major operands (address bits [4:6] XOR bits [7:9]);
+//   - wgmma.mma_async.m64n256k16 (f32 accumulate) from shared-memory descriptors (stride
+//     1024 B per 8-row group, 128-byte swizzle; the k-th 16-deep slice of a stage starts 32 k
+//     bytes past the tile base and the hardware applies the XOR); warpgroup w multiplies A
+//     rows [64 w, 64 w + 64) by all 256 B rows; 128 f32 accumulators per thread: acc[4 j + 2 h
+//     + e] is row 16 (warp % 4) + (lane / 4) + 8 h, column 8 j + 2 (lane % 4) + e of the
+//     warpgroup's 64 x 256 tile;
+//   - copies run WG_STAGES - 2 steps ahead: step s waits for its copies (cp.async.wait_group
+//     1), fences them into the async proxy (fence.proxy.async), __syncthreads (all copies of
+//     step s visible; both warpgroups retired the products of step s - 2, whose stage the
+//     copies of step s + 2 overwrite next), issues those copies, the 4 wgmma of step s,
+//     commits, and waits until step s - 1's products are retired (wgmma.wait_group 1).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define WG_BM 128
+#define WG_BN 256
+#define WG_BK 64
+#ifndef WG_STAGES
+#define WG_STAGES 4
+#endif
+#define WG_THREADS 256
+#define WG_NACC 128
+#define WG_A_BYTES (WG_BM * WG_BK * 2)
+#define WG_B_BYTES (WG_BN * WG_BK * 2)
+#define WG_STAGE_BYTES (WG_A_BYTES + WG_B_BYTES)
+#define WG_AHEAD (WG_STAGES - 2)
+// The ring plus 1 KB to align it to 1024 B.
+#define WG_RING_BYTES (WG_STAGES * WG_STAGE_BYTES + 1024)
+
+static_assert(WG_STAGES >= 3, "copies run STAGES - 2 steps ahead");
+static_assert(WG_STAGE_BYTES % 1024 == 0 && WG_A_BYTES % 1024 == 0, "1024-aligned tiles");
+
+__device__ __forceinline__ u32 wg_smem_addr(const void *p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 reads nothing and writes 16 zeros.
+__device__ __forceinline__ void wg_cp_async16(u32 dst, const void *src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void wg_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+// Generic-proxy writes (the cp.async copies) made visible to the async proxy (wgmma's reads).
+__device__ __forceinline__ void wg_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_mma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_mma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_mma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Pin the accumulators after a wait: reads cannot be hoisted above it (as CUTLASS's
+// warpgroup_fence_operand). Only after wait_group 0: touching registers of an in-flight wgmma
+// makes ptxas serialise (it injects a wait).
+__device__ __forceinline__ void wg_fence_acc(float (&d)[WG_NACC]) {
+#pragma unroll
+    for (int i = 0; i < WG_NACC; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: start address
+// >> 4 (bits 0-13), leading byte offset (unused for swizzled K-major: 1), stride byte offset
+// 1024 >> 4 (bits 32-45: the next 8-row group), layout type 1 = 128-byte swizzle (bits 62-63).
+__device__ __forceinline__ u64 wg_desc(u32 saddr) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) |
+           ((u64)1 << 62);
+}
+
+// D[64 x 256] (+)= A[64 x 16] B[16 x 256]: both operands K-major in shared memory; scale_d = 0
+// starts from zero. BF16: bf16 inputs, else f16.
+template <bool BF16>
+__device__ __forceinline__ void wg_mma(float (&d)[WG_NACC], u64 da, u64 db, u32 scale_d) {
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+            "%128, %129, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "l"(da), "l"(db), "r"(scale_d));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+            "%128, %129, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "l"(da), "l"(db), "r"(scale_d));
+    }
+}
+
+__device__ __forceinline__ u32 wg_swz(int r, int ch) {
+    return (u32)(r * (WG_BK * 2) + ((ch ^ (r & 7)) << 4));
+}
+
+// The copies of one step into the stage at shared address `stage`: chunk (tid & 7) of A rows
+// (tid >> 3) + 32 i, i < 4, and of B rows (tid >> 3) + 32 i, i < 8. `a_src`/`b_src` point at
+// that chunk of the thread's first A / B row of the tile, `stride32` = 32 rows; rows past the
+// matrix (a_rows_left / b_rows_left <= 32 i) and depth past d (!k_ok) are zero-filled
+// (src-size 0: nothing read from the clamped address `a_any` / `b_any`).
+__device__ __forceinline__ void wg_load_step(u32 stage, const u16 *a_src, const u16 *b_src,
+                                             const u16 *a_any, const u16 *b_any, u64 stride32,
+                                             int a_rows_left, int b_rows_left, int k0,
+                                             bool k_ok, int tid) {
+    const u32 dst = stage + wg_swz(tid >> 3, tid & 7);
+#pragma unroll
+    for (int i = 0; i < WG_BM / 32; ++i) {
+        const bool ok = k_ok && 32 * i < a_rows_left;
+        wg_cp_async16(dst + i * 32 * (WG_BK * 2), ok ? a_src + i * stride32 + k0 : a_any,
+                      ok ? 16u : 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < WG_BN / 32; ++i) {
+        const bool ok = k_ok && 32 * i < b_rows_left;
+        wg_cp_async16(dst + WG_A_BYTES + i * 32 * (WG_BK * 2),
+                      ok ? b_src + i * stride32 + k0 : b_any, ok ? 16u : 0u);
+    }
+}
+
+// The main loop's producer side: where the next copies come from, advanced step by step
+// across the tiles x k-steps (the matrix bases, d and the step count stay kernel parameters or
+// loop constants, not loader state: registers are scarce next to 128 accumulators).
+struct WgLoader {
+    const u16 *a_src, *b_src;  // chunk (tid & 7) of the thread's first A / B row of the tile
+    int a_rows_left, b_rows_left, kt;
+};
+
+__device__ __forceinline__ WgLoader wg_loader(const u16 *__restrict__ a, const u16 *__restrict__ b,
+                                              int a_rows, int b_rows, int d, int row0,
+                                              int t_begin, int tid) {
+    WgLoader L;
+    const int r = tid >> 3;
+    L.a_src = a + (u64)(row0 + r) * (u64)d + (tid & 7) * 8;
+    L.b_src = b + (u64)(t_begin * WG_BN + r) * (u64)d + (tid & 7) * 8;
+    L.a_rows_left = a_rows - row0 - r;
+    L.b_rows_left = b_rows - t_begin * WG_BN - r;
+    L.kt = 0;
+    return L;
+}
+
+// Issue the copies of the loader's current step into `stage` and advance it.
+__device__ __forceinline__ void wg_load_next(WgLoader &L, const u16 *__restrict__ a,
+                                             const u16 *__restrict__ b, int d, int ksteps,
+                                             u32 stage, int tid) {
+    const int k0 = L.kt * WG_BK;
+    wg_load_step(stage, L.a_src, L.b_src, a, b, 32ull * (u64)d, L.a_rows_left, L.b_rows_left,
+                 k0, k0 + (tid & 7) * 8 < d, tid);
+    if (++L.kt == ksteps) {
+        L.kt = 0;
+        L.b_rows_left -= WG_BN;
+        L.b_src += (u64)WG_BN * (u64)d;
+    }
+}
+
+// The main loop over tiles [t_begin, t_end) of B (256 rows each) against the 128 A rows from
+// row0, calling epi(acc, tile) after the last depth step of each tile (all products retired,
+// acc as described above; the next tile starts from zero). `smem` is the 1024-aligned ring.
+template <bool BF16, typename Epi>
+__device__ __forceinline__ void wg_main_loop(u32 smem, const u16 *__restrict__ a,
+                                             const u16 *__restrict__ b, int a_rows, int b_rows,
+                                             int d, int row0, int t_begin, int t_end,
+                                             Epi &&epi) {
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int ksteps = (d + WG_BK - 1) / WG_BK;
+    const int total = (t_end - t_begin) * ksteps;
+    WgLoader L = wg_loader(a, b, a_rows, b_rows, d, row0, t_begin, tid);
+    int st_write = 0;
+#pragma unroll
+    for (int p = 0; p < WG_AHEAD; ++p) {
+        if (p < total) wg_load_next(L, a, b, d, ksteps, smem + st_write * WG_STAGE_BYTES, tid);
+        wg_cp_async_commit();
+        st_write = st_write + 1 == WG_STAGES ? 0 : st_write + 1;
+    }
+    const u32 a_base = smem + wg * 64 * (WG_BK * 2);
+    const u32 b_base = smem + WG_A_BYTES;
+    float acc[WG_NACC];
+#pragma unroll
+    for (int i = 0; i < WG_NACC; ++i) acc[i] = 0.f;
+    int st_read = 0, tile = t_begin, kt = 0;
+    for (int s = 0; s < total; ++s) {
+        wg_cp_async_wait<WG_AHEAD - 1>();
+        wg_fence_proxy_async();
+        __syncthreads();
+        if (s + WG_AHEAD < total)
+            wg_load_next(L, a, b, d, ksteps, smem + st_write * WG_STAGE_BYTES, tid);
+        wg_cp_async_commit();
+        st_write = st_write + 1 == WG_STAGES ? 0 : st_write + 1;
+
+        const u32 off = st_read * WG_STAGE_BYTES;
+        wg_mma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wg_mma<BF16>(acc, wg_desc(a_base + off + kk * 32), wg_desc(b_base + off + kk * 32),
+                         (kt > 0 || kk > 0) ? 1u : 0u);
+        wg_mma_commit();
+        wg_mma_wait<1>();
+        st_read = st_read + 1 == WG_STAGES ? 0 : st_read + 1;
+
+        if (++kt == ksteps) {
+            wg_mma_wait<0>();
+            wg_fence_acc(acc);
+            epi(acc, tile);
+            kt = 0;
+            ++tile;
+        }
+    }
+    wg_mma_wait<0>();  // every tile ended in a wait already; says so to ptxas
+    wg_cp_async_wait<0>();
+}
