@@ -568,6 +568,24 @@ mod gpu {
             }
         }
         let mut rows = Vec::new();
+        let mut diag_rows = Vec::new();
+        let diag_v3 = if g.fused_unavailable(FusedVersion::V3).is_none() {
+            match g.load_sm90a_variant(
+                "item_loglik_fused_v3.cu",
+                llm4dsr_kernels::sources::ITEM_LOGLIK_FUSED_V3_CU,
+                &["item_loglik_fused_v3_bf16"],
+                &["-DF3_DIAG_NO_EPILOGUE"],
+                llm4dsr_kernels::launch::FUSED3_SMEM,
+            ) {
+                Ok(f) => Some(f[0].clone()),
+                Err(e) => {
+                    eprintln!("v3 diagnostic variant not loaded: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let shapes: Vec<ScoringShape> = if quick {
             SCORING[..1].to_vec()
         } else {
@@ -611,6 +629,25 @@ mod gpu {
             };
             let v2 = time_version(FusedVersion::V2)?;
             let v3 = time_version(FusedVersion::V3)?;
+            // Diagnostic: v3 with its epilogue replaced by a sum of the accumulators (the main
+            // loop's own speed; the outputs are not checked). The gap to the v3 row is what the
+            // online log-sum-exp costs.
+            if let (Some(f), Some(_)) = (&diag_v3, &v3) {
+                let mut b3 = buffers(FusedVersion::V3, ScoreMode::Fused)?;
+                let ms = event_ms(g, 2, reps, || {
+                    g.score_device_with(&h, &w, &t, &o, &mut b3, Some(f))
+                })?;
+                diag_rows.push(Row {
+                    case: "diagnostic: v3 main loop only (epilogue = sum)".into(),
+                    shape: shape.clone(),
+                    ms,
+                    work: fused_work(s, 2.0, true),
+                    note: format!(
+                        "the log-sum-exp epilogue costs {:.0}% of the v3 time",
+                        v3.as_ref().map(|x| 100.0 * (1.0 - ms / x.0)).unwrap_or(0.0)
+                    ),
+                });
+            }
             let mut mat = buffers(FusedVersion::V1, ScoreMode::Materialised)?;
             let ms_mat = event_ms(g, 1, reps.min(5), || {
                 g.score_device(&h, &w, &t, &o, &mut mat)
@@ -768,8 +805,16 @@ mod gpu {
             Some(&card),
             &rows,
         );
+        if !diag_rows.is_empty() {
+            print_table(
+                "Diagnostics: fused v3 without its epilogue (median of events)",
+                Some(&card),
+                &diag_rows,
+            );
+        }
 
         let mut rows = Vec::new();
+        let mut diag_rows = Vec::new();
         let nshapes: Vec<NearestShape> = if quick {
             NEAREST[1..].to_vec()
         } else {
@@ -858,6 +903,53 @@ mod gpu {
                         }
                     }
                     let cat = g.tc_catalog(&c, n, d, &[0])?;
+                    // Diagnostics: each candidate kernel alone (no query prep, no re-rank), and
+                    // v3 with the selection or the whole epilogue switched off (lists wrong,
+                    // not used): where the candidate kernel's time goes.
+                    let mut variants: Vec<(String, TcCandidates, CudaFunction)> = vec![(
+                        "v2 candidates".into(),
+                        TcCandidates::V2,
+                        g.nearest_tc_candidate_fn(TcCandidates::V2)?.clone(),
+                    )];
+                    if let Ok(f3) = g.nearest_tc_candidate_fn(TcCandidates::V3) {
+                        variants.push(("v3 candidates".into(), TcCandidates::V3, f3.clone()));
+                        for (label, def) in [
+                            (
+                                "v3 candidates, keys but no selection",
+                                "-DNT3_DIAG_NO_SELECT",
+                            ),
+                            (
+                                "v3 main loop only (epilogue = sum)",
+                                "-DNT3_DIAG_NO_EPILOGUE",
+                            ),
+                        ] {
+                            match g.load_sm90a_variant(
+                                "nearest_tc_v3.cu",
+                                llm4dsr_kernels::sources::NEAREST_TC_V3_CU,
+                                &["nearest_tc_candidates_v3"],
+                                &[def],
+                                llm4dsr_kernels::launch::NTC3_SMEM,
+                            ) {
+                                Ok(f) => {
+                                    variants.push((label.into(), TcCandidates::V3, f[0].clone()))
+                                }
+                                Err(e) => eprintln!("{label}: not loaded: {e:#}"),
+                            }
+                        }
+                    }
+                    for (label, cand, func) in &variants {
+                        let mut p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, *cand)?;
+                        let ms_c = event_ms(g, 1, 3, || {
+                            g.nearest_tc_candidates_again(&mut p, &cat, func)
+                        })?;
+                        diag_rows.push(Row {
+                            case: format!("diagnostic: {label} (kernel alone)"),
+                            shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                            ms: ms_c,
+                            work: nearest_tc_work(s),
+                            note: format!("grid {} x {}", p.plan.query_blocks, p.plan.split.slices),
+                        });
+                    }
                     // Both candidate kernels where v3 loads (and the GPU check did not turn it
                     // off with LLM4DSR_NEAREST_TC_CANDIDATES=v2 after a failed smoke test).
                     let mut cands = vec![TcCandidates::V2];
@@ -932,6 +1024,13 @@ mod gpu {
             Some(&card),
             &rows,
         );
+        if !diag_rows.is_empty() {
+            print_table(
+                "Diagnostics: the grounding candidate kernels alone (median of events)",
+                Some(&card),
+                &diag_rows,
+            );
+        }
         Ok(())
     }
 }

@@ -119,6 +119,15 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
 
     wg_main_loop<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end,
                        [&](const float (&acc)[WG_NACC], int vt) {
+#ifdef F3_DIAG_NO_EPILOGUE
+        // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
+        // every product alive (ptxas narrows a wgmma whose outputs are dead). Outputs wrong.
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < WG_NACC; ++i) sum += acc[i];
+        run_m[0] = fmaxf(run_m[0], sum + (float)vt);
+        return;
+#endif
         const int col0 = vt * FUSED3_BN;
         const int lim = v - col0 - 2 * t;
         if (col0 + FUSED3_BN <= v) {

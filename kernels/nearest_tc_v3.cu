@@ -77,6 +77,15 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
 
     wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end,
                         [&](float (&acc)[WG_NACC], int ct) {
+#ifdef NT3_DIAG_NO_EPILOGUE
+        // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
+        // every product alive (ptxas narrows a wgmma whose outputs are dead). Lists wrong.
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < WG_NACC; ++i) sum += acc[i];
+        if (sum == 1.2345f) lkeys[tid] = (float)ct;
+        return;
+#endif
         // acc[4 j + 2 h + e] is query row warp*16 + 8h + g, catalogue row col0 + 8j + 2t + e;
         // it becomes that pair's key in place (nearest_tc.cu's two FMAs).
         const int col0 = ct * WG_BN;
@@ -98,6 +107,16 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                     x = fmaf(-(qm2[h] * ci.inv), x, base);
                 }
             }
+#ifdef NT3_DIAG_NO_SELECT
+        // Benchmark diagnostic only: keys without the selection (lists come out wrong).
+        {
+            float mn = NT3_POS_INF;
+#pragma unroll
+            for (int i = 0; i < WG_NACC; ++i) mn = fminf(mn, acc[i]);
+            if (mn == 1.2345f) lkeys[tid] = mn;
+            return;
+        }
+#endif
         // Selection into the warp's own rows' lists (no other warp touches them).
         float thr[2];
         bool any = false;

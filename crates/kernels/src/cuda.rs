@@ -88,12 +88,26 @@ pub fn compile_and_load(
     src: &str,
     names: &[&str],
 ) -> Result<Vec<CudaFunction>> {
+    compile_and_load_with(ctx, arch, file, src, names, &[])
+}
+
+/// [`compile_and_load`] with extra NVRTC options (`-DNAME=V`) after the tile constants.
+pub fn compile_and_load_with(
+    ctx: &Arc<CudaContext>,
+    arch: &'static str,
+    file: &str,
+    src: &str,
+    names: &[&str],
+    extra: &[&str],
+) -> Result<Vec<CudaFunction>> {
     let t0 = std::time::Instant::now();
+    let mut options = nvrtc_defines();
+    options.extend(extra.iter().map(|x| x.to_string()));
     let ptx = compile_ptx_with_opts(
         src,
         CompileOptions {
             arch: Some(arch),
-            options: nvrtc_defines(),
+            options,
             name: Some(file.to_string()),
             ..Default::default()
         },
@@ -353,6 +367,38 @@ impl CudaKernels {
     /// Compile and load another module for this device (benchmarks' input generators).
     pub fn load_extra(&self, file: &str, src: &str, names: &[&str]) -> Result<Vec<CudaFunction>> {
         compile_and_load(&self.ctx, self.arch, file, src, names)
+    }
+
+    /// Benchmark diagnostics: an sm_90a kernel file (compiled after `wgmma_common.cuh`) with
+    /// extra `-D` options, e.g. a diagnostic switch that removes an epilogue, with `smem` bytes
+    /// of dynamic shared memory opted in. Not used by the stages.
+    pub fn load_sm90a_variant(
+        &self,
+        file: &str,
+        src: &str,
+        names: &[&str],
+        defines: &[&str],
+        smem: u32,
+    ) -> Result<Vec<CudaFunction>> {
+        if self.cc != (9, 0) {
+            bail!("sm_90a kernels need compute capability 9.0");
+        }
+        let f = compile_and_load_with(
+            &self.ctx,
+            FUSED3_ARCH,
+            file,
+            &sm90a_source(src),
+            names,
+            defines,
+        )?;
+        for func in &f {
+            func.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .context("opting in to dynamic shared memory")?;
+        }
+        Ok(f)
     }
 
     /// The device copy of `t` as `dtype`, uploaded on the first call and reused while the
@@ -617,6 +663,21 @@ impl CudaKernels {
         offsets: &CudaSlice<u32>,
         buf: &mut ScoreBuffers,
     ) -> Result<()> {
+        self.score_device_with(hidden, head, targets, offsets, buf, None)
+    }
+
+    /// [`Self::score_device`] with the fused kernel replaced by `func` (benchmark
+    /// diagnostics: a variant of the plan's version with the same signature and launch shape,
+    /// from [`Self::load_sm90a_variant`]).
+    pub fn score_device_with(
+        &self,
+        hidden: &DeviceMatrix,
+        head: &DeviceMatrix,
+        targets: &CudaSlice<u32>,
+        offsets: &CudaSlice<u32>,
+        buf: &mut ScoreBuffers,
+        func_override: Option<&CudaFunction>,
+    ) -> Result<()> {
         let (n, d) = hidden.dims();
         let (v, d2) = head.dims();
         let plan = buf.plan;
@@ -644,6 +705,7 @@ impl CudaKernels {
             }
             _ => (&self.fused_f32, false),
         };
+        let func = func_override.unwrap_or(func);
         if !same {
             bail!(
                 "score_device: {:?} needs hidden and head of its dtype (got {:?}, {:?})",
@@ -1154,6 +1216,40 @@ impl CudaKernels {
             out_i,
             margin,
             status,
+        })
+    }
+
+    /// Benchmark diagnostics: launch only the candidate kernel `func` of a pending search again
+    /// (same inputs, plan and buffers; `func` must match the plan's candidate kernel's
+    /// signature and shape, e.g. a variant from [`Self::load_sm90a_variant`]).
+    pub fn nearest_tc_candidates_again(
+        &self,
+        p: &mut TcPending,
+        cat: &TcCatalog,
+        func: &CudaFunction,
+    ) -> Result<()> {
+        let plan = p.plan;
+        let (bi, ni, di) = (plan.queries as i32, cat.n as i32, cat.d as i32);
+        let per_slice = plan.split.per_slice as i32;
+        let mut lb = self.stream.launch_builder(func);
+        lb.arg(&p.q16).arg(&cat.c16).arg(&p.qinfo).arg(&cat.info);
+        lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
+        lb.arg(&mut p.cand_k).arg(&mut p.cand_i);
+        // SAFETY: as in nearest_tc_launch_with: same arguments, buffers sized by the same plan.
+        unsafe { lb.launch(cfg(plan.candidates)) }.context("launching a candidate kernel")?;
+        Ok(())
+    }
+
+    /// The candidate kernel function of a plan (for [`Self::nearest_tc_candidates_again`]).
+    pub fn nearest_tc_candidate_fn(&self, cand: TcCandidates) -> Result<&CudaFunction> {
+        Ok(match cand {
+            TcCandidates::V2 => {
+                &self
+                    .nearest_tc_fns()
+                    .map_err(|e| anyhow!("{e}"))?
+                    .candidates
+            }
+            TcCandidates::V3 => self.nearest_tc_v3_fn().map_err(|e| anyhow!("{e}"))?,
         })
     }
 
