@@ -63,28 +63,52 @@ __device__ __forceinline__ float f3_ex2(float x) {
     return y;
 }
 
-// Fold row h (0: g, 1: g + 8) of the tile into its running (max, sum-exp); `lim` = valid
-// columns of the tile minus 2 t (FULL: all valid).
+// Fold the tile into this thread's two running (max, sum-exp) pairs (row h = 0: g, 1: g + 8):
+// acc[4 j + 2 h + e] is column 8 j + 2 t + e; `lim` = valid columns of the tile minus 2 t (FULL:
+// all valid). Four partial maxima and sums per row (by j % 4) instead of one chain: with 2
+// warps per scheduler there is little else to hide a 64-long chain of dependent FMNMX / FADD
+// behind, and the epilogue runs while the tensor cores wait.
 template <bool FULL>
-__device__ __forceinline__ void f3_fold_row(float &m, float &s, const float (&acc)[WG_NACC],
-                                            int h, int lim) {
-    float lmax = F3_NEG_INF;
+__device__ __forceinline__ void f3_fold(float (&m)[2], float (&s)[2], const float (&acc)[WG_NACC],
+                                        int lim) {
+    float mx[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) mx[h][q] = F3_NEG_INF;
 #pragma unroll
     for (int j = 0; j < FUSED3_BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-            if (FULL || 8 * j + e < lim) lmax = fmaxf(lmax, acc[4 * j + 2 * h + e]);
-    const float M = fmaxf(m, lmax);
-    if (M == F3_NEG_INF) return;
-    const float mb = -M * F3_LOG2E;
-    float sum = s * f3_ex2(fmaf(m, F3_LOG2E, mb));  // m = -inf: ex2(-inf) = 0
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (FULL || 8 * j + e < lim)
+                    mx[h][j & 3] = fmaxf(mx[h][j & 3], acc[4 * j + 2 * h + e]);
+    float M[2], mb[2], sum[2][4];
+    bool live[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        M[h] = fmaxf(fmaxf(m[h], fmaxf(mx[h][0], mx[h][1])), fmaxf(mx[h][2], mx[h][3]));
+        live[h] = M[h] != F3_NEG_INF;  // false only when this thread saw no valid column yet
+        mb[h] = live[h] ? -M[h] * F3_LOG2E : 0.f;
+        sum[h][0] = live[h] ? s[h] * f3_ex2(fmaf(m[h], F3_LOG2E, mb[h])) : 0.f;  // m = -inf: 0
+        sum[h][1] = sum[h][2] = sum[h][3] = 0.f;
+    }
 #pragma unroll
     for (int j = 0; j < FUSED3_BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-            if (FULL || 8 * j + e < lim) sum += f3_ex2(fmaf(acc[4 * j + 2 * h + e], F3_LOG2E, mb));
-    s = sum;
-    m = M;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (FULL || 8 * j + e < lim)
+                    sum[h][j & 3] += f3_ex2(fmaf(acc[4 * j + 2 * h + e], F3_LOG2E, mb[h]));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (live[h]) {
+            s[h] = (sum[h][0] + sum[h][1]) + (sum[h][2] + sum[h][3]);
+            m[h] = M[h];
+        }
+    }
 }
 
 template <bool BF16>
@@ -131,11 +155,9 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
         const int col0 = vt * FUSED3_BN;
         const int lim = v - col0 - 2 * t;
         if (col0 + FUSED3_BN <= v) {
-            f3_fold_row<true>(run_m[0], run_s[0], acc, 0, lim);
-            f3_fold_row<true>(run_m[1], run_s[1], acc, 1, lim);
+            f3_fold<true>(run_m, run_s, acc, lim);
         } else {
-            f3_fold_row<false>(run_m[0], run_s[0], acc, 0, lim);
-            f3_fold_row<false>(run_m[1], run_s[1], acc, 1, lim);
+            f3_fold<false>(run_m, run_s, acc, lim);
         }
         // Target logits: column c of the tile belongs to the thread with t = (c >> 1) & 3, at
         // j = c >> 3, e = c & 1; the select loop runs only in warps with a target here.

@@ -138,6 +138,7 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                     for (int e = 0; e < 2; ++e) {
                         const float key = acc[4 * j + 2 * h + e];
                         u32 want = __ballot_sync(NT3_FULL, key < thr[h]);
+                        if (!want) continue;  // warp-uniform: nothing below any row's list
                         const u32 cbase = (u32)(col0 + 8 * j + e);
                         while (want) {
                             const int src = __ffs(want) - 1;
@@ -163,9 +164,11 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                             }
                             __syncwarp();
                         }
+                        // The lists of these rows may have tightened: the next position is
+                        // tested against the fresh 32nd key (v2 re-read it once per 64
+                        // positions, so the first tile sent every value through the loop).
+                        thr[h] = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
                     }
-                // The lists of these rows may have tightened: re-read the threshold.
-                thr[h] = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
             }
         }
     });
