@@ -117,58 +117,80 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
             return;
         }
 #endif
-        // Selection into the warp's own rows' lists (no other warp touches them).
-        float thr[2];
-        bool any = false;
+        // Selection into the warp's own rows' lists (no other warp touches them). First, in
+        // straight-line code, a bit per value below its row's current 32nd key (bit 2 j + e
+        // of mask[h]); then, only if some lane has one, the keys go to a local array and ONE
+        // copy of the insertion loop walks the candidates. (A fully unrolled insertion per
+        // position, v2's form, is ~128 KB of code at this tile width: it missed the
+        // instruction cache on every tile and cost more than the selection itself.)
+        unsigned long long mask[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            thr[h] = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
+            const float thr = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
+            u32 lo = 0, hi = 0;
 #pragma unroll
             for (int j = 0; j < WG_BN / 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) any |= acc[4 * j + 2 * h + e] < thr[h];
+                for (int e = 0; e < 2; ++e) {
+                    const u32 bit = acc[4 * j + 2 * h + e] < thr ? 1u : 0u;
+                    if (j < WG_BN / 16) lo |= bit << (2 * j + e);
+                    else hi |= bit << (2 * j + e - 32);
+                }
+            mask[h] = ((unsigned long long)hi << 32) | lo;
         }
-        if (__any_sync(NT3_FULL, any)) {
+        if (__any_sync(NT3_FULL, (mask[0] | mask[1]) != 0ull)) {
+            float kl[WG_NACC];  // indexed at run time below: local memory (L1)
 #pragma unroll
+            for (int i = 0; i < WG_NACC; ++i) kl[i] = acc[i];
+#pragma unroll 1
             for (int h = 0; h < 2; ++h) {
                 const int rbase = warp * 16 + 8 * h;
-#pragma unroll
-                for (int j = 0; j < WG_BN / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float key = acc[4 * j + 2 * h + e];
-                        u32 want = __ballot_sync(NT3_FULL, key < thr[h]);
-                        if (!want) continue;  // warp-uniform: nothing below any row's list
-                        const u32 cbase = (u32)(col0 + 8 * j + e);
-                        while (want) {
-                            const int src = __ffs(want) - 1;
-                            want &= want - 1;
-                            const float ck = __shfl_sync(NT3_FULL, key, src);
-                            const u32 cix = cbase + 2 * (src & 3);
-                            float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
-                            u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
-                            const float Lk = lk[lane];
-                            const u32 Li = li[lane];
-                            const int pos =
-                                __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
-                            if (pos < NTC_LIST) {  // uniform across the warp
-                                const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
-                                const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
-                                if (lane > pos) {
-                                    lk[lane] = uk;
-                                    li[lane] = ui;
-                                } else if (lane == pos) {
-                                    lk[lane] = ck;
-                                    li[lane] = cix;
-                                }
-                            }
-                            __syncwarp();
+                const float *my_thr = lkeys + (rbase + g) * NTC_LIST + NTC_LIST - 1;
+                unsigned long long m = mask[h];
+                while (true) {
+                    // This lane's next candidate still below its row's current 32nd key.
+                    const float thr = *my_thr;
+                    float key = NT3_POS_INF;
+                    u32 col = 0;
+                    bool has = false;
+                    while (m) {
+                        const int p = __ffsll((long long)m) - 1;  // 2 j + e
+                        m &= m - 1;
+                        const float kk = kl[4 * (p >> 1) + 2 * h + (p & 1)];
+                        if (kk < thr) {
+                            key = kk;
+                            col = (u32)(col0 + 8 * (p >> 1) + 2 * t + (p & 1));
+                            has = true;
+                            break;
                         }
-                        // The lists of these rows may have tightened: the next position is
-                        // tested against the fresh 32nd key (v2 re-read it once per 64
-                        // positions, so the first tile sent every value through the loop).
-                        thr[h] = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
                     }
+                    u32 want = __ballot_sync(NT3_FULL, has);
+                    if (!want) break;
+                    while (want) {
+                        const int src = __ffs(want) - 1;
+                        want &= want - 1;
+                        const float ck = __shfl_sync(NT3_FULL, key, src);
+                        const u32 cix = __shfl_sync(NT3_FULL, col, src);
+                        float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
+                        u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
+                        const float Lk = lk[lane];
+                        const u32 Li = li[lane];
+                        const int pos =
+                            __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
+                        if (pos < NTC_LIST) {  // uniform across the warp
+                            const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
+                            const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
+                            if (lane > pos) {
+                                lk[lane] = uk;
+                                li[lane] = ui;
+                            } else if (lane == pos) {
+                                lk[lane] = ck;
+                                li[lane] = cix;
+                            }
+                        }
+                        __syncwarp();
+                    }
+                }
             }
         }
     });
