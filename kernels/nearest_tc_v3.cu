@@ -42,6 +42,37 @@ __device__ __forceinline__ bool nt3_before(float d1, u32 i1, float d2, u32 i2) {
     return d1 < d2 || (d1 == d2 && i1 < i2);
 }
 
+// Insert the candidates of one position into their rows' sorted lists, one lane's value at a
+// time (warp-wide): `want` = the lanes with a candidate, lane src's value `key` is row
+// rbase + src / 4, catalogue row cbase + 2 (src % 4). Each list is one entry per lane, sorted
+// by (key, row); the insertion shifts the tail up by one and drops the 33rd.
+__device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbase,
+                                        float *lkeys, u32 *lidx, int lane) {
+    while (want) {
+        const int src = __ffs(want) - 1;
+        want &= want - 1;
+        const float ck = __shfl_sync(NT3_FULL, key, src);
+        const u32 cix = cbase + 2 * (src & 3);
+        float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
+        u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
+        const float Lk = lk[lane];
+        const u32 Li = li[lane];
+        const int pos = __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
+        if (pos < NTC_LIST) {  // uniform across the warp
+            const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
+            const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
+            if (lane > pos) {
+                lk[lane] = uk;
+                li[lane] = ui;
+            } else if (lane == pos) {
+                lk[lane] = ck;
+                li[lane] = cix;
+            }
+        }
+        __syncwarp();
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
                          const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
@@ -117,81 +148,33 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
             return;
         }
 #endif
-        // Selection into the warp's own rows' lists (no other warp touches them). First, in
-        // straight-line code, a bit per value below its row's current 32nd key (bit 2 j + e
-        // of mask[h]); then, only if some lane has one, the keys go to a local array and ONE
-        // copy of the insertion loop walks the candidates. (A fully unrolled insertion per
-        // position, v2's form, is ~128 KB of code at this tile width: it missed the
-        // instruction cache on every tile and cost more than the selection itself.)
-        unsigned long long mask[2];
+        // Selection into the warp's own rows' lists (no other warp touches them): per
+        // position (h, j, e), a ballot of the lanes whose value beats their row's current
+        // 32nd key, and for those one call of nt3_insert. The insertion loop is out of line
+        // on purpose: inlined at all 128 positions (v2's form) it is ~128 KB of code that
+        // missed the instruction cache on every tile, and staging the keys in a local array
+        // instead costs 128 KB of L2 traffic per tile; the call costs a few moves (ptxas passes
+        // the arguments in registers that are free at that point).
+        float thr[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            thr[h] = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const float thr = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
-            u32 lo = 0, hi = 0;
+            const int rbase = warp * 16 + 8 * h;
 #pragma unroll
             for (int j = 0; j < WG_BN / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const u32 bit = acc[4 * j + 2 * h + e] < thr ? 1u : 0u;
-                    if (j < WG_BN / 16) lo |= bit << (2 * j + e);
-                    else hi |= bit << (2 * j + e - 32);
-                }
-            mask[h] = ((unsigned long long)hi << 32) | lo;
-        }
-        if (__any_sync(NT3_FULL, (mask[0] | mask[1]) != 0ull)) {
-            float kl[WG_NACC];  // indexed at run time below: local memory (L1)
-#pragma unroll
-            for (int i = 0; i < WG_NACC; ++i) kl[i] = acc[i];
-#pragma unroll 1
-            for (int h = 0; h < 2; ++h) {
-                const int rbase = warp * 16 + 8 * h;
-                const float *my_thr = lkeys + (rbase + g) * NTC_LIST + NTC_LIST - 1;
-                unsigned long long m = mask[h];
-                while (true) {
-                    // This lane's next candidate still below its row's current 32nd key.
-                    const float thr = *my_thr;
-                    float key = NT3_POS_INF;
-                    u32 col = 0;
-                    bool has = false;
-                    while (m) {
-                        const int p = __ffsll((long long)m) - 1;  // 2 j + e
-                        m &= m - 1;
-                        const float kk = kl[4 * (p >> 1) + 2 * h + (p & 1)];
-                        if (kk < thr) {
-                            key = kk;
-                            col = (u32)(col0 + 8 * (p >> 1) + 2 * t + (p & 1));
-                            has = true;
-                            break;
-                        }
-                    }
-                    u32 want = __ballot_sync(NT3_FULL, has);
-                    if (!want) break;
-                    while (want) {
-                        const int src = __ffs(want) - 1;
-                        want &= want - 1;
-                        const float ck = __shfl_sync(NT3_FULL, key, src);
-                        const u32 cix = __shfl_sync(NT3_FULL, col, src);
-                        float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
-                        u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
-                        const float Lk = lk[lane];
-                        const u32 Li = li[lane];
-                        const int pos =
-                            __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
-                        if (pos < NTC_LIST) {  // uniform across the warp
-                            const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
-                            const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
-                            if (lane > pos) {
-                                lk[lane] = uk;
-                                li[lane] = ui;
-                            } else if (lane == pos) {
-                                lk[lane] = ck;
-                                li[lane] = cix;
-                            }
-                        }
-                        __syncwarp();
+                    const float key = acc[4 * j + 2 * h + e];
+                    const u32 want = __ballot_sync(NT3_FULL, key < thr[h]);
+                    if (want) {  // warp-uniform
+                        nt3_insert(want, key, (u32)(col0 + 8 * j + e), rbase, lkeys, lidx, lane);
+                        // The lists of these rows may have tightened: the next position is
+                        // tested against the fresh 32nd key.
+                        thr[h] = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
                     }
                 }
-            }
         }
     });
     __syncthreads();  // every warp's last insertions done
