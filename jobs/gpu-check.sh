@@ -13,21 +13,23 @@
 #                             times, only the host-side f64 reference checks. --release: a
 #                             release build (68 min from a cold target dir on 2 cores).
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
-#                             on the GPU machine: nvidia-smi; the GPU tests (fail if they SKIP),
-#                             fused v1 and v2a against the f64 reference, the tensor-core
-#                             grounding search against the f32 kernel (bit for bit) and the f64
-#                             reference; the GPU benchmarks (fused v1 vs v2a vs the materialising
-#                             path at the four scoring shapes; nearest f32 vs tensor-core at
-#                             1M x 4096 and 100k x 384); the PyTorch baselines at the same shapes
-#                             (jobs/torch_baselines.py, skipped with --no-torch: section 8 of
-#                             docs/kernels.md has them); hf_scoring_baseline.py if present. Logs go
-#                             to $OUT; the tables are printed last. --quick: smallest shapes.
+#                             on the GPU machine: nvidia-smi; the v3 (wgmma) layout test and the
+#                             tensor-core grounding test, each in its own process first (a
+#                             failure there turns v3 off for the rest: LLM4DSR_FUSED_V3=off /
+#                             LLM4DSR_NEAREST_TC_CANDIDATES=v2, and the check fails); all GPU tests
+#                             (fail if they SKIP); the GPU benchmarks (fused v1 / v2a / v3 and the
+#                             materialising path at the four scoring shapes, v3 without its
+#                             epilogue; nearest f32 and tensor-core with both candidate kernels at
+#                             1M x 4096 and 100k x 384, the candidate kernels alone); the PyTorch
+#                             baselines at the same shapes (jobs/torch_baselines.py, skipped with
+#                             --no-torch) and hf_scoring_baseline.py if found (copy it into
+#                             target-gpu/bin, or set HF_BASELINE). Logs go to $OUT; the tables are
+#                             printed last. --quick: smallest shapes.
 #
 # Device call (the session's run tool):
-#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 560
-# Budget (estimated from the 2026-11-27 H200 run, not measured as a whole): tests ~30 s, Rust
-# GPU bench ~120 s, torch ~90 s, HF baseline ~60 s; each step has its own timeout so one hang
-# cannot eat the lease.
+#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400
+# Measured 2026-11-27 on an H200: 59-76 s for the whole run (31-48 s with --no-torch), plus about
+# 40 s to start the machine; each step has its own timeout so one hang cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=target-gpu/bin
