@@ -369,6 +369,50 @@ impl CudaKernels {
         compile_and_load(&self.ctx, self.arch, file, src, names)
     }
 
+    /// Compile `src` for `arch`, load `names` and opt each in to `smem` bytes of dynamic shared
+    /// memory, after checking the device allows that much per block.
+    fn load_with_smem(
+        &self,
+        arch: &'static str,
+        file: &str,
+        src: &str,
+        names: &[&str],
+        smem: u32,
+        extra: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        let optin = self.ctx.attribute(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )? as u32;
+        if optin < smem {
+            bail!("needs {smem} B of shared memory per block, the device allows {optin} B");
+        }
+        let f = compile_and_load_with(&self.ctx, arch, file, src, names, extra)?;
+        for func in &f {
+            // Dynamic shared memory above 48 KB needs this opt-in before any launch.
+            func.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .with_context(|| format!("opting in to {smem} B of dynamic shared memory ({file})"))?;
+        }
+        Ok(f)
+    }
+
+    /// The sm_90a kernels run here: compute capability 9.0 and not `LLM4DSR_FUSED_V3=off`.
+    fn sm90a_allowed(&self) -> Result<()> {
+        if std::env::var("LLM4DSR_FUSED_V3").is_ok_and(|x| x == "off") {
+            bail!("{V3_DISABLED}");
+        }
+        if self.cc != (9, 0) {
+            bail!(
+                "needs compute capability 9.0 (wgmma), the device has {}.{}",
+                self.cc.0,
+                self.cc.1
+            );
+        }
+        Ok(())
+    }
+
     /// Benchmark diagnostics: an sm_90a kernel file (compiled after `wgmma_common.cuh`) with
     /// extra `-D` options, e.g. a diagnostic switch that removes an epilogue, with `smem` bytes
     /// of dynamic shared memory opted in. Not used by the stages.
@@ -380,25 +424,8 @@ impl CudaKernels {
         defines: &[&str],
         smem: u32,
     ) -> Result<Vec<CudaFunction>> {
-        if self.cc != (9, 0) {
-            bail!("sm_90a kernels need compute capability 9.0");
-        }
-        let f = compile_and_load_with(
-            &self.ctx,
-            FUSED3_ARCH,
-            file,
-            &sm90a_source(src),
-            names,
-            defines,
-        )?;
-        for func in &f {
-            func.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .context("opting in to dynamic shared memory")?;
-        }
-        Ok(f)
+        self.sm90a_allowed()?;
+        self.load_with_smem(FUSED3_ARCH, file, &sm90a_source(src), names, smem, defines)
     }
 
     /// The device copy of `t` as `dtype`, uploaded on the first call and reused while the
@@ -502,39 +529,15 @@ impl CudaKernels {
     fn fused_v3(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
         self.fused_v3.get_or_init(|| {
             let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
-                if std::env::var("LLM4DSR_FUSED_V3").is_ok_and(|x| x == "off") {
-                    bail!("{V3_DISABLED}");
-                }
-                if self.cc != (9, 0) {
-                    bail!(
-                        "needs compute capability 9.0 (wgmma), the device has {}.{}",
-                        self.cc.0,
-                        self.cc.1
-                    );
-                }
-                let optin = self.ctx.attribute(
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )? as u32;
-                if optin < launch::FUSED3_SMEM {
-                    bail!(
-                        "needs {} B of shared memory per block, the device allows {optin} B",
-                        launch::FUSED3_SMEM
-                    );
-                }
-                let f = compile_and_load(
-                    &self.ctx,
+                self.sm90a_allowed()?;
+                let f = self.load_with_smem(
                     FUSED3_ARCH,
                     "item_loglik_fused_v3.cu",
                     &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                     &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
+                    launch::FUSED3_SMEM,
+                    &[],
                 )?;
-                for func in &f {
-                    func.set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        launch::FUSED3_SMEM as i32,
-                    )
-                    .context("opting in to dynamic shared memory for fused v3")?;
-                }
                 Ok((f[0].clone(), f[1].clone()))
             })()
             .map_err(|e| format!("{e:#}"));
@@ -556,30 +559,14 @@ impl CudaKernels {
     fn fused_v2(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
         self.fused_v2.get_or_init(|| {
             let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
-                let optin = self.ctx.attribute(
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )? as u32;
-                if optin < launch::FUSED2_SMEM {
-                    bail!(
-                        "needs {} B of shared memory per block, the device allows {optin} B",
-                        launch::FUSED2_SMEM
-                    );
-                }
-                let f = compile_and_load(
-                    &self.ctx,
+                let f = self.load_with_smem(
                     self.arch,
                     "item_loglik_fused_v2.cu",
                     ITEM_LOGLIK_FUSED_V2_CU,
                     &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"],
+                    launch::FUSED2_SMEM,
+                    &[],
                 )?;
-                for func in &f {
-                    // Dynamic shared memory above 48 KB needs this opt-in before any launch.
-                    func.set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        launch::FUSED2_SMEM as i32,
-                    )
-                    .context("opting in to dynamic shared memory for fused v2")?;
-                }
                 Ok((f[0].clone(), f[1].clone()))
             })()
             .map_err(|e| format!("{e:#}"));
@@ -1009,38 +996,22 @@ impl CudaKernels {
         self.nearest_tc_v3
             .get_or_init(|| {
                 let loaded = (|| -> Result<CudaFunction> {
-                    if std::env::var("LLM4DSR_FUSED_V3").is_ok_and(|x| x == "off") {
-                        bail!("{V3_DISABLED}");
-                    }
-                    if self.cc != (9, 0) {
-                        bail!("needs compute capability 9.0 (wgmma), not {}.{}", self.cc.0, self.cc.1);
-                    }
-                    let optin = self.ctx.attribute(
-                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                    )? as u32;
-                    if optin < launch::NTC3_SMEM {
-                        bail!(
-                            "needs {} B of shared memory per block, the device allows {optin} B",
-                            launch::NTC3_SMEM
-                        );
-                    }
-                    let f = compile_and_load(
-                        &self.ctx,
+                    self.sm90a_allowed()?;
+                    let f = self.load_with_smem(
                         FUSED3_ARCH,
                         "nearest_tc_v3.cu",
                         &sm90a_source(NEAREST_TC_V3_CU),
                         &["nearest_tc_candidates_v3"],
+                        launch::NTC3_SMEM,
+                        &[],
                     )?;
-                    f[0].set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        launch::NTC3_SMEM as i32,
-                    )
-                    .context("opting in to dynamic shared memory for nearest_tc_candidates_v3")?;
                     Ok(f[0].clone())
                 })()
                 .map_err(|e| format!("{e:#}"));
                 if let Err(e) = &loaded {
-                    tracing::info!("kernels: wgmma grounding candidates unavailable ({e}); v2 serves");
+                    tracing::info!(
+                        "kernels: wgmma grounding candidates unavailable ({e}); v2 serves"
+                    );
                 }
                 loaded
             })
