@@ -906,21 +906,31 @@ mod gpu {
                     // Diagnostics: each candidate kernel alone (no query prep, no re-rank), and
                     // v3 with the selection or the whole epilogue switched off (lists wrong,
                     // not used): where the candidate kernel's time goes.
-                    let mut variants: Vec<(String, TcCandidates, CudaFunction)> = vec![(
+                    // (label, plan, kernel, whether its lists are real: then the re-rank runs on
+                    // them and the row says whether the top-k equals the f32 kernel's)
+                    let mut variants: Vec<(String, TcCandidates, CudaFunction, bool)> = vec![(
                         "v2 candidates".into(),
                         TcCandidates::V2,
                         g.nearest_tc_candidate_fn(TcCandidates::V2)?.clone(),
+                        true,
                     )];
                     if let Ok(f3) = g.nearest_tc_candidate_fn(TcCandidates::V3) {
-                        variants.push(("v3 candidates".into(), TcCandidates::V3, f3.clone()));
-                        for (label, def) in [
+                        variants.push(("v3 candidates".into(), TcCandidates::V3, f3.clone(), true));
+                        for (label, def, real) in [
+                            (
+                                "v3 candidates, mask selection (NT3_SELECT_MASK, experimental)",
+                                "-DNT3_SELECT_MASK",
+                                true,
+                            ),
                             (
                                 "v3 candidates, keys but no selection",
                                 "-DNT3_DIAG_NO_SELECT",
+                                false,
                             ),
                             (
                                 "v3 main loop only (epilogue = sum)",
                                 "-DNT3_DIAG_NO_EPILOGUE",
+                                false,
                             ),
                         ] {
                             match g.load_sm90a_variant(
@@ -930,24 +940,40 @@ mod gpu {
                                 &[def],
                                 llm4dsr_kernels::launch::NTC3_SMEM,
                             ) {
-                                Ok(f) => {
-                                    variants.push((label.into(), TcCandidates::V3, f[0].clone()))
-                                }
+                                Ok(f) => variants.push((
+                                    label.into(),
+                                    TcCandidates::V3,
+                                    f[0].clone(),
+                                    real,
+                                )),
                                 Err(e) => eprintln!("{label}: not loaded: {e:#}"),
                             }
                         }
                     }
-                    for (label, cand, func) in &variants {
+                    for (label, cand, func, real) in &variants {
                         let mut p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, *cand)?;
                         let ms_c = event_ms(g, 1, 3, || {
                             g.nearest_tc_candidates_again(&mut p, &cat, func)
                         })?;
+                        let grid =
+                            format!("grid {} x {}", p.plan.query_blocks, p.plan.split.slices);
+                        let note = if *real {
+                            let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
+                            format!(
+                                "{grid}; top-k equals the f32 kernel: {}; {} certified, {} fallback",
+                                res == merged,
+                                st.certified,
+                                st.fallback
+                            )
+                        } else {
+                            format!("{grid}; lists not real (diagnostic)")
+                        };
                         diag_rows.push(Row {
                             case: format!("diagnostic: {label} (kernel alone)"),
                             shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
                             ms: ms_c,
                             work: nearest_tc_work(s),
-                            note: format!("grid {} x {}", p.plan.query_blocks, p.plan.split.slices),
+                            note,
                         });
                     }
                     // Both candidate kernels where v3 loads (and the GPU check did not turn it

@@ -73,6 +73,172 @@ __device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbas
     }
 }
 
+#ifdef NT3_SELECT_MASK
+// Benchmark variant NT3_SELECT_MASK (not the default): acc[i] for a run-time i without moving
+// the accumulators to local memory (each case reads one fixed register).
+__device__ __forceinline__ float nt3_pick(const float (&acc)[WG_NACC], int i) {
+    switch (i) {
+    case 0: return acc[0];
+    case 1: return acc[1];
+    case 2: return acc[2];
+    case 3: return acc[3];
+    case 4: return acc[4];
+    case 5: return acc[5];
+    case 6: return acc[6];
+    case 7: return acc[7];
+    case 8: return acc[8];
+    case 9: return acc[9];
+    case 10: return acc[10];
+    case 11: return acc[11];
+    case 12: return acc[12];
+    case 13: return acc[13];
+    case 14: return acc[14];
+    case 15: return acc[15];
+    case 16: return acc[16];
+    case 17: return acc[17];
+    case 18: return acc[18];
+    case 19: return acc[19];
+    case 20: return acc[20];
+    case 21: return acc[21];
+    case 22: return acc[22];
+    case 23: return acc[23];
+    case 24: return acc[24];
+    case 25: return acc[25];
+    case 26: return acc[26];
+    case 27: return acc[27];
+    case 28: return acc[28];
+    case 29: return acc[29];
+    case 30: return acc[30];
+    case 31: return acc[31];
+    case 32: return acc[32];
+    case 33: return acc[33];
+    case 34: return acc[34];
+    case 35: return acc[35];
+    case 36: return acc[36];
+    case 37: return acc[37];
+    case 38: return acc[38];
+    case 39: return acc[39];
+    case 40: return acc[40];
+    case 41: return acc[41];
+    case 42: return acc[42];
+    case 43: return acc[43];
+    case 44: return acc[44];
+    case 45: return acc[45];
+    case 46: return acc[46];
+    case 47: return acc[47];
+    case 48: return acc[48];
+    case 49: return acc[49];
+    case 50: return acc[50];
+    case 51: return acc[51];
+    case 52: return acc[52];
+    case 53: return acc[53];
+    case 54: return acc[54];
+    case 55: return acc[55];
+    case 56: return acc[56];
+    case 57: return acc[57];
+    case 58: return acc[58];
+    case 59: return acc[59];
+    case 60: return acc[60];
+    case 61: return acc[61];
+    case 62: return acc[62];
+    case 63: return acc[63];
+    case 64: return acc[64];
+    case 65: return acc[65];
+    case 66: return acc[66];
+    case 67: return acc[67];
+    case 68: return acc[68];
+    case 69: return acc[69];
+    case 70: return acc[70];
+    case 71: return acc[71];
+    case 72: return acc[72];
+    case 73: return acc[73];
+    case 74: return acc[74];
+    case 75: return acc[75];
+    case 76: return acc[76];
+    case 77: return acc[77];
+    case 78: return acc[78];
+    case 79: return acc[79];
+    case 80: return acc[80];
+    case 81: return acc[81];
+    case 82: return acc[82];
+    case 83: return acc[83];
+    case 84: return acc[84];
+    case 85: return acc[85];
+    case 86: return acc[86];
+    case 87: return acc[87];
+    case 88: return acc[88];
+    case 89: return acc[89];
+    case 90: return acc[90];
+    case 91: return acc[91];
+    case 92: return acc[92];
+    case 93: return acc[93];
+    case 94: return acc[94];
+    case 95: return acc[95];
+    case 96: return acc[96];
+    case 97: return acc[97];
+    case 98: return acc[98];
+    case 99: return acc[99];
+    case 100: return acc[100];
+    case 101: return acc[101];
+    case 102: return acc[102];
+    case 103: return acc[103];
+    case 104: return acc[104];
+    case 105: return acc[105];
+    case 106: return acc[106];
+    case 107: return acc[107];
+    case 108: return acc[108];
+    case 109: return acc[109];
+    case 110: return acc[110];
+    case 111: return acc[111];
+    case 112: return acc[112];
+    case 113: return acc[113];
+    case 114: return acc[114];
+    case 115: return acc[115];
+    case 116: return acc[116];
+    case 117: return acc[117];
+    case 118: return acc[118];
+    case 119: return acc[119];
+    case 120: return acc[120];
+    case 121: return acc[121];
+    case 122: return acc[122];
+    case 123: return acc[123];
+    case 124: return acc[124];
+    case 125: return acc[125];
+    case 126: return acc[126];
+    case 127: return acc[127];
+    default: return __int_as_float(0x7f800000);
+    }
+}
+
+// nt3_insert for candidates whose catalogue rows differ per lane (`col`).
+__device__ __noinline__ void nt3_insert_cols(u32 want, float key, u32 col, int rbase,
+                                             float *lkeys, u32 *lidx, int lane) {
+    while (want) {
+        const int src = __ffs(want) - 1;
+        want &= want - 1;
+        const float ck = __shfl_sync(NT3_FULL, key, src);
+        const u32 cix = __shfl_sync(NT3_FULL, col, src);
+        float *lk = lkeys + (rbase + (src >> 2)) * NTC_LIST;
+        u32 *li = lidx + (rbase + (src >> 2)) * NTC_LIST;
+        const float Lk = lk[lane];
+        const u32 Li = li[lane];
+        const int pos = __popc(__ballot_sync(NT3_FULL, nt3_before(Lk, Li, ck, cix)));
+        if (pos < NTC_LIST) {
+            const float uk = __shfl_up_sync(NT3_FULL, Lk, 1);
+            const u32 ui = __shfl_up_sync(NT3_FULL, Li, 1);
+            if (lane > pos) {
+                lk[lane] = uk;
+                li[lane] = ui;
+            } else if (lane == pos) {
+                lk[lane] = ck;
+                li[lane] = cix;
+            }
+        }
+        __syncwarp();
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
                          const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
@@ -148,6 +314,55 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
             return;
         }
 #endif
+#ifdef NT3_SELECT_MASK
+        // Benchmark variant: a branch-free pass builds each lane's candidate bitmask (bit 2 j +
+        // e of mask[h]: the value beats its row's 32nd key at the tile's start), then rounds in
+        // which every lane offers its next candidate still below the row's current 32nd key
+        // (read through nt3_pick, registers only) and the warp inserts the offers.
+        unsigned long long mask[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float thr0 = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
+            u32 lo = 0, hi = 0;
+#pragma unroll
+            for (int j = 0; j < WG_BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const u32 bit = acc[4 * j + 2 * h + e] < thr0 ? 1u : 0u;
+                    if (j < WG_BN / 16) lo |= bit << (2 * j + e);
+                    else hi |= bit << (2 * j + e - 32);
+                }
+            mask[h] = ((unsigned long long)hi << 32) | lo;
+        }
+        if (__any_sync(NT3_FULL, (mask[0] | mask[1]) != 0ull)) {
+#pragma unroll 1
+            for (int h = 0; h < 2; ++h) {
+                const int rbase = warp * 16 + 8 * h;
+                const float *my_thr = lkeys + (rbase + g) * NTC_LIST + NTC_LIST - 1;
+                unsigned long long m = mask[h];
+                while (true) {
+                    const float thr = *my_thr;
+                    float key = NT3_POS_INF;
+                    u32 col = 0;
+                    bool has = false;
+                    while (m) {
+                        const int p = __ffsll((long long)m) - 1;  // 2 j + e
+                        m &= m - 1;
+                        const float kk = nt3_pick(acc, 4 * (p >> 1) + 2 * h + (p & 1));
+                        if (kk < thr) {
+                            key = kk;
+                            col = (u32)(col0 + 8 * (p >> 1) + 2 * t + (p & 1));
+                            has = true;
+                            break;
+                        }
+                    }
+                    const u32 want = __ballot_sync(NT3_FULL, has);
+                    if (!want) break;
+                    nt3_insert_cols(want, key, col, rbase, lkeys, lidx, lane);
+                }
+            }
+        }
+#else
         // Selection into the warp's own rows' lists (no other warp touches them): per
         // position (h, j, e), a ballot of the lanes whose value beats their row's current
         // 32nd key, and for those one call of nt3_insert. The insertion loop is out of line
@@ -176,6 +391,7 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                     }
                 }
         }
+#endif
     });
     __syncthreads();  // every warp's last insertions done
     for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
