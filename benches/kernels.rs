@@ -918,11 +918,6 @@ mod gpu {
                         variants.push(("v3 candidates".into(), TcCandidates::V3, f3.clone(), true));
                         for (label, def, real) in [
                             (
-                                "v3 candidates, mask selection (NT3_SELECT_MASK, experimental)",
-                                "-DNT3_SELECT_MASK",
-                                true,
-                            ),
-                            (
                                 "v3 candidates, keys but no selection",
                                 "-DNT3_DIAG_NO_SELECT",
                                 false,
