@@ -5,8 +5,9 @@
 //! only after [`crate::backend`] has seen `libcuda.so.1`.
 //!
 //! Start-up cost (seen on an H200 with a probe of this design): NVRTC ~80 ms per module,
-//! module load ~150 ms; paid once per process by [`kernels`] (the v2 fused module only when
-//! first asked for, by `LLM4DSR_FUSED_VERSION=v2` or an explicit version).
+//! module load ~150 ms; paid once per process by [`kernels`] (the v2 / v3 fused modules and the
+//! grounding modules when first used). The sm_90a modules (v3 scoring, the wgmma grounding
+//! candidates) are compiled from `wgmma_common.cuh` + their file for `compute_90a`.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -244,7 +245,7 @@ pub struct CudaKernels {
     fused_bf16: CudaFunction,
     fused_f16: CudaFunction,
     fused_f32: CudaFunction,
-    /// v2a bf16 and f16 kernels, or why they are unavailable (then v1 serves every call).
+    /// v2a bf16 and f16 kernels, or why they are unavailable (then v1 serves).
     /// Compiled on first use, so processes that run v1 (the default) do not pay for it.
     fused_v2: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     /// v3 (wgmma, sm_90a) bf16 and f16 kernels, or why they are unavailable; on first use.
@@ -577,8 +578,9 @@ impl CudaKernels {
         })
     }
 
-    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v2),
-    /// resolved to v1 for f32 (v2 has no f32 kernel) or when v2 failed to load (logged).
+    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v3),
+    /// resolved to v1 for f32 (v2 and v3 have no f32 kernel), and to the next older version
+    /// while the asked one is unavailable on this device (v3 -> v2 -> v1, logged at debug).
     pub fn fused_version(&self, variant: FusedVariant) -> Result<FusedVersion> {
         let asked = FusedVersion::from_env()?;
         let mut version = asked.resolve(variant);

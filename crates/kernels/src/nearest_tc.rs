@@ -1,5 +1,5 @@
-//! The tensor-core grounding search (`kernels/nearest_tc.cu`, version "tc", opt-in with
-//! `LLM4DSR_NEAREST_VERSION=tc`): its error bound, its exactness certificate, and a CPU model of
+//! The tensor-core grounding search (`kernels/nearest_tc.cu`, version "tc", the default GPU search;
+//! `LLM4DSR_NEAREST_VERSION=f32|tc`): its error bound, its exactness certificate, and a CPU model of
 //! the whole scheme that the unit tests hold against the f32 kernel's arithmetic.
 //!
 //! The scheme. Queries and catalogue rows are scaled per row by a power of two s (largest

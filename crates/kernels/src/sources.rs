@@ -7,10 +7,10 @@ use anyhow::{bail, Result};
 
 pub const ITEM_LOGLIK_LOGITS_CU: &str = include_str!("../../../kernels/item_loglik_logits.cu");
 pub const ITEM_LOGLIK_FUSED_CU: &str = include_str!("../../../kernels/item_loglik_fused.cu");
-/// Version 2a of the tensor-core fused kernel (opt-in: `LLM4DSR_FUSED_VERSION=v2`).
+/// Version 2a of the tensor-core fused kernel (the default on sm_80..sm_89; `LLM4DSR_FUSED_VERSION=v2`).
 pub const ITEM_LOGLIK_FUSED_V2_CU: &str = include_str!("../../../kernels/item_loglik_fused_v2.cu");
-/// Version 3 of the tensor-core fused kernel: wgmma on sm_90a (opt-in:
-/// `LLM4DSR_FUSED_VERSION=v3`).
+/// Version 3 of the tensor-core fused kernel: wgmma on sm_90a (the default on compute capability
+/// 9.0; `LLM4DSR_FUSED_VERSION=v3`).
 pub const ITEM_LOGLIK_FUSED_V3_CU: &str = include_str!("../../../kernels/item_loglik_fused_v3.cu");
 /// The tensor-core grounding's candidate kernel on wgmma (sm_90a; the default there).
 pub const NEAREST_TC_V3_CU: &str = include_str!("../../../kernels/nearest_tc_v3.cu");
@@ -26,7 +26,7 @@ pub fn sm90a_source(src: &str) -> String {
     format!("{WGMMA_COMMON_CUH}\n#line 1\n{src}")
 }
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
-/// The tensor-core grounding search (opt-in: `LLM4DSR_NEAREST_VERSION=tc`).
+/// The tensor-core grounding search (the default GPU search: `LLM4DSR_NEAREST_VERSION=tc`).
 pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
 /// Device-side random fills for the benchmarks (not used by the stages).
 pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
