@@ -757,8 +757,7 @@ fn llamacpp_permute(w: &Tensor, heads: usize) -> Tensor {
 }
 
 fn gguf_name(hf: &str) -> String {
-    let s = hf
-        .replace("model.embed_tokens", "token_embd")
+    hf.replace("model.embed_tokens", "token_embd")
         .replace("model.norm", "output_norm")
         .replace("lm_head", "output")
         .replace("model.layers.", "blk.")
@@ -770,8 +769,7 @@ fn gguf_name(hf: &str) -> String {
         .replace("self_attn.o_proj", "attn_output")
         .replace("mlp.gate_proj", "ffn_gate")
         .replace("mlp.up_proj", "ffn_up")
-        .replace("mlp.down_proj", "ffn_down");
-    s
+        .replace("mlp.down_proj", "ffn_down")
 }
 
 /// Write `weights` as an f32 GGUF file the way llama.cpp lays a model out, with a byte-level

@@ -70,13 +70,13 @@ impl ModelConfig {
         anyhow::ensure!(
             c.num_attention_heads > 0
                 && c.num_key_value_heads > 0
-                && c.num_attention_heads % c.num_key_value_heads == 0,
+                && c.num_attention_heads.is_multiple_of(c.num_key_value_heads),
             "model config: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
             c.num_attention_heads,
             c.num_key_value_heads
         );
         anyhow::ensure!(
-            c.head_dim % 2 == 0 && c.head_dim > 0,
+            c.head_dim.is_multiple_of(2) && c.head_dim > 0,
             "model config: head_dim ({}) must be even",
             c.head_dim
         );

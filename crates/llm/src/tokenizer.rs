@@ -96,10 +96,10 @@ pub fn tokenizer_from_gguf(c: &gguf_file::Content) -> Result<Tokenizer> {
         // SmolLM / StarCoder: digits split one by one, then GPT-2 byte level.
         "smollm" | "starcoder" | "refact" => Sequence::new(vec![
             Digits::new(true).into(),
-            byte_level.clone().into(),
+            byte_level.into(),
         ])
         .into(),
-        "default" | "gpt2" | "gpt-2" => byte_level.clone().into(),
+        "default" | "gpt2" | "gpt-2" => byte_level.into(),
         "qwen2" | "llama-bpe" | "llama3" => {
             let re = if pre == "qwen2" {
                 QWEN2_SPLIT

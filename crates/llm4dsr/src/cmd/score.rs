@@ -326,7 +326,7 @@ fn sibling_with_suffix(p: &Path, suffix: &str) -> PathBuf {
     p.with_file_name(format!("{name}{suffix}"))
 }
 
-fn scope<'w>(items: &'w [u32], whole: bool) -> &'w [u32] {
+fn scope(items: &[u32], whole: bool) -> &[u32] {
     if whole {
         items
     } else {
@@ -393,9 +393,10 @@ fn score_shard(
             Arc::new(UInt32Array::from_iter_values(
                 rows.iter().map(|&i| windows.pos[i]),
             )),
-            Arc::new(StringArray::from_iter_values(
-                std::iter::repeat(scorer.name()).take(rows.len()),
-            )),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                scorer.name(),
+                rows.len(),
+            ))),
             Arc::new(item_lists.finish()),
             Arc::new(score_lists.finish()),
         ],
