@@ -514,8 +514,8 @@ impl CudaKernels {
     ) -> Option<&std::result::Result<(CudaFunction, CudaFunction), String>> {
         match version {
             FusedVersion::V1 => None,
-            FusedVersion::V2 => Some(self.fused_v2()),
-            FusedVersion::V3 => Some(self.fused_v3()),
+            FusedVersion::V2 => Some(self.fused_v2.get_or_init(|| self.load_fused_pair(version))),
+            FusedVersion::V3 => Some(self.fused_v3.get_or_init(|| self.load_fused_pair(version))),
         }
     }
 
@@ -524,58 +524,51 @@ impl CudaKernels {
         self.fused_tc(version)?.as_ref().err().map(|e| e.as_str())
     }
 
-    /// The v3 kernels (`kernels/item_loglik_fused_v3.cu`: wgmma, sm_90a), compiled and loaded
-    /// on first call: only on compute capability 9.0 (wgmma is an sm_90a feature; Blackwell
-    /// has its own instructions) with 194 KB of opt-in shared memory.
-    fn fused_v3(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
-        self.fused_v3.get_or_init(|| {
-            let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
-                self.sm90a_allowed()?;
-                let f = self.load_with_smem(
-                    FUSED3_ARCH,
-                    "item_loglik_fused_v3.cu",
-                    &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-                    &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
-                    launch::FUSED3_SMEM,
-                    &[],
-                )?;
-                Ok((f[0].clone(), f[1].clone()))
-            })()
-            .map_err(|e| format!("{e:#}"));
-            if let Err(e) = &loaded {
-                tracing::info!("kernels: fused item_loglik v3 unavailable ({e}); v2 or v1 serves");
-            }
-            loaded
-        })
-    }
-
     /// Why the v2 fused kernels are unavailable on this device (None: they are loaded).
     pub fn fused_v2_unavailable(&self) -> Option<&str> {
         self.fused_unavailable(FusedVersion::V2)
     }
 
-    /// The v2 kernels, compiled and loaded on first call. v2 is optional: a device without
-    /// 100 KB of opt-in shared memory per block, or a failed compile, leaves v1 in charge
-    /// (one warning) instead of failing.
-    fn fused_v2(&self) -> &std::result::Result<(CudaFunction, CudaFunction), String> {
-        self.fused_v2.get_or_init(|| {
-            let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
-                let f = self.load_with_smem(
+    /// Compile and load the (bf16, f16) kernels of `version` (v2 or v3), or say why they are
+    /// unavailable; logged once. Both are optional: v2 needs 100 KB of opt-in shared memory
+    /// per block (sm_80+), v3 compute capability 9.0 (wgmma is an sm_90a feature; Blackwell has
+    /// its own instructions) and 194 KB; a device without one takes the next older version.
+    fn load_fused_pair(
+        &self,
+        version: FusedVersion,
+    ) -> std::result::Result<(CudaFunction, CudaFunction), String> {
+        let loaded = (|| -> Result<(CudaFunction, CudaFunction)> {
+            let f = match version {
+                FusedVersion::V1 => bail!("v1 is loaded with the context"),
+                FusedVersion::V2 => self.load_with_smem(
                     self.arch,
                     "item_loglik_fused_v2.cu",
                     ITEM_LOGLIK_FUSED_V2_CU,
                     &["item_loglik_fused_v2_bf16", "item_loglik_fused_v2_f16"],
                     launch::FUSED2_SMEM,
                     &[],
-                )?;
-                Ok((f[0].clone(), f[1].clone()))
-            })()
-            .map_err(|e| format!("{e:#}"));
-            if let Err(e) = &loaded {
-                tracing::warn!("kernels: fused item_loglik v2 unavailable ({e}); v1 serves");
-            }
-            loaded
-        })
+                )?,
+                FusedVersion::V3 => {
+                    self.sm90a_allowed()?;
+                    self.load_with_smem(
+                        FUSED3_ARCH,
+                        "item_loglik_fused_v3.cu",
+                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
+                        &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
+                        launch::FUSED3_SMEM,
+                        &[],
+                    )?
+                }
+            };
+            Ok((f[0].clone(), f[1].clone()))
+        })()
+        .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &loaded {
+            tracing::info!(
+                "kernels: fused item_loglik {version:?} unavailable ({e}); an older version serves"
+            );
+        }
+        loaded
     }
 
     /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v3),
