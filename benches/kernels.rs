@@ -544,13 +544,19 @@ mod gpu {
                 FusedVersion::V3,
                 llm4dsr_kernels::launch::FUSED3_SMEM as usize,
             ),
+            (
+                FusedVersion::V4,
+                llm4dsr_kernels::launch::FUSED4_SMEM as usize,
+            ),
         ] {
             match g.fused_function(version, FusedVariant::TensorCoreBf16) {
                 Some(f) => {
                     let threads = match version {
                         FusedVersion::V1 => llm4dsr_kernels::launch::FUSED_TC_THREADS,
                         FusedVersion::V2 => llm4dsr_kernels::launch::FUSED2_THREADS,
-                        FusedVersion::V3 => llm4dsr_kernels::launch::FUSED3_THREADS,
+                        FusedVersion::V3 | FusedVersion::V4 => {
+                            llm4dsr_kernels::launch::FUSED3_THREADS
+                        }
                     };
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
@@ -629,6 +635,9 @@ mod gpu {
             };
             let v2 = time_version(FusedVersion::V2)?;
             let v3 = time_version(FusedVersion::V3)?;
+            // v4 (opt-in, staggered warpgroups): timed where it loads; the GPU check turns it
+            // off (LLM4DSR_FUSED_V4=off) when its layout test failed or hung.
+            let v4 = time_version(FusedVersion::V4)?;
             // Diagnostic: v3 with its epilogue replaced by a sum of the accumulators (the main
             // loop's own speed; the outputs are not checked). The gap to the v3 row is what the
             // online log-sum-exp costs.
@@ -747,6 +756,20 @@ mod gpu {
                         rel_err(&got_rows_v3, &ref_rows),
                         ms_fused / ms3,
                         ms_mat / ms3
+                    ),
+                });
+            }
+            if let (Some((ms4, tok4, grid)), Some((ms3, tok3, _))) = (&v4, &v3) {
+                let (r4, r3) = (tok4[0], tok3[0]);
+                rows.push(Row {
+                    case: "fused bf16 v4 (v3, warpgroups staggered)".into(),
+                    shape: shape.clone(),
+                    ms: *ms4,
+                    work: fused_work(s, 2.0, true),
+                    note: format!(
+                        "vs v3 {:.1e} (row 0: {r4:.6} vs {r3:.6}); x{:.2} v3; {grid}",
+                        rel_err(tok4, tok3),
+                        ms3 / ms4
                     ),
                 });
             }

@@ -111,7 +111,9 @@ __device__ __forceinline__ void f3_fold(float (&m)[2], float (&s)[2], const floa
     }
 }
 
-template <bool BF16>
+// STAGGERED: v4, the main loop with the two warpgroups staggered (wgmma_common.cuh's
+// wg_main_loop_staggered; opt-in, not yet run on a GPU); same epilogue and outputs.
+template <bool BF16, bool STAGGERED>
 __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                                             const u16 *__restrict__ head,
                                             const u32 *__restrict__ targets, int n, int v,
@@ -141,8 +143,7 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
         tgt[h] = tv < (u32)v ? tv : F3_NO_TARGET;
     }
 
-    wg_main_loop<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end,
-                       [&](const float (&acc)[WG_NACC], int vt) {
+    auto epilogue = [&](const float (&acc)[WG_NACC], int vt) {
 #ifdef F3_DIAG_NO_EPILOGUE
         // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
         // every product alive (ptxas narrows a wgmma whose outputs are dead). Outputs wrong.
@@ -192,7 +193,13 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                             logits_out[(u64)row * (u64)v + col] = acc[4 * j + 2 * h + e];
                     }
         }
-    });
+    };
+    if (STAGGERED) {
+        wg_main_loop_staggered<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end,
+                                     epilogue);
+    } else {
+        wg_main_loop<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end, epilogue);
+    }
 
     // Merge the 4 threads of a quad (same rows, different columns) and write the partials.
 #pragma unroll
@@ -218,8 +225,8 @@ item_loglik_fused_v3_bf16(const u16 *__restrict__ hidden, const u16 *__restrict_
                           int tiles_per_slice, float *__restrict__ part_m,
                           float *__restrict__ part_s, float *__restrict__ tgt_logit,
                           float *__restrict__ logits_out) {
-    fused_tc_v3<true>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s, tgt_logit,
-                      logits_out);
+    fused_tc_v3<true, false>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+                             tgt_logit, logits_out);
 }
 
 extern "C" __global__ void __launch_bounds__(FUSED3_THREADS, 1)
@@ -228,6 +235,30 @@ item_loglik_fused_v3_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                          int tiles_per_slice, float *__restrict__ part_m,
                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
                          float *__restrict__ logits_out) {
-    fused_tc_v3<false>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s, tgt_logit,
-                       logits_out);
+    fused_tc_v3<false, false>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+                              tgt_logit, logits_out);
+}
+
+// v4 (opt-in, LLM4DSR_FUSED_VERSION=v4; not yet run on a GPU): the same kernel on the staggered
+// main loop. Dynamic shared memory FUSED4_SMEM (= WG4_SMEM).
+#define FUSED4_SMEM WG4_SMEM
+
+extern "C" __global__ void __launch_bounds__(FUSED3_THREADS, 1)
+item_loglik_fused_v4_bf16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                          const u32 *__restrict__ targets, int n, int v, int d,
+                          int tiles_per_slice, float *__restrict__ part_m,
+                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                          float *__restrict__ logits_out) {
+    fused_tc_v3<true, true>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+                            tgt_logit, logits_out);
+}
+
+extern "C" __global__ void __launch_bounds__(FUSED3_THREADS, 1)
+item_loglik_fused_v4_f16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                         const u32 *__restrict__ targets, int n, int v, int d,
+                         int tiles_per_slice, float *__restrict__ part_m,
+                         float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                         float *__restrict__ logits_out) {
+    fused_tc_v3<false, true>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+                             tgt_logit, logits_out);
 }

@@ -232,3 +232,154 @@ __device__ __forceinline__ void wg_main_loop(u32 smem, const u16 *__restrict__ a
     wg_mma_wait<0>();  // every tile ended in a wait already; says so to ptxas
     wg_cp_async_wait<0>();
 }
+
+// ---- v4: the same tile with the two warpgroups staggered (benchmark/opt-in, not the default)
+//
+// v3's warpgroups run in lockstep (one __syncthreads per step), so both run their epilogue at
+// the same time and the tensor cores wait (18% of the time at d = 576). Here each warpgroup
+// has its own ring of A slots (its 64 rows) and its own named barrier; the B tile (256 rows)
+// is shared through a ring of WG4_NB slots guarded by mbarriers: warpgroup 0 copies B and
+// signals "full" with cp.async.mbarrier.arrive (its 128 threads); every warp signals "empty"
+// once the step's products retired; warpgroup 0 waits "empty" before refilling a slot.
+// Warpgroup 1 starts WG4_LAG steps late (an mbarrier "go"), so while one warpgroup runs its
+// epilogue the other keeps the tensor cores busy; the B ring lets it lag by up to
+// WG4_NB - WG_AHEAD - 1 steps.
+
+#define WG4_NB 5
+#define WG4_NA 4
+#define WG4_LAG 1
+#define WG4_A_SLOT (64 * WG_BK * 2)
+#define WG4_A_OFF (WG4_NB * WG_B_BYTES)
+#define WG4_BAR_OFF (WG4_A_OFF + 2 * WG4_NA * WG4_A_SLOT)
+// B ring, 2 A rings, 2 x WG4_NB + 1 mbarriers (padded to 128 B), 1 KB of alignment slack.
+#define WG4_SMEM (WG4_BAR_OFF + 128 + 1024)
+static_assert(2 * WG4_NB + 1 <= 16, "mbarriers fit in 128 B");
+static_assert(WG4_NB >= WG_AHEAD + 2 && WG4_NA >= WG_AHEAD + 2, "ring depths");
+
+__device__ __forceinline__ void wg_mbar_init(u32 addr, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(addr), "r"(count) : "memory");
+}
+__device__ __forceinline__ void wg_mbar_arrive(u32 addr) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n"
+                 :: "r"(addr) : "memory");
+}
+// Arrive once every cp.async this thread issued so far has landed (the count was set for it).
+__device__ __forceinline__ void wg_cp_async_mbar_arrive(u32 addr) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(addr) : "memory");
+}
+// Wait until the phase with this parity has completed.
+__device__ __forceinline__ void wg_mbar_wait(u32 addr, u32 parity) {
+    asm volatile("{\n.reg .pred P1;\nLAB_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n"
+                 :: "r"(addr), "r"(parity) : "memory");
+}
+// Named barrier for one warpgroup (ids 1, 2; __syncthreads is 0).
+__device__ __forceinline__ void wg_bar_sync_group(int wg) {
+    asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
+}
+
+template <bool BF16, typename Epi>
+__device__ __forceinline__ void wg_main_loop_staggered(u32 smem, const u16 *__restrict__ a,
+                                                       const u16 *__restrict__ b, int a_rows,
+                                                       int b_rows, int d, int row0,
+                                                       int t_begin, int t_end, Epi &&epi) {
+    const int tid = threadIdx.x, wg = tid >> 7, tw = tid & 127, lane = tid & 31;
+    const int ksteps = (d + WG_BK - 1) / WG_BK;
+    const int total = (t_end - t_begin) * ksteps;
+    const u32 full0 = smem + WG4_BAR_OFF, empty0 = full0 + 8 * WG4_NB, go = empty0 + 8 * WG4_NB;
+    if (tid == 0) {
+        for (int s = 0; s < WG4_NB; ++s) {
+            wg_mbar_init(full0 + 8 * s, 128);  // warpgroup 0's threads, via cp.async
+            wg_mbar_init(empty0 + 8 * s, 8);   // one arrival per warp
+        }
+        wg_mbar_init(go, 1);
+    }
+    __syncthreads();
+
+    const u32 a_ring = smem + WG4_A_OFF + wg * (WG4_NA * WG4_A_SLOT);
+    const int r = tw >> 3, ch = tw & 7;
+    const u32 swz = (u32)(r * (WG_BK * 2) + ((ch ^ (r & 7)) << 4));
+    const u64 stride16 = 16ull * (u64)d;
+    const u16 *a_src = a + (u64)(row0 + 64 * wg + r) * (u64)d + ch * 8;
+    const int a_left = a_rows - row0 - 64 * wg - r;
+    const u16 *b_src = b + (u64)(t_begin * WG_BN + r) * (u64)d + ch * 8;
+    int b_left = b_rows - t_begin * WG_BN - r;
+    int ld_kt = 0;
+    // Copies of step j (issued in step order): this warpgroup's A rows; warpgroup 0 also B.
+    auto load = [&](int j) {
+        const int k0 = ld_kt * WG_BK;
+        const bool k_ok = k0 + ch * 8 < d;
+        const u32 dst_a = a_ring + (u32)(j % WG4_NA) * WG4_A_SLOT + swz;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const bool ok = k_ok && 16 * i < a_left;
+            wg_cp_async16(dst_a + i * 16 * (WG_BK * 2), ok ? a_src + i * stride16 + k0 : a,
+                          ok ? 16u : 0u);
+        }
+        if (wg == 0) {
+            const u32 dst_b = smem + (u32)(j % WG4_NB) * WG_B_BYTES + swz;
+#pragma unroll
+            for (int i = 0; i < WG_BN / 16; ++i) {
+                const bool ok = k_ok && 16 * i < b_left;
+                wg_cp_async16(dst_b + i * 16 * (WG_BK * 2), ok ? b_src + i * stride16 + k0 : b,
+                              ok ? 16u : 0u);
+            }
+            wg_cp_async_mbar_arrive(full0 + 8 * (j % WG4_NB));
+        }
+        if (++ld_kt == ksteps) {
+            ld_kt = 0;
+            b_left -= WG_BN;
+            b_src += (u64)WG_BN * (u64)d;
+        }
+    };
+
+#pragma unroll
+    for (int p = 0; p < WG_AHEAD; ++p) {
+        if (p < total) load(p);
+        wg_cp_async_commit();
+    }
+    if (wg == 1) wg_mbar_wait(go, 0);
+
+    float acc[WG_NACC];
+#pragma unroll
+    for (int i = 0; i < WG_NACC; ++i) acc[i] = 0.f;
+    int tile = t_begin, kt = 0;
+    for (int s = 0; s < total; ++s) {
+        wg_cp_async_wait<WG_AHEAD - 1>();
+        wg_fence_proxy_async();
+        // This warpgroup's copies of step s are visible to it, and its products of step s - 2
+        // retired (the A slot refilled next).
+        wg_bar_sync_group(wg);
+        if (s + WG_AHEAD < total) {
+            const int j = s + WG_AHEAD;
+            // Both warpgroups released the B slot's previous step (j - WG4_NB).
+            if (wg == 0 && j >= WG4_NB) wg_mbar_wait(empty0 + 8 * (j % WG4_NB), ((j / WG4_NB) - 1) & 1);
+            load(j);
+        }
+        wg_cp_async_commit();
+        wg_mbar_wait(full0 + 8 * (s % WG4_NB), (s / WG4_NB) & 1);  // B of step s landed
+        wg_fence_proxy_async();
+        const u32 off_a = (u32)(s % WG4_NA) * WG4_A_SLOT, off_b = (u32)(s % WG4_NB) * WG_B_BYTES;
+        wg_mma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wg_mma<BF16>(acc, wg_desc(a_ring + off_a + kk * 32), wg_desc(smem + off_b + kk * 32),
+                         (kt > 0 || kk > 0) ? 1u : 0u);
+        wg_mma_commit();
+        wg_mma_wait<1>();
+        // Step s - 1's products retired: its B slot may be refilled as far as this warp goes.
+        if (s >= 1 && lane == 0) wg_mbar_arrive(empty0 + 8 * ((s - 1) % WG4_NB));
+        if (wg == 0 && tw == 0 && s == WG4_LAG - 1) wg_mbar_arrive(go);
+        if (++kt == ksteps) {
+            wg_mma_wait<0>();
+            wg_fence_acc(acc);
+            epi(acc, tile);
+            kt = 0;
+            ++tile;
+        }
+    }
+    if (wg == 0 && tw == 0 && total < WG4_LAG) wg_mbar_arrive(go);  // never leave it waiting
+    wg_mma_wait<0>();
+    wg_cp_async_wait<0>();
+}

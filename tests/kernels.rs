@@ -356,12 +356,20 @@ mod gpu {
                 "wgmma.wait_group.sync.aligned 0",
                 "fence.proxy.async.shared::cta",
                 "cp.async.cg.shared.global",
+                // v4 (the staggered warpgroups) in the same module: its mbarriers.
+                ".entry item_loglik_fused_v4_bf16(",
+                ".entry item_loglik_fused_v4_f16(",
+                "mbarrier.init.shared::cta.b64",
+                "mbarrier.try_wait.parity.shared::cta.b64",
+                "cp.async.mbarrier.arrive.noinc.shared::cta.b64",
+                "mbarrier.arrive.shared::cta.b64",
             ] {
                 assert!(v3.contains(needle), "v3 PTX lacks {needle}");
             }
+            // 4 wgmma per stage in each of the 4 kernels (v3 and v4, bf16 and f16).
             assert_eq!(
                 v3.matches("wgmma.mma_async").count(),
-                2 * 4,
+                4 * 4,
                 "v3 wgmma count"
             );
             assert!(!v3.contains(".local"), "v3 uses local memory");
@@ -432,20 +440,25 @@ mod gpu {
     /// Whether v3 must run here: on compute capability 9.0 it has to load (a failure is a
     /// test failure, not a skip); elsewhere it is skipped with a message.
     fn v3_expected(g: &CudaKernels) -> bool {
-        if g.fused_unavailable(FusedVersion::V3) == Some(llm4dsr_kernels::cuda::V3_DISABLED) {
-            eprintln!("SKIP: fused v3: {}", llm4dsr_kernels::cuda::V3_DISABLED);
+        sm90a_expected(g, FusedVersion::V3)
+    }
+
+    /// The same for an sm_90a version (v3, v4): turned off by the GPU check after a failed
+    /// smoke test (`LLM4DSR_FUSED_V3=off` / `LLM4DSR_FUSED_V4=off`) it is skipped.
+    fn sm90a_expected(g: &CudaKernels, version: FusedVersion) -> bool {
+        let why = g.fused_unavailable(version);
+        if why == Some(llm4dsr_kernels::cuda::V3_DISABLED)
+            || why == Some(llm4dsr_kernels::cuda::V4_DISABLED)
+        {
+            eprintln!("SKIP: fused {version:?}: {}", why.unwrap_or(""));
             return false;
         }
         if g.cc == (9, 0) {
-            assert_eq!(
-                g.fused_unavailable(FusedVersion::V3),
-                None,
-                "fused v3 did not load on an sm_90 card"
-            );
+            assert_eq!(why, None, "fused {version:?} did not load on an sm_90 card");
             true
         } else {
             eprintln!(
-                "SKIP: fused v3 (wgmma) needs compute capability 9.0, not {:?}",
+                "SKIP: fused {version:?} (wgmma) needs compute capability 9.0, not {:?}",
                 g.cc
             );
             false
@@ -460,9 +473,55 @@ mod gpu {
     #[test]
     fn gpu_v3_logits_layout() {
         let Some(g) = gpu() else { return };
-        if !v3_expected(g) {
+        if v3_expected(g) {
+            logits_layout(g, FusedVersion::V3);
+        }
+    }
+
+    /// v4 (v3's tile with the warpgroups staggered, opt-in): the same element-by-element
+    /// check, then the fused outputs against the f64 reference over many tiles and slices
+    /// (several B-ring wraps, partial tiles, d = 4096) and bit for bit against v3 (same
+    /// products and epilogue, so the same numbers), and repeatable.
+    #[test]
+    fn gpu_v4_matches_v3() {
+        let Some(g) = gpu() else { return };
+        if !sm90a_expected(g, FusedVersion::V4) {
             return;
         }
+        logits_layout(g, FusedVersion::V4);
+        for (case, (n, v, d)) in [
+            (130usize, 5000usize, 576usize),
+            (257, 4099, 200),
+            (130, 700, 4096),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = 800 + case as u64 * 10;
+            let h = randn(key, n, d, 1.0, DType::BF16);
+            let w = randn(key + 1, v, d, 3.0 / (d as f64).sqrt(), DType::BF16);
+            let (t, o) = targets_offsets(key + 2, n, v);
+            let want = reference::item_loglik(&h, &w, &t, &o).unwrap();
+            let run = |version| {
+                g.item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, version)
+                    .unwrap()
+            };
+            let v4 = run(FusedVersion::V4);
+            check_loglik(&format!("GPU V4 bf16 n={n} v={v} d={d}"), &v4, &want, 2e-3);
+            assert_eq!(
+                v4,
+                run(FusedVersion::V3),
+                "v4 differs from v3 at n={n} v={v} d={d}"
+            );
+            assert_eq!(
+                v4,
+                run(FusedVersion::V4),
+                "v4 not repeatable at n={n} v={v} d={d}"
+            );
+        }
+    }
+
+    fn logits_layout(g: &CudaKernels, version: FusedVersion) {
         for (n, v, d) in [
             (128usize, 256usize, 64usize),
             (128, 256, 128),
@@ -477,7 +536,7 @@ mod gpu {
             let od = g.stream.clone_htod(&o).unwrap();
             let mut buf = g
                 .score_buffers_version(
-                    FusedVersion::V3,
+                    version,
                     FusedVariant::TensorCoreBf16,
                     n,
                     v,
@@ -515,7 +574,7 @@ mod gpu {
                 .collect();
             if !bad.is_empty() {
                 eprintln!(
-                    "v3 layout n={n} v={v} d={d}: {} of {} logits wrong",
+                    "{version:?} layout n={n} v={v} d={d}: {} of {} logits wrong",
                     bad.len(),
                     n * v
                 );
@@ -541,7 +600,7 @@ mod gpu {
                     rows.iter().take(20).collect::<Vec<_>>(),
                     cols.iter().take(20).collect::<Vec<_>>()
                 );
-                panic!("v3 logits differ at n={n} v={v} d={d}");
+                panic!("{version:?} logits differ at n={n} v={v} d={d}");
             }
         }
     }

@@ -37,6 +37,9 @@ use crate::sources::{
 /// Why v3 is unavailable when `LLM4DSR_FUSED_V3=off` (the GPU check sets it after a failed
 /// v3 smoke test, so that a faulting v3 cannot take the other measurements down with it).
 pub const V3_DISABLED: &str = "disabled by LLM4DSR_FUSED_V3=off";
+/// Why v4 is unavailable when `LLM4DSR_FUSED_V4=off` (the GPU check sets it after a failed v4
+/// smoke test).
+pub const V4_DISABLED: &str = "disabled by LLM4DSR_FUSED_V4=off";
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
 /// log line) when the start fails: the callers then take the CPU path.
@@ -250,6 +253,8 @@ pub struct CudaKernels {
     fused_v2: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     /// v3 (wgmma, sm_90a) bf16 and f16 kernels, or why they are unavailable; on first use.
     fused_v3: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
+    /// v4 (opt-in) bf16 and f16 kernels, or why they are unavailable; on first use.
+    fused_v4: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -347,6 +352,7 @@ impl CudaKernels {
             fused_f32: next(&mut fused),
             fused_v2: OnceLock::new(),
             fused_v3: OnceLock::new(),
+            fused_v4: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -516,6 +522,7 @@ impl CudaKernels {
             FusedVersion::V1 => None,
             FusedVersion::V2 => Some(self.fused_v2.get_or_init(|| self.load_fused_pair(version))),
             FusedVersion::V3 => Some(self.fused_v3.get_or_init(|| self.load_fused_pair(version))),
+            FusedVersion::V4 => Some(self.fused_v4.get_or_init(|| self.load_fused_pair(version))),
         }
     }
 
@@ -556,6 +563,20 @@ impl CudaKernels {
                         &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                         &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
                         launch::FUSED3_SMEM,
+                        &[],
+                    )?
+                }
+                FusedVersion::V4 => {
+                    self.sm90a_allowed()?;
+                    if std::env::var("LLM4DSR_FUSED_V4").is_ok_and(|x| x == "off") {
+                        bail!("{V4_DISABLED}");
+                    }
+                    self.load_with_smem(
+                        FUSED3_ARCH,
+                        "item_loglik_fused_v3.cu",
+                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
+                        &["item_loglik_fused_v4_bf16", "item_loglik_fused_v4_f16"],
+                        launch::FUSED4_SMEM,
                         &[],
                     )?
                 }

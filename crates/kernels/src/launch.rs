@@ -70,6 +70,12 @@ pub const FUSED3_SMEM: u32 = FUSED3_STAGES * (FUSED3_BM + FUSED3_BN) * FUSED3_BK
 /// v3: a block's fixed cost in k-steps for the split (two stages of prologue, the merges).
 pub const FUSED3_BLOCK_OVERHEAD_STEPS: u32 = 3;
 const _: () = assert!(FUSED3_SMEM <= SMEM_OPTIN_MAX_SM90);
+/// v4 (v3's tile with the two warpgroups staggered, `wg_main_loop_staggered`): dynamic shared
+/// memory = a ring of 5 B slots (256 x 128 B), two rings of 4 A slots (64 x 128 B), 128 B of
+/// mbarriers and 1 KB of alignment slack. Must equal `WG4_SMEM` in `wgmma_common.cuh`.
+pub const FUSED4_SMEM: u32 =
+    5 * FUSED3_BN * FUSED3_BK * 2 + 2 * 4 * 64 * FUSED3_BK * 2 + 128 + 1024;
+const _: () = assert!(FUSED4_SMEM <= SMEM_OPTIN_MAX_SM90);
 /// Shared memory a block may use without opting in (static or dynamic).
 pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
 /// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
@@ -282,6 +288,11 @@ pub enum FusedVersion {
     /// default falls back to v2, then v1). 66-73% of the floor on an H200 (docs/kernels.md).
     #[default]
     V3,
+    /// v3's tile and epilogue with the two warpgroups staggered so that one's epilogue runs
+    /// while the other's products do (mbarrier-guarded B ring; compute capability 9.0 only).
+    /// Opt-in (`LLM4DSR_FUSED_VERSION=v4`): written after the last GPU run of 2026-11-27, not
+    /// yet run on a GPU.
+    V4,
 }
 
 /// The environment variable that picks the fused kernel's version.
@@ -293,7 +304,8 @@ impl FusedVersion {
             "v1" | "1" => Ok(FusedVersion::V1),
             "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
             "" | "v3" | "3" => Ok(FusedVersion::V3),
-            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2 or v3"),
+            "v4" | "4" => Ok(FusedVersion::V4),
+            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3 or v4"),
         }
     }
 
@@ -311,13 +323,14 @@ impl FusedVersion {
     pub fn supports(&self, variant: FusedVariant) -> bool {
         match self {
             FusedVersion::V1 => true,
-            FusedVersion::V2 | FusedVersion::V3 => variant != FusedVariant::F32,
+            FusedVersion::V2 | FusedVersion::V3 | FusedVersion::V4 => variant != FusedVariant::F32,
         }
     }
 
     /// The version that serves when this one is unavailable on a device (v3 -> v2 -> v1).
     pub fn fallback(self) -> Self {
         match self {
+            FusedVersion::V4 => FusedVersion::V3,
             FusedVersion::V3 => FusedVersion::V2,
             _ => FusedVersion::V1,
         }
@@ -341,6 +354,8 @@ impl FusedVersion {
             (FusedVersion::V2, FusedVariant::TensorCoreF16) => "item_loglik_fused_v2_f16",
             (FusedVersion::V3, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v3_bf16",
             (FusedVersion::V3, FusedVariant::TensorCoreF16) => "item_loglik_fused_v3_f16",
+            (FusedVersion::V4, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v4_bf16",
+            (FusedVersion::V4, FusedVariant::TensorCoreF16) => "item_loglik_fused_v4_f16",
             (v, FusedVariant::F32) => {
                 bail!("fused item_loglik {v:?} has no f32 kernel")
             }
@@ -352,7 +367,7 @@ impl FusedVersion {
         match self {
             FusedVersion::V1 => (FUSED_BM, FUSED_BN),
             FusedVersion::V2 => (FUSED2_BM, FUSED2_BN),
-            FusedVersion::V3 => (FUSED3_BM, FUSED3_BN),
+            FusedVersion::V3 | FusedVersion::V4 => (FUSED3_BM, FUSED3_BN),
         }
     }
 }
@@ -439,7 +454,7 @@ pub fn fused_plan_version(
             FUSED2_THREADS,
             FUSED2_SMEM,
         ),
-        FusedVersion::V3 => (
+        FusedVersion::V3 | FusedVersion::V4 => (
             TileSplit::balanced(
                 tiles,
                 row_blocks,
@@ -448,7 +463,11 @@ pub fn fused_plan_version(
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
             FUSED3_THREADS,
-            FUSED3_SMEM,
+            if version == FusedVersion::V4 {
+                FUSED4_SMEM
+            } else {
+                FUSED3_SMEM
+            },
         ),
     };
     Ok(FusedPlan {
@@ -461,7 +480,7 @@ pub fn fused_plan_version(
         fused: Shape {
             grid: match version {
                 // Row blocks fastest: the blocks running together share one head slice.
-                FusedVersion::V3 => (row_blocks, split.slices, 1),
+                FusedVersion::V3 | FusedVersion::V4 => (row_blocks, split.slices, 1),
                 _ => (split.slices, row_blocks, 1),
             },
             block: (threads, 1, 1),
@@ -851,6 +870,21 @@ mod tests {
             );
             assert!(busiest <= 1.08 * even, "{n}x{v}: {busiest} vs {even:.1}");
         }
+        // v4: v3's plan with its own shared memory.
+        let p3 =
+            fused_plan_version(V3, FusedVariant::TensorCoreBf16, 5120, 49_152, 576, 132).unwrap();
+        let p4 = fused_plan_version(
+            FusedVersion::V4,
+            FusedVariant::TensorCoreBf16,
+            5120,
+            49_152,
+            576,
+            132,
+        )
+        .unwrap();
+        assert_eq!((p4.fused.grid, p4.split), (p3.fused.grid, p3.split));
+        assert_eq!(p4.fused.shared_bytes, FUSED4_SMEM);
+        assert_eq!(FUSED4_SMEM, 5 * 32_768 + 8 * 8_192 + 128 + 1024);
         let p = fused_plan_version(V3, FusedVariant::TensorCoreF16, 130, 300, 72, 4).unwrap();
         assert_eq!((p.row_blocks, p.split.tiles), (2, 2));
         assert!(fused_plan_version(V3, FusedVariant::F32, 10, 10, 16, 132).is_err());
@@ -884,7 +918,10 @@ mod tests {
         assert_eq!(FusedVersion::parse(" V2 ").unwrap(), FusedVersion::V2);
         assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
-        assert!(FusedVersion::parse("v4").is_err());
+        assert_eq!(FusedVersion::parse("v4").unwrap(), FusedVersion::V4);
+        assert!(FusedVersion::parse("v5").is_err());
+        assert_eq!(FusedVersion::V4.fallback(), FusedVersion::V3);
+        assert_eq!(FusedVersion::V4.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V3.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V3.fallback(), FusedVersion::V2);
         assert_eq!(FusedVersion::V2.fallback(), FusedVersion::V1);

@@ -199,6 +199,18 @@ mod tests {
         assert!(WGMMA_COMMON_CUH.contains("#define WG_BN 256"));
         assert!(WGMMA_COMMON_CUH.contains("#define WG_BM 128"));
         assert!(WGMMA_COMMON_CUH.contains("#define WG_STAGES 4"));
+        // v4: its shared-memory formula is launch.rs's FUSED4_SMEM.
+        assert!(src.contains("#define FUSED4_SMEM WG4_SMEM"));
+        for def in [
+            "#define WG4_NB 5",
+            "#define WG4_NA 4",
+            "#define WG4_A_SLOT (64 * WG_BK * 2)",
+            "#define WG4_A_OFF (WG4_NB * WG_B_BYTES)",
+            "#define WG4_BAR_OFF (WG4_A_OFF + 2 * WG4_NA * WG4_A_SLOT)",
+            "#define WG4_SMEM (WG4_BAR_OFF + 128 + 1024)",
+        ] {
+            assert!(WGMMA_COMMON_CUH.contains(def), "{def}");
+        }
     }
 
     /// The v3 candidate kernel's shared-memory formula is launch.rs's.
