@@ -939,6 +939,14 @@ mod gpu {
                     )];
                     if let Ok(f3) = g.nearest_tc_candidate_fn(TcCandidates::V3) {
                         variants.push(("v3 candidates".into(), TcCandidates::V3, f3.clone(), true));
+                        if let Ok(f4) = g.nearest_tc_candidate_fn(TcCandidates::V4) {
+                            variants.push((
+                                "v4 candidates (staggered, opt-in)".into(),
+                                TcCandidates::V4,
+                                f4.clone(),
+                                true,
+                            ));
+                        }
                         for (label, def, real) in [
                             (
                                 "v3 candidates, keys but no selection",
@@ -1002,11 +1010,17 @@ mod gpu {
                     {
                         cands.push(TcCandidates::V3);
                     }
+                    // v4 (opt-in, staggered warpgroups) where it loads and the GPU check did not
+                    // turn it off (LLM4DSR_NEAREST_TC_V4=off after a failed test).
+                    if g.nearest_tc_v4_unavailable().is_none() {
+                        cands.push(TcCandidates::V4);
+                    }
                     let mut ms_v2 = None;
                     for cand in cands {
                         let label = match cand {
                             TcCandidates::V2 => "f16 mma.sync",
                             TcCandidates::V3 => "f16 wgmma, 128 x 256",
+                            TcCandidates::V4 => "f16 wgmma, staggered warpgroups",
                         };
                         let mut pend = None;
                         let ms_kernels = event_ms(g, 1, 3, || {

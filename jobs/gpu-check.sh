@@ -143,6 +143,16 @@ if [ $rc -ne 0 ]; then
   status=1
 fi
 
+echo "== tensor-core grounding with the v4 (staggered, opt-in) candidate kernel (separate process)"
+timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_nearest_tc_v4_equals_f32_kernel > "$OUT/tc4-smoke.log" 2>&1
+rc=$?
+grep -E "^test |test result|panicked|SKIP" "$OUT/tc4-smoke.log" | head -10
+if [ $rc -ne 0 ]; then
+  echo "FAILED: tc v4 test (exit $rc; 124 = timed out, a hang); the rest runs with LLM4DSR_NEAREST_TC_V4=off"
+  export LLM4DSR_NEAREST_TC_V4=off
+  status=1
+fi
+
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)
 timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1

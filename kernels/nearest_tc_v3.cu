@@ -25,6 +25,10 @@ static_assert(NTC_LIST == 32, "one list entry per lane");
 // the candidate lists (keys, then rows) of the block's 128 queries.
 #define NT3_LIST_OFFSET WG_RING_BYTES
 #define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
+// v4 (opt-in, not yet run on a GPU): the same kernel on wg_main_loop_staggered, compiled with
+// -DWG4_NB=4 (a B ring of 4 slots, so that the lists still fit): its lists follow that ring.
+#define NT4_LIST_OFFSET WG4_SMEM
+#define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
 
 #define NT3_POS_INF __int_as_float(0x7f800000)
 #define NT3_NONE 0xffffffffu
@@ -73,14 +77,19 @@ __device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbas
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
-nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
-                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
-                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
-                         u32 *__restrict__ out_idx) {
+// STAGGERED: v4, the two warpgroups staggered (one's selection overlaps the other's products).
+template <bool STAGGERED>
+__device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
+                                               const u16 *__restrict__ c16,
+                                               const NtInfo *__restrict__ qinfo,
+                                               const NtInfo *__restrict__ cinfo, int b, int n,
+                                               int d, int tiles_per_slice,
+                                               float *__restrict__ out_key,
+                                               u32 *__restrict__ out_idx) {
     extern __shared__ __align__(1024) unsigned char nt3_smem[];
     const u32 smem = (wg_smem_addr(nt3_smem) + 1023u) & ~1023u;
-    float *lkeys = reinterpret_cast<float *>(nt3_smem + NT3_LIST_OFFSET);  // [BM][32]
+    float *lkeys = reinterpret_cast<float *>(
+        nt3_smem + (STAGGERED ? NT4_LIST_OFFSET : NT3_LIST_OFFSET));  // [BM][32]
     u32 *lidx = reinterpret_cast<u32 *>(lkeys + WG_BM * NTC_LIST);         // [BM][32]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -106,8 +115,7 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
         qm2[h] = q < b ? 2.f * qinfo[q].inv : 0.f;
     }
 
-    wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end,
-                        [&](float (&acc)[WG_NACC], int ct) {
+    auto epilogue = [&](float (&acc)[WG_NACC], int ct) {
 #ifdef NT3_DIAG_NO_EPILOGUE
         // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
         // every product alive (ptxas narrows a wgmma whose outputs are dead). Lists wrong.
@@ -176,7 +184,12 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                     }
                 }
         }
-    });
+    };
+    if (STAGGERED) {
+        wg_main_loop_staggered<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end, epilogue);
+    } else {
+        wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end, epilogue);
+    }
     __syncthreads();  // every warp's last insertions done
     for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
         const int q = row0 + e / NTC_LIST;
@@ -186,4 +199,20 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
             out_idx[o] = lidx[e];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
+                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
+                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
+                         u32 *__restrict__ out_idx) {
+    nt3_candidates<false>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+nearest_tc_candidates_v4(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
+                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
+                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
+                         u32 *__restrict__ out_idx) {
+    nt3_candidates<true>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
 }

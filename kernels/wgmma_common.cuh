@@ -245,7 +245,9 @@ __device__ __forceinline__ void wg_main_loop(u32 smem, const u16 *__restrict__ a
 // epilogue the other keeps the tensor cores busy; the B ring lets it lag by up to
 // WG4_NB - WG_AHEAD - 1 steps.
 
+#ifndef WG4_NB
 #define WG4_NB 5
+#endif
 #define WG4_NA 4
 #define WG4_LAG 1
 #define WG4_A_SLOT (64 * WG_BK * 2)

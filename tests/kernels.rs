@@ -332,11 +332,18 @@ mod gpu {
             ] {
                 assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
             }
+            // 4 wgmma per stage in each of v3 and v4 (the staggered one, with its mbarriers).
             assert_eq!(
                 tc3.matches("wgmma.mma_async").count(),
-                4,
+                2 * 4,
                 "nearest_tc_v3 wgmma"
             );
+            for needle in [
+                ".entry nearest_tc_candidates_v4(",
+                "mbarrier.try_wait.parity.shared::cta.b64",
+            ] {
+                assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
+            }
             // v3 (compiled for compute_90a whatever the arch): 4 wgmma per stage per kernel,
             // the proxy fence between the cp.async copies and wgmma's reads, the waits.
             let v3 = &ptx
@@ -749,7 +756,26 @@ mod gpu_tc {
     fn gpu_nearest_tc_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
         assert_eq!(g.nearest_tc_unavailable(), None, "nearest tc did not load");
-        let cands = candidate_kernels(g);
+        tc_cases(g, &candidate_kernels(g));
+        edge_cases(g);
+    }
+
+    /// The staggered candidate kernel (v4, opt-in) through the same cases: on compute
+    /// capability 9.0 it must load unless the GPU check turned it off after a failure.
+    #[test]
+    fn gpu_nearest_tc_v4_equals_f32_kernel() {
+        let Some(g) = gpu() else { return };
+        match g.nearest_tc_v4_unavailable() {
+            None => tc_cases(g, &[TcCandidates::V4]),
+            Some(why) if g.cc != (9, 0) || why == llm4dsr_kernels::cuda::TC_V4_DISABLED => {
+                eprintln!("SKIP: nearest tc v4 candidates: {why}")
+            }
+            Some(why) => panic!("nearest tc v4 candidates did not load on an sm_90 card: {why}"),
+        }
+    }
+
+    /// tc with each of `cands` equal to the f32 kernel (and the f64 reference) at 7 shapes.
+    fn tc_cases(g: &llm4dsr_kernels::cuda::CudaKernels, cands: &[TcCandidates]) {
         for (case, (b, n, d, k, kind)) in [
             (1usize, 5usize, 8usize, 5usize, Data::Gauss),
             (37, 2100, 24, 10, Data::Gauss),
@@ -766,7 +792,7 @@ mod gpu_tc {
             let q = data(kind, key, b * d, true);
             let cat = data(kind, key + 1, n * d, false);
             let exclude = [0u32, 2, 2];
-            for &cand in &cands {
+            for &cand in cands {
                 let what = format!("GPU nearest tc {cand:?} {kind:?} b={b} n={n} d={d} k={k}");
                 let (got, st) = g
                     .nearest_items_tc_with(&q, &cat, d, k, &exclude, cand)
@@ -791,6 +817,10 @@ mod gpu_tc {
                 assert_eq!((&got, st), (&again, st2), "{what}: not repeatable");
             }
         }
+    }
+
+    /// Fallbacks of the dispatching tc path: a clamped query scale, k > 16, d % 8 != 0.
+    fn edge_cases(g: &llm4dsr_kernels::cuda::CudaKernels) {
         // A query with values below 2^-41 (its f16 scale is clamped) falls back and is right;
         // k > 16 and d % 8 != 0 take the f32 kernel through the versioned entry point.
         let (d, n) = (16, 700);

@@ -40,6 +40,8 @@ pub const V3_DISABLED: &str = "disabled by LLM4DSR_FUSED_V3=off";
 /// Why v4 is unavailable when `LLM4DSR_FUSED_V4=off` (the GPU check sets it after a failed v4
 /// smoke test).
 pub const V4_DISABLED: &str = "disabled by LLM4DSR_FUSED_V4=off";
+/// Why the staggered grounding candidate kernel is unavailable when `LLM4DSR_NEAREST_TC_V4=off`.
+pub const TC_V4_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V4=off";
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
 /// log line) when the start fails: the callers then take the CPU path.
@@ -266,6 +268,8 @@ pub struct CudaKernels {
     nearest_tc: OnceLock<std::result::Result<NearestTcFns, String>>,
     /// The wgmma candidate kernel (`nearest_tc_v3.cu`, sm_90a), or why it is unavailable.
     nearest_tc_v3: OnceLock<std::result::Result<CudaFunction, String>>,
+    /// The staggered candidate kernel (opt-in), or why it is unavailable.
+    nearest_tc_v4: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The last LM head `item_loglik` uploaded, kept on the device between calls.
     resident_head: Mutex<Option<(ResidentKey, Arc<DeviceMatrix>)>>,
 }
@@ -361,6 +365,7 @@ impl CudaKernels {
             mark_excluded: next(&mut near),
             nearest_tc: OnceLock::new(),
             nearest_tc_v3: OnceLock::new(),
+            nearest_tc_v4: OnceLock::new(),
             resident_head: Mutex::new(None),
             ctx,
             stream,
@@ -1035,6 +1040,38 @@ impl CudaKernels {
             .map_err(|e| e.as_str())
     }
 
+    /// The staggered candidate kernel (`nearest_tc_candidates_v4`, opt-in), compiled with a
+    /// B ring of 4 slots (`-DWG4_NB=4`) so that the lists fit; `LLM4DSR_NEAREST_TC_V4=off`
+    /// turns it off (the GPU check does after a failed test).
+    fn nearest_tc_v4_fn(&self) -> std::result::Result<&CudaFunction, &str> {
+        self.nearest_tc_v4
+            .get_or_init(|| {
+                (|| -> Result<CudaFunction> {
+                    self.sm90a_allowed()?;
+                    if std::env::var("LLM4DSR_NEAREST_TC_V4").is_ok_and(|x| x == "off") {
+                        bail!("{TC_V4_DISABLED}");
+                    }
+                    let f = self.load_with_smem(
+                        FUSED3_ARCH,
+                        "nearest_tc_v3.cu",
+                        &sm90a_source(NEAREST_TC_V3_CU),
+                        &["nearest_tc_candidates_v4"],
+                        launch::NTC4_SMEM,
+                        &["-DWG4_NB=4"],
+                    )?;
+                    Ok(f[0].clone())
+                })()
+                .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Why the staggered candidate kernel is unavailable (None: loaded).
+    pub fn nearest_tc_v4_unavailable(&self) -> Option<&str> {
+        self.nearest_tc_v4_fn().err()
+    }
+
     /// Why the wgmma candidate kernel is unavailable (None: loaded).
     pub fn nearest_tc_v3_unavailable(&self) -> Option<&str> {
         self.nearest_tc_v3_fn().err()
@@ -1051,7 +1088,8 @@ impl CudaKernels {
         match std::env::var("LLM4DSR_NEAREST_TC_CANDIDATES").as_deref() {
             Ok("v2") => Ok(TcCandidates::V2),
             Ok("v3") => Ok(TcCandidates::V3),
-            Ok(other) => bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2 or v3"),
+            Ok("v4") => Ok(TcCandidates::V4),
+            Ok(other) => bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3 or v4"),
             Err(_) => Ok(if self.nearest_tc_v3_fn().is_ok() {
                 TcCandidates::V3
             } else {
@@ -1150,6 +1188,9 @@ impl CudaKernels {
             TcCandidates::V3 => self
                 .nearest_tc_v3_fn()
                 .map_err(|e| anyhow!("nearest tc v3 candidates unavailable: {e}"))?,
+            TcCandidates::V4 => self
+                .nearest_tc_v4_fn()
+                .map_err(|e| anyhow!("nearest tc v4 candidates unavailable: {e}"))?,
         };
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count)?;
@@ -1237,6 +1278,7 @@ impl CudaKernels {
                     .candidates
             }
             TcCandidates::V3 => self.nearest_tc_v3_fn().map_err(|e| anyhow!("{e}"))?,
+            TcCandidates::V4 => self.nearest_tc_v4_fn().map_err(|e| anyhow!("{e}"))?,
         })
     }
 

@@ -125,6 +125,14 @@ pub const NTC3_BN: u32 = FUSED3_BN;
 /// then the lists. Must equal `NTC3_SMEM` in the `.cu`.
 pub const NTC3_SMEM: u32 = FUSED3_SMEM + 2 * NTC_BM * NTC_LIST * 4;
 const _: () = assert!(NTC3_SMEM <= SMEM_OPTIN_MAX_SM90);
+/// Candidate kernel v4 (v3 on the staggered main loop, compiled with `-DWG4_NB=4`): a B ring of
+/// 4 slots, two A rings, mbarriers, slack, then the lists. Must equal `NTC4_SMEM` in the `.cu`.
+pub const NTC4_SMEM: u32 = 4 * FUSED3_BN * FUSED3_BK * 2
+    + 2 * 4 * 64 * FUSED3_BK * 2
+    + 128
+    + 1024
+    + 2 * NTC_BM * NTC_LIST * 4;
+const _: () = assert!(NTC4_SMEM <= SMEM_OPTIN_MAX_SM90);
 
 /// Which candidate kernel the tensor-core grounding runs (the re-rank, certificate and
 /// fallback are the same for both).
@@ -134,6 +142,9 @@ pub enum TcCandidates {
     V2,
     /// `nearest_tc_candidates_v3` (`nearest_tc_v3.cu`): wgmma, 128 x 256 tiles; sm_90 only.
     V3,
+    /// `nearest_tc_candidates_v4`: v3 with the two warpgroups staggered (one's selection
+    /// overlaps the other's products); opt-in, not yet run on a GPU.
+    V4,
 }
 
 impl TcCandidates {
@@ -145,6 +156,12 @@ impl TcCandidates {
                 NTC3_BN,
                 FUSED3_THREADS,
                 NTC3_SMEM,
+                FUSED3_BLOCK_OVERHEAD_STEPS,
+            ),
+            TcCandidates::V4 => (
+                NTC3_BN,
+                FUSED3_THREADS,
+                NTC4_SMEM,
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
         }

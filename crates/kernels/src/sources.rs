@@ -219,6 +219,9 @@ mod tests {
         let src = NEAREST_TC_V3_CU;
         assert!(src.contains("#define NT3_LIST_OFFSET WG_RING_BYTES"));
         assert!(src.contains("#define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(src.contains("#define NT4_LIST_OFFSET WG4_SMEM"));
+        assert!(src.contains("#define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(WGMMA_COMMON_CUH.contains("#ifndef WG4_NB"));
         assert!(src.contains("__launch_bounds__(WG_THREADS, 1)"));
         // The record layout is nearest_tc.cu's (the prep kernel writes it).
         let rec = |s: &str| {
