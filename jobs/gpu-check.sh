@@ -107,51 +107,32 @@ status=0
   > "$OUT/nvidia-smi.txt" 2>&1
 head -3 "$OUT/nvidia-smi.txt"
 
-# v3 (wgmma) first, in its own process: a fault there poisons the CUDA context, so if its
-# layout test fails the rest runs with v3 disabled (and the check fails).
-echo "== v3 layout smoke test (separate process)"
-timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_v3_logits_layout > "$OUT/v3-smoke.log" 2>&1
-rc=$?
-grep -E "^test |test result|v3 layout|\(row |wrong rows|panicked|SKIP" "$OUT/v3-smoke.log" | head -40
-if [ $rc -ne 0 ]; then
-  echo "FAILED: v3 layout test (exit $rc); the rest runs with LLM4DSR_FUSED_V3=off"
-  export LLM4DSR_FUSED_V3=off
-  status=1
-fi
-
-# v4 (opt-in: the staggered warpgroups, mbarriers; the newest and least proven kernel) in its
-# own process with a short timeout: a hang or a failure turns it off for the rest
-# (LLM4DSR_FUSED_V4=off) instead of eating the lease.
-echo "== v4 (opt-in) test (separate process)"
-timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_v4_matches_v3 > "$OUT/v4-smoke.log" 2>&1
-rc=$?
-grep -E "^test |test result|layout|panicked|SKIP|differs" "$OUT/v4-smoke.log" | head -20
-if [ $rc -ne 0 ]; then
-  echo "FAILED: v4 test (exit $rc; 124 = timed out, a hang); the rest runs with LLM4DSR_FUSED_V4=off"
-  export LLM4DSR_FUSED_V4=off
-  status=1
-fi
-
-echo "== tensor-core grounding with the v3 (wgmma) candidate kernel (separate process)"
-timeout 90 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_nearest_tc_equals_f32_kernel > "$OUT/tc3-smoke.log" 2>&1
-rc=$?
-grep -E "^test |test result|panicked|SKIP" "$OUT/tc3-smoke.log" | head -10
-grep -E "GPU nearest tc V3" "$OUT/tc3-smoke.log" | head -8
-if [ $rc -ne 0 ]; then
-  echo "FAILED: tensor-core grounding test (exit $rc); the rest runs with LLM4DSR_NEAREST_TC_CANDIDATES=v2"
-  export LLM4DSR_NEAREST_TC_CANDIDATES=v2
-  status=1
-fi
-
-echo "== tensor-core grounding with the v4 (staggered, opt-in) candidate kernel (separate process)"
-timeout 60 "$BIN/kernels-test" --test-threads=1 --nocapture gpu_nearest_tc_v4_equals_f32_kernel > "$OUT/tc4-smoke.log" 2>&1
-rc=$?
-grep -E "^test |test result|panicked|SKIP" "$OUT/tc4-smoke.log" | head -10
-if [ $rc -ne 0 ]; then
-  echo "FAILED: tc v4 test (exit $rc; 124 = timed out, a hang); the rest runs with LLM4DSR_NEAREST_TC_V4=off"
-  export LLM4DSR_NEAREST_TC_V4=off
-  status=1
-fi
+# The sm_90a kernels first, each test in its own process with its own timeout: a fault poisons
+# the CUDA context and a hang would eat the lease, so a failure (or a timeout, exit 124) turns
+# that kernel off for the rest of the check (the environment setting named) and fails it.
+#   smoke TITLE TEST SECONDS LOG OFF_SETTING GREP_PATTERN
+smoke() {
+  echo "== $1 (separate process)"
+  timeout "$3" "$BIN/kernels-test" --test-threads=1 --nocapture "$2" > "$OUT/$4" 2>&1
+  local rc=$?
+  grep -E "$6" "$OUT/$4" | head -40
+  if [ $rc -ne 0 ]; then
+    echo "FAILED: $2 (exit $rc; 124 = timed out, a hang); the rest runs with $5"
+    export "${5?}"
+    status=1
+  fi
+}
+smoke "v3 layout smoke test" gpu_v3_logits_layout 60 v3-smoke.log LLM4DSR_FUSED_V3=off \
+  '^test |test result|v3 layout|V3 layout|\(row |wrong rows|panicked|SKIP'
+# v4 (opt-in: the staggered warpgroups, mbarriers; the newest and least proven kernel).
+smoke "v4 (opt-in) test" gpu_v4_matches_v3 60 v4-smoke.log LLM4DSR_FUSED_V4=off \
+  '^test |test result|layout|panicked|SKIP|differs'
+smoke "tensor-core grounding with the v3 (wgmma) candidate kernel" \
+  gpu_nearest_tc_equals_f32_kernel 90 tc3-smoke.log LLM4DSR_NEAREST_TC_CANDIDATES=v2 \
+  '^test |test result|panicked|SKIP|GPU nearest tc V3'
+smoke "tensor-core grounding with the v4 (staggered, opt-in) candidate kernel" \
+  gpu_nearest_tc_v4_equals_f32_kernel 60 tc4-smoke.log LLM4DSR_NEAREST_TC_V4=off \
+  '^test |test result|panicked|SKIP'
 
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)

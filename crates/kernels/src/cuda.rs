@@ -1011,31 +1011,11 @@ impl CudaKernels {
             .map_err(|e| e.as_str())
     }
 
-    /// The wgmma candidate kernel, compiled and loaded on first call: compute capability 9.0
-    /// with NTC3_SMEM of opt-in shared memory, and not disabled by `LLM4DSR_FUSED_V3=off`.
+    /// The wgmma candidate kernel (v3), compiled and loaded on first call: compute capability
+    /// 9.0 with NTC3_SMEM of opt-in shared memory, and not disabled by `LLM4DSR_FUSED_V3=off`.
     fn nearest_tc_v3_fn(&self) -> std::result::Result<&CudaFunction, &str> {
         self.nearest_tc_v3
-            .get_or_init(|| {
-                let loaded = (|| -> Result<CudaFunction> {
-                    self.sm90a_allowed()?;
-                    let f = self.load_with_smem(
-                        FUSED3_ARCH,
-                        "nearest_tc_v3.cu",
-                        &sm90a_source(NEAREST_TC_V3_CU),
-                        &["nearest_tc_candidates_v3"],
-                        launch::NTC3_SMEM,
-                        &[],
-                    )?;
-                    Ok(f[0].clone())
-                })()
-                .map_err(|e| format!("{e:#}"));
-                if let Err(e) = &loaded {
-                    tracing::info!(
-                        "kernels: wgmma grounding candidates unavailable ({e}); v2 serves"
-                    );
-                }
-                loaded
-            })
+            .get_or_init(|| self.load_tc_candidates(TcCandidates::V3))
             .as_ref()
             .map_err(|e| e.as_str())
     }
@@ -1045,26 +1025,45 @@ impl CudaKernels {
     /// turns it off (the GPU check does after a failed test).
     fn nearest_tc_v4_fn(&self) -> std::result::Result<&CudaFunction, &str> {
         self.nearest_tc_v4
-            .get_or_init(|| {
-                (|| -> Result<CudaFunction> {
-                    self.sm90a_allowed()?;
+            .get_or_init(|| self.load_tc_candidates(TcCandidates::V4))
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Compile and load an sm_90a candidate kernel (v3 or v4) of `nearest_tc_v3.cu`, or say
+    /// why it is unavailable (logged once; v2 serves).
+    fn load_tc_candidates(&self, cand: TcCandidates) -> std::result::Result<CudaFunction, String> {
+        let loaded = (|| -> Result<CudaFunction> {
+            self.sm90a_allowed()?;
+            let (name, smem, extra): (_, _, &[&str]) = match cand {
+                TcCandidates::V2 => bail!("v2 candidates live in nearest_tc.cu"),
+                TcCandidates::V3 => ("nearest_tc_candidates_v3", launch::NTC3_SMEM, &[]),
+                TcCandidates::V4 => {
                     if std::env::var("LLM4DSR_NEAREST_TC_V4").is_ok_and(|x| x == "off") {
                         bail!("{TC_V4_DISABLED}");
                     }
-                    let f = self.load_with_smem(
-                        FUSED3_ARCH,
-                        "nearest_tc_v3.cu",
-                        &sm90a_source(NEAREST_TC_V3_CU),
-                        &["nearest_tc_candidates_v4"],
+                    (
+                        "nearest_tc_candidates_v4",
                         launch::NTC4_SMEM,
                         &["-DWG4_NB=4"],
-                    )?;
-                    Ok(f[0].clone())
-                })()
-                .map_err(|e| format!("{e:#}"))
-            })
-            .as_ref()
-            .map_err(|e| e.as_str())
+                    )
+                }
+            };
+            let f = self.load_with_smem(
+                FUSED3_ARCH,
+                "nearest_tc_v3.cu",
+                &sm90a_source(NEAREST_TC_V3_CU),
+                &[name],
+                smem,
+                extra,
+            )?;
+            Ok(f[0].clone())
+        })()
+        .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &loaded {
+            tracing::info!("kernels: grounding candidates {cand:?} unavailable ({e}); v2 serves");
+        }
+        loaded
     }
 
     /// Why the staggered candidate kernel is unavailable (None: loaded).
