@@ -857,6 +857,41 @@ mod gpu_tc {
             );
         }
     }
+
+    /// A catalogue uploaded once and searched in several batches (what grounding does) gives
+    /// the f32 kernel's top-k every time, through the tc path (k <= 16) and the f32 path (k > 16),
+    /// and for both `NearestVersion`s of the preparation.
+    #[test]
+    fn gpu_resident_catalogue_equals_f32_kernel() {
+        let Some(g) = gpu() else { return };
+        let (n, d) = (5000usize, 72usize);
+        let cat = rand_vec(21, n * d, 1.0);
+        let exclude = [0u32, 7];
+        for version in [NearestVersion::Tc, NearestVersion::F32] {
+            let dc = g.device_catalog(&cat, d, &exclude, version).unwrap();
+            assert_eq!(
+                dc.tc.is_some(),
+                version == NearestVersion::Tc,
+                "{version:?}"
+            );
+            for (batch, (b, k)) in [(1usize, 1usize), (37, 10), (130, 16), (9, 40)]
+                .into_iter()
+                .enumerate()
+            {
+                let q = rand_vec(30 + batch as u64, b * d, 1.0);
+                let got = g.nearest_in(&dc, &q, k).unwrap();
+                let want = g.nearest_items_f32(&q, &cat, d, k, &exclude).unwrap();
+                assert_eq!(got, want, "{version:?} batch {batch}: b={b} k={k}");
+            }
+        }
+        let s = llm4dsr_kernels::CatalogSearch::new(cat.clone(), d, &exclude).unwrap();
+        assert_eq!(s.backend(), "cuda");
+        let q = rand_vec(40, 3 * d, 1.0);
+        assert_eq!(
+            s.search(&q, 10).unwrap(),
+            g.nearest_items_f32(&q, &cat, d, 10, &exclude).unwrap()
+        );
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

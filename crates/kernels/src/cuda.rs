@@ -297,6 +297,20 @@ pub struct TcCatalog {
     pub d: usize,
 }
 
+/// A catalogue uploaded once for many searches ([`crate::nearest::CatalogSearch`] on the GPU):
+/// the f32 rows, their norms with +inf at the excluded rows (the f32 kernel's input), and the
+/// tensor-core preparation when that path serves this catalogue. Grounding calls search the
+/// same catalogue batch after batch; only the queries travel per call.
+pub struct DeviceCatalog {
+    pub rows: CudaSlice<f32>,
+    pub cnorm: CudaSlice<f32>,
+    pub tc: Option<TcCatalog>,
+    pub n: usize,
+    pub d: usize,
+    /// Rows never returned (sorted, deduplicated, < n).
+    pub exclude: Vec<u32>,
+}
+
 /// A launched tensor-core search (asynchronous until [`CudaKernels::nearest_tc_finish`]).
 pub struct TcPending {
     pub plan: NearestTcPlan,
@@ -1452,5 +1466,97 @@ impl CudaKernels {
             }
         }
         self.nearest_items_f32(queries, catalog, d, k, exclude)
+    }
+
+    /// Upload `catalog` [n, d] once for [`Self::nearest_in`]: norms (refused when one is not
+    /// finite), exclusions, and the tensor-core preparation when `version` is tc and the
+    /// catalogue fits it (otherwise the searches take the f32 kernel, logged once here).
+    pub fn device_catalog(
+        &self,
+        catalog: &[f32],
+        d: usize,
+        exclude: &[u32],
+        version: NearestVersion,
+    ) -> Result<DeviceCatalog> {
+        check_nearest_args(&[], catalog, d)?;
+        let n = catalog.len() / d;
+        let mut ex: Vec<u32> = exclude
+            .iter()
+            .copied()
+            .filter(|&j| (j as usize) < n)
+            .collect();
+        ex.sort_unstable();
+        ex.dedup();
+        let rows = self.stream.clone_htod(catalog)?;
+        let mut cnorm = self.row_norms(&rows, n, d)?;
+        let norms = self.stream.clone_dtoh(&cnorm)?;
+        if let Some(j) = norms.iter().position(|x| !x.is_finite()) {
+            bail!("nearest_items: catalogue row {j} has a non-finite norm");
+        }
+        self.exclude_rows(&mut cnorm, n, &ex)?;
+        let tc = if version == NearestVersion::Tc && d.is_multiple_of(8) && n > 0 {
+            match self.tc_catalog(&rows, n, d, &ex) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("nearest tc refused for this catalogue ({e:#}); f32 kernel");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.stream
+            .synchronize()
+            .context("preparing the device catalogue")?;
+        Ok(DeviceCatalog {
+            rows,
+            cnorm,
+            tc,
+            n,
+            d,
+            exclude: ex,
+        })
+    }
+
+    /// Top-k of `queries` [b, d] in an uploaded catalogue: the tensor-core search when the
+    /// catalogue was prepared for it and k <= 16, else the f32 kernel. Equal to
+    /// [`crate::nearest_items`] on the same rows (both paths return the f32 kernel's top-k).
+    pub fn nearest_in(&self, cat: &DeviceCatalog, queries: &[f32], k: usize) -> Result<Nearest> {
+        let (n, d) = (cat.n, cat.d);
+        check_nearest_args(queries, &[], d)?;
+        let b = queries.len() / d;
+        let k = effective_k(k, n, &cat.exclude);
+        if k == 0 || b == 0 {
+            return Ok(Nearest {
+                k,
+                index: vec![],
+                dist2: vec![],
+            });
+        }
+        let q = self.stream.clone_htod(queries)?;
+        if let Some(tc) = cat.tc.as_ref().filter(|_| k <= TC_KMAX) {
+            let cand = self.tc_candidates()?;
+            match launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count) {
+                Ok(_) => {
+                    let p = self.nearest_tc_launch_with(&q, b, &cat.rows, tc, k, cand)?;
+                    let (r, st) = self.nearest_tc_finish(p, &q, &cat.rows, tc)?;
+                    tracing::debug!(
+                        "nearest tc (resident catalogue): {} queries, {} certified, {} through \
+                         the f32 kernel",
+                        st.queries,
+                        st.certified,
+                        st.fallback
+                    );
+                    return Ok(r);
+                }
+                Err(e) => tracing::debug!("nearest tc refused ({e:#}); f32 kernel"),
+            }
+        }
+        let qn = self.row_norms(&q, b, d)?;
+        let (od, oi, plan) = self.nearest_device(&q, &qn, &cat.rows, &cat.cnorm, b, n, d, k)?;
+        self.stream.synchronize().context("nearest kernels")?;
+        let dist = self.stream.clone_dtoh(&od)?;
+        let idx = self.stream.clone_dtoh(&oi)?;
+        merge_candidates(&dist, &idx, plan.split.slices as usize, b, k)
     }
 }

@@ -21,4 +21,4 @@ pub mod sources;
 
 pub use backend::{backend, Backend};
 pub use item_loglik::{item_loglik, item_loglik_cpu, ItemLogLik};
-pub use nearest::{nearest_items, nearest_items_cpu, Nearest};
+pub use nearest::{nearest_items, nearest_items_cpu, CatalogSearch, Nearest};

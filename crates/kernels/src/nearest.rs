@@ -51,6 +51,104 @@ pub fn nearest_items(
     nearest_items_cpu(queries, catalog, d, k, exclude)
 }
 
+/// A catalogue searched many times (grounding: batch after batch of generated titles against
+/// the same item embeddings). Built once; [`CatalogSearch::search`] equals [`nearest_items`] on
+/// the same rows and exclusions. With feature `cuda` and a GPU, the rows are uploaded (and
+/// prepared for the tensor-core search) once, and only the queries travel per call; otherwise
+/// each search runs the blocked CPU path.
+pub struct CatalogSearch {
+    rows: Vec<f32>,
+    d: usize,
+    exclude: Vec<u32>,
+    #[cfg(feature = "cuda")]
+    device: Option<crate::cuda::DeviceCatalog>,
+}
+
+impl CatalogSearch {
+    /// `rows` [n, d] row-major f32; rows in `exclude` (e.g. padding row 0) are never returned.
+    /// Refused: a length that is not a multiple of d, a non-finite value (named by row and dim).
+    pub fn new(rows: Vec<f32>, d: usize, exclude: &[u32]) -> Result<Self> {
+        check_nearest_args(&[], &rows, d)?;
+        if let Some(p) = rows.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "nearest_items: catalogue row {} has a non-finite value at dim {}",
+                p / d,
+                p % d
+            );
+        }
+        let n = rows.len() / d;
+        let mut exclude: Vec<u32> = exclude
+            .iter()
+            .copied()
+            .filter(|&j| (j as usize) < n)
+            .collect();
+        exclude.sort_unstable();
+        exclude.dedup();
+        #[cfg(feature = "cuda")]
+        let device = match crate::cuda::kernels() {
+            Some(gpu) if n > 0 => {
+                let version = crate::nearest_tc::NearestVersion::from_env()?;
+                match gpu.device_catalog(&rows, d, &exclude, version) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(
+                            "catalogue search: upload failed ({e:#}); searching on the CPU"
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok(Self {
+            rows,
+            d,
+            exclude,
+            #[cfg(feature = "cuda")]
+            device,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows.len() / self.d
+    }
+
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// The row vector `i` (what a query is compared against).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.rows[i * self.d..(i + 1) * self.d]
+    }
+
+    /// Where the searches run: "cuda" (rows resident on the GPU) or "cpu".
+    pub fn backend(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return "cuda";
+        }
+        "cpu"
+    }
+
+    /// Top-k rows nearest each query of `queries` [b, d] (k' = min(k, rows not excluded)).
+    pub fn search(&self, queries: &[f32], k: usize) -> Result<Nearest> {
+        check_nearest_args(queries, &self.rows, self.d)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(dev), Some(gpu)) = (&self.device, crate::cuda::kernels()) {
+            if k <= crate::launch::NEAREST_KMAX {
+                match gpu.nearest_in(dev, queries, k) {
+                    Ok(r) => return Ok(r),
+                    Err(e) => tracing::warn!(
+                        "catalogue search: CUDA kernel failed ({e:#}); using the CPU path"
+                    ),
+                }
+            }
+        }
+        nearest_items_cpu(queries, &self.rows, self.d, k, &self.exclude)
+    }
+}
+
 pub fn check_nearest_args(queries: &[f32], catalog: &[f32], d: usize) -> Result<()> {
     if d == 0 || !queries.len().is_multiple_of(d) || !catalog.len().is_multiple_of(d) {
         bail!(
@@ -289,6 +387,35 @@ mod tests {
         assert!(nearest_items_cpu(&[0.4, 1.0], &cat, 3, 1, &[]).is_err());
         assert!(nearest_items_cpu(&[f32::NAN], &cat, 1, 1, &[]).is_err());
         assert!(nearest_items_cpu(&[0.0], &[f32::INFINITY], 1, 1, &[]).is_err());
+    }
+
+    #[test]
+    fn catalog_search_equals_nearest_items() {
+        let d = 5;
+        let n = 300;
+        let cat: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        let q: Vec<f32> = (0..7 * d)
+            .map(|i| ((i * 31) % 9) as f32 * 0.3 - 1.2)
+            .collect();
+        let s = CatalogSearch::new(cat.clone(), d, &[0, 17, 17, 5000]).unwrap();
+        assert_eq!((s.rows(), s.dim()), (n, d));
+        for k in [1, 4, 10] {
+            let a = s.search(&q, k).unwrap();
+            let b = nearest_items(&q, &cat, d, k, &[0, 17]).unwrap();
+            assert_eq!(a, b, "k={k}");
+            assert!(!a.index.contains(&0) && !a.index.contains(&17));
+        }
+        // Every row is its own nearest (distance 0) unless excluded or tied with a lower index.
+        let own = s.search(s.row(42), 1).unwrap();
+        assert_eq!(own.dist2, vec![0.0]);
+        assert!(own.index[0] <= 42);
+        let mut bad = cat.clone();
+        bad[3 * d + 2] = f32::NAN;
+        let e = CatalogSearch::new(bad, d, &[]).err().unwrap().to_string();
+        assert!(e.contains("row 3") && e.contains("dim 2"), "{e}");
+        assert!(s.search(&q[..d - 1], 1).is_err());
     }
 
     #[test]
