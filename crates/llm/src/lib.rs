@@ -8,13 +8,16 @@
 //!   rebuilt), conversion GGUF -> HF, title-token cache.
 //! - [`prompt`]: the one Alpaca template (scoring prefix, generation prefix, SFT text).
 //! - [`score`]: first-token and full-title item scores, and the `NoiseScorer` for the LLM.
-//! - [`generate`]: batched greedy decoding. [`embed`]: title embeddings.
+//! - [`generate`]: batched greedy decoding. [`embed`]: title embeddings. [`ground`]: generated
+//!   title -> catalogue item (exact match, else the nearest embedding through the grounding
+//!   kernel's [`llm4dsr_kernels::CatalogSearch`]).
 
 pub mod config;
 pub mod decoder;
 pub mod embed;
 pub mod generate;
 pub mod gguf;
+pub mod ground;
 pub mod load;
 pub mod models;
 pub mod prompt;
