@@ -827,3 +827,107 @@ fn llm_detectors_score_through_the_sharded_stage() {
         }
     }
 }
+
+/// `ground` (catalogue embeddings with all-MiniLM-L6-v2, then the titles) gives the same bytes
+/// in one process and on 2 and 3 MPI ranks. Skipped without MPI or the MiniLM asset.
+#[test]
+fn mpi_ground_any_rank_count() {
+    if mpirun("mpi_ground").is_none() {
+        return;
+    }
+    let minilm = llm4dsr_data::assets::asset_path("all-minilm-l6-v2/model.safetensors");
+    if !minilm.exists() {
+        eprintln!(
+            "SKIP: mpi_ground: {} absent (run `llm4dsr assets fetch`)",
+            minilm.display()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data);
+    let titles = [
+        "Movie 7 (1907)",
+        "Movie 12",
+        "",
+        "movie twelve (1912)",
+        "Movie 59 (1959)",
+        "A film about the sea",
+        "Movie 3 (1903) ",
+    ];
+    let queries = tmp.path().join("q.parquet");
+    {
+        use std::sync::Arc;
+        let batch = arrow_array::RecordBatch::try_from_iter([
+            (
+                "query_id",
+                Arc::new(arrow_array::UInt64Array::from_iter_values(
+                    0..titles.len() as u64,
+                )) as arrow_array::ArrayRef,
+            ),
+            (
+                "title",
+                Arc::new(arrow_array::StringArray::from(titles.to_vec())) as arrow_array::ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&queries).unwrap(),
+            batch.schema(),
+            None,
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "ground",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--queries",
+            queries.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--embedder",
+            "minilm",
+            "--k",
+            "4",
+            "--catalog-shard-items",
+            "16",
+            "--query-shard-rows",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let bytes = |dir: &Path| -> Vec<Vec<u8>> {
+        ["grounded.parquet", "catalog_embeddings.parquet"]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect()
+    };
+    let one = tmp.path().join("one");
+    let a = args(&one);
+    let o = run(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(one.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["counts"]["queries.exact"], 3, "{}", m["counts"]);
+    assert_eq!(m["counts"]["queries.empty"], 1);
+    assert_eq!(m["counts"]["queries.nearest"], 3);
+    for n in [2, 3] {
+        let out = tmp.path().join(format!("n{n}"));
+        let a = args(&out);
+        let o = mpi_run(
+            "mpi_ground",
+            n,
+            &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            &[],
+        )
+        .unwrap();
+        assert!(o.status.success(), "{n} ranks: {}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("[rank {}/{n}]", n - 1)));
+        assert_eq!(bytes(&out), bytes(&one), "{n} ranks");
+    }
+}

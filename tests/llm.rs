@@ -959,3 +959,225 @@ fn cli_inspect_scores_and_model_convert() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.gguf"));
     assert!(!dest.exists());
 }
+
+// ------------------------------------------------------------------------------- ground (CLI)
+
+/// A Parquet file of (query_id, title) rows; `id_type` picks the id column's type.
+fn write_queries(path: &Path, ids: arrow_array::ArrayRef, titles: &[&str]) {
+    use std::sync::Arc;
+    let batch = arrow_array::RecordBatch::try_from_iter([
+        ("query_id", ids),
+        (
+            "title",
+            Arc::new(arrow_array::StringArray::from(titles.to_vec())) as arrow_array::ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// (query_id, item_id, match, dist2, neighbours) rows of a grounded.parquet.
+type GroundedRow = (u64, u32, String, f32, Vec<u32>);
+
+fn read_grounded(path: &Path) -> Vec<GroundedRow> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float32Type, UInt32Type, UInt64Type};
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(path).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut out = Vec::new();
+    for b in r {
+        let b = b.unwrap();
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let (qid, item, how, dist, nb) = (
+            col("query_id"),
+            col("item_id"),
+            col("match"),
+            col("dist2"),
+            col("neighbours"),
+        );
+        for i in 0..b.num_rows() {
+            let n = nb.as_list::<i32>().value(i);
+            out.push((
+                qid.as_primitive::<UInt64Type>().value(i),
+                item.as_primitive::<UInt32Type>().value(i),
+                how.as_string::<i32>().value(i).to_string(),
+                dist.as_primitive::<Float32Type>().value(i),
+                n.as_primitive::<UInt32Type>().values().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+/// `llm4dsr ground` with a tiny model: exact, nearest (equal to the library's search over the
+/// same embeddings) and empty titles; counts in the manifest; a killed run resumes to the same
+/// bytes; bad query files are refused naming the file and the field, with no output.
+#[test]
+fn cli_ground_exact_nearest_empty_resume_and_bad_input() {
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama, true);
+    let model = tmp.path().join("model");
+    write_model_dir(&model, &cfg, &tiny_weights(&cfg, 9), &tiny_tokenizer(0));
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let catalog = tiny_catalog();
+    catalog
+        .write_parquet(&data.join("catalog.parquet"))
+        .unwrap();
+    let titles = ["charlie", "  golf ", "alpha bravo", "", "hotel echo delta"];
+    let queries = tmp.path().join("q.parquet");
+    let ids = Arc::new(arrow_array::Int64Array::from(vec![10i64, 11, 12, 13, 14]));
+    write_queries(&queries, ids, &titles);
+    let bin = env!("CARGO_BIN_EXE_llm4dsr");
+    let ground = |out: &Path, q: &Path, env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(bin);
+        c.arg("ground")
+            .arg("--dataset")
+            .arg(&data)
+            .arg("--queries")
+            .arg(q)
+            .arg("--out")
+            .arg(out)
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--k",
+                "3",
+                "--catalog-shard-items",
+                "3",
+                "--query-shard-rows",
+                "2",
+            ])
+            .env_remove("LLM4DSR_TEST_ABORT_AFTER_SHARDS");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = tmp.path().join("g");
+    let o = ground(&out, &queries, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_grounded(&out.join("grounded.parquet"));
+    assert_eq!(rows.len(), 5);
+    assert_eq!((rows[0].0, rows[0].1, rows[0].2.as_str()), (10, 3, "exact"));
+    assert_eq!((rows[1].0, rows[1].1, rows[1].2.as_str()), (11, 7, "exact"));
+    assert_eq!((rows[3].1, rows[3].2.as_str()), (0, "empty"));
+    // Nearest rows: what the library finds over the embeddings of the same model.
+    let llm = Llm::load(&model, &Device::Cpu).unwrap();
+    let emb = llm4dsr_llm::ground::LastTokenEmbedder {
+        llm: &llm,
+        batch: 16,
+    };
+    let ids: Vec<u32> = (1..=catalog.num_items()).collect();
+    let e = llm4dsr_llm::ground::embed_items(&catalog, &ids, &emb).unwrap();
+    let d = cfg.hidden_size;
+    let index = llm4dsr_llm::ground::CatalogueIndex::new(&catalog, &e, d).unwrap();
+    let want = index.ground(&titles, &emb, 3).unwrap();
+    for i in [2, 4] {
+        assert_eq!(rows[i].2, "nearest", "{i}");
+        assert_eq!(rows[i].4, want[i].neighbours, "query {i}");
+        assert_eq!(rows[i].1, rows[i].4[0]);
+        assert!((rows[i].3 - want[i].dist2).abs() <= 1e-4 * want[i].dist2.max(1.0));
+        assert!(!rows[i].4.contains(&0));
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    for (k, v) in [
+        ("queries.read", 5),
+        ("queries.exact", 2),
+        ("queries.nearest", 2),
+        ("queries.empty", 1),
+        ("catalog.items", 8),
+    ] {
+        assert_eq!(m["counts"][k], v, "{k}");
+    }
+    assert!(out.join("catalog_embeddings.parquet").exists());
+    assert!(!tmp.path().join("g.parts").exists());
+
+    // Killed after 2 of the 3 embedding parts: no output; the re-run reuses them, same bytes.
+    let killed = tmp.path().join("k");
+    let o = ground(
+        &killed,
+        &queries,
+        &[("LLM4DSR_TEST_ABORT_AFTER_SHARDS", "0:2")],
+    );
+    assert!(!o.status.success());
+    assert!(!killed.exists());
+    assert!(tmp
+        .path()
+        .join("k.parts/embeddings/part-00001-of-00003.json")
+        .exists());
+    let o = ground(&killed, &queries, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already complete"));
+    for f in ["grounded.parquet", "catalog_embeddings.parquet"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(killed.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // Bad query files: named file and field, non-zero exit, nothing written.
+    let bad = tmp.path().join("bad.parquet");
+    let long = "x".repeat(2000);
+    let cases: Vec<(arrow_array::ArrayRef, Vec<&str>, &str)> = vec![
+        (
+            Arc::new(arrow_array::StringArray::from(vec!["a", "b"])),
+            vec!["alpha", "bravo"],
+            "column `query_id` has type Utf8",
+        ),
+        (
+            Arc::new(arrow_array::UInt64Array::from(vec![1u64, 1])),
+            vec!["alpha", "bravo"],
+            "field `query_id`: id 1 at rows 0 and 1",
+        ),
+        (
+            Arc::new(arrow_array::Int32Array::from(vec![1, -2])),
+            vec!["alpha", "bravo"],
+            "field `query_id`: negative id -2 at row 1",
+        ),
+        (
+            Arc::new(arrow_array::UInt32Array::from(vec![1u32, 2])),
+            vec!["alpha", long.as_str()],
+            "field `title`: row 1: title of 2000 characters",
+        ),
+    ];
+    for (ids, t, msg) in cases {
+        write_queries(&bad, ids, &t);
+        let dest = tmp.path().join("bad-out");
+        let o = ground(&dest, &bad, &[]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{msg}");
+        assert!(e.contains("bad.parquet") && e.contains(msg), "{msg}: {e}");
+        assert!(!dest.exists() && !tmp.path().join("bad-out.parts").exists());
+    }
+    // A file without the title column.
+    let batch = arrow_array::RecordBatch::try_from_iter([(
+        "query_id",
+        Arc::new(arrow_array::UInt64Array::from(vec![1u64])) as arrow_array::ArrayRef,
+    )])
+    .unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&bad).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let o = ground(&tmp.path().join("bad-out"), &bad, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("missing column `title`"),
+        "{e}"
+    );
+}

@@ -39,6 +39,9 @@ pub enum Command {
     Prepare(cmd::prepare::PrepareArgs),
     /// Score every item of every window with a noise detector (sharded over the job's ranks).
     Score(cmd::score::ScoreArgs),
+    /// Map generated titles to catalogue items: exact title match, else the nearest title
+    /// embedding (the grounding kernel on a GPU; sharded over the job's ranks).
+    Ground(cmd::ground::GroundArgs),
     /// Check the communicator under the cluster's launcher: placement and every collective.
     CommCheck(cmd::comm_check::CommCheckArgs),
     /// Train SASRec / GRU4Rec / Caser on a prepared dataset; checkpoints + test metrics.
@@ -94,6 +97,7 @@ pub fn main() -> Result<()> {
                 cmd::prepare::run(config.resolve("prepare", sub)?, &config)
             }),
             "score" => cmd::score::run(config.resolve("score", sub)?, &config, comm),
+            "ground" => cmd::ground::run(config.resolve("ground", sub)?, &config, comm),
             "comm-check" => cmd::comm_check::run(config.resolve("comm-check", sub)?, comm),
             "train" => cmd::train::run_with(config.resolve("train", sub)?, comm),
             "evaluate" => cmd::evaluate::run_with(config.resolve("evaluate", sub)?, comm),

@@ -88,6 +88,15 @@ pub struct ShardedStage<'a> {
     pub comm: &'a dyn Comm,
 }
 
+/// Where a stage writing `out` keeps its part files: `<out>.parts/` beside it.
+pub fn parts_root_of(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!("{name}.parts"))
+}
+
 /// A fingerprint from any serialisable description of a stage's config and inputs.
 pub fn fingerprint(what: &impl Serialize) -> Result<String> {
     Ok(sha256_bytes(&serde_json::to_vec(what)?))
@@ -372,6 +381,24 @@ impl<'a> ShardedStage<'a> {
         }
         w.close()?;
         Ok(total)
+    }
+
+    /// Every part's rows in shard order, read back from the parts directory (after [`Self::run`]
+    /// has verified them): how every rank gets a pass's whole output when the next pass needs it
+    /// (the parts directory is on the filesystem all ranks share, as the merge already assumes).
+    pub fn read_parts(&self) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for shard in 0..self.num_shards {
+            let p = self.part_path(shard);
+            let f = std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .with_context(|| format!("{}: not a readable Parquet file", p.display()))?
+                .build()?;
+            for b in reader {
+                out.push(b.with_context(|| format!("decoding {}", p.display()))?);
+            }
+        }
+        Ok(out)
     }
 
     /// Remove the parts directory (after the stage's output is committed).

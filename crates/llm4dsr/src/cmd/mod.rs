@@ -3,6 +3,7 @@
 pub mod assets;
 pub mod comm_check;
 pub mod evaluate;
+pub mod ground;
 pub mod inspect;
 pub mod model;
 pub mod prepare;

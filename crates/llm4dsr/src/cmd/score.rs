@@ -31,7 +31,7 @@
 //! each shard's fingerprint, so a resumed run never mixes two models' scores.
 
 use crate::config::ConfigFile;
-use crate::sharded::{fingerprint, ShardOutput, ShardedStage};
+use crate::sharded::{fingerprint, parts_root_of, ShardOutput, ShardedStage};
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::{RecordBatch, StringArray, UInt32Array};
@@ -233,7 +233,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     ));
     manifest.count("shards", args.num_shards as u64);
 
-    let parts_root = sibling_with_suffix(&out, ".parts");
+    let parts_root = parts_root_of(&out);
     let staging = if comm.is_root() {
         Some(StagingDir::new(&out, args.overwrite)?)
     } else {
@@ -315,15 +315,6 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
 
 fn split_path(dataset: &Path, split: &str) -> PathBuf {
     dataset.join("windows").join(format!("{split}.parquet"))
-}
-
-/// `dir/name` -> `dir/name<suffix>`.
-fn sibling_with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    p.with_file_name(format!("{name}{suffix}"))
 }
 
 fn scope(items: &[u32], whole: bool) -> &[u32] {
