@@ -413,6 +413,7 @@ mod gpu {
     use llm4dsr_kernels::cuda::cudarc::driver::{sys, CudaFunction, CudaSlice, PushKernelArg};
     use llm4dsr_kernels::cuda::{cfg, kernels, CudaKernels, DeviceMatrix, ScoreMode};
     use llm4dsr_kernels::launch::{FusedVariant, FusedVersion, Shape, TcCandidates};
+    use llm4dsr_kernels::nearest_tc::NearestVersion;
     use llm4dsr_kernels::sources::BENCH_FILL_CU;
 
     struct Fill {
@@ -1074,6 +1075,27 @@ mod gpu {
                             ),
                         });
                     }
+                    // What the ground stage pays per batch: host queries in, top-k out, the
+                    // catalogue resident and prepared once (CatalogSearch on the GPU).
+                    let qh = g.stream.clone_dtoh(&q)?;
+                    let dc = g.device_catalog_on(c.clone(), n, d, &[0], NearestVersion::Tc)?;
+                    let mut got = None;
+                    let ms_res = event_ms(g, 1, 3, || {
+                        got = Some(g.nearest_in(&dc, &qh, k)?);
+                        Ok(())
+                    })?;
+                    drop(dc);
+                    rows.push(Row {
+                        case: "grounding batch, resident catalogue (CatalogSearch::search)".into(),
+                        shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                        ms: ms_res,
+                        work: nearest_tc_work(s),
+                        note: format!(
+                            "host queries in, top-k out; equals the f32 kernel: {}; x{:.1} f32",
+                            got.as_ref() == Some(&merged),
+                            ms / ms_res
+                        ),
+                    });
                 }
             }
         }

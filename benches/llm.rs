@@ -7,24 +7,15 @@
 //! with a message otherwise. LLM4DSR_BENCH_WINDOWS sets the number of scored windows (16).
 
 use candle_core::Device;
-use llm4dsr_data::{assets, Catalog, KeyedRng, Purpose};
+use llm4dsr_data::{assets, KeyedRng, Purpose};
 use llm4dsr_llm::candle_transformers::models::llama as candle_llama;
 use llm4dsr_llm::embed::{last_token_embeddings, MiniLm};
 use llm4dsr_llm::{generate_greedy, prompt, GenerateOptions, Llm, LlmNoiseScorer, ScoreMode};
 use std::time::Instant;
 
-fn ml100k_catalog() -> Option<Catalog> {
-    let p = assets::asset_path("ml-100k/ml-100k.item");
-    let text = std::fs::read_to_string(&p).ok()?;
-    let mut c = Catalog::new();
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() >= 3 && f[1].len() > 1 {
-            c.push(format!("{} ({})", f[1], f[2]), f[0].to_string());
-        }
-    }
-    Some(c)
-}
+#[path = "common/ml100k.rs"]
+mod ml100k;
+use ml100k::ml100k_catalog;
 
 fn main() -> anyhow::Result<()> {
     let gguf = assets::asset_path("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");

@@ -1479,7 +1479,26 @@ impl CudaKernels {
         version: NearestVersion,
     ) -> Result<DeviceCatalog> {
         check_nearest_args(&[], catalog, d)?;
-        let n = catalog.len() / d;
+        let rows = self.stream.clone_htod(catalog)?;
+        self.device_catalog_on(rows, catalog.len() / d, d, exclude, version)
+    }
+
+    /// [`Self::device_catalog`] for rows already on the device ([n, d] f32; e.g. embeddings
+    /// a GPU forward produced, or the benchmark's device-side fill), taken over.
+    pub fn device_catalog_on(
+        &self,
+        rows: CudaSlice<f32>,
+        n: usize,
+        d: usize,
+        exclude: &[u32],
+        version: NearestVersion,
+    ) -> Result<DeviceCatalog> {
+        if d == 0 || rows.len() < n * d {
+            bail!(
+                "device catalogue: {} values for {n} rows of width {d}",
+                rows.len()
+            );
+        }
         let mut ex: Vec<u32> = exclude
             .iter()
             .copied()
@@ -1487,7 +1506,6 @@ impl CudaKernels {
             .collect();
         ex.sort_unstable();
         ex.dedup();
-        let rows = self.stream.clone_htod(catalog)?;
         let mut cnorm = self.row_norms(&rows, n, d)?;
         let norms = self.stream.clone_dtoh(&cnorm)?;
         if let Some(j) = norms.iter().position(|x| !x.is_finite()) {

@@ -185,6 +185,11 @@ impl CatalogueIndex {
         self.search.dim()
     }
 
+    /// The nearest-item search over the catalogue's embeddings (row 0 = padding, excluded).
+    pub fn catalog_search(&self) -> &CatalogSearch {
+        &self.search
+    }
+
     /// Ground `titles`: exact matches first, then one embedding call and one search for the
     /// rest, `k` neighbours each (k >= 1). Refuses a title [`check_title`] refuses (the error
     /// names its position in `titles`).
