@@ -25,7 +25,7 @@ use crate::item_loglik::{check_args, ItemLogLik};
 use crate::launch::{
     self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, NearestTcPlan, Shape, TcCandidates,
 };
-use crate::nearest::{check_nearest_args, effective_k, merge_candidates, Nearest};
+use crate::nearest::{check_nearest_args, effective_k, excluded_rows, merge_candidates, Nearest};
 use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
 use crate::resident::ResidentKey;
 use crate::sources::{
@@ -1499,13 +1499,7 @@ impl CudaKernels {
                 rows.len()
             );
         }
-        let mut ex: Vec<u32> = exclude
-            .iter()
-            .copied()
-            .filter(|&j| (j as usize) < n)
-            .collect();
-        ex.sort_unstable();
-        ex.dedup();
+        let ex = excluded_rows(exclude, n);
         let mut cnorm = self.row_norms(&rows, n, d)?;
         let norms = self.stream.clone_dtoh(&cnorm)?;
         if let Some(j) = norms.iter().position(|x| !x.is_finite()) {

@@ -77,13 +77,7 @@ impl CatalogSearch {
             );
         }
         let n = rows.len() / d;
-        let mut exclude: Vec<u32> = exclude
-            .iter()
-            .copied()
-            .filter(|&j| (j as usize) < n)
-            .collect();
-        exclude.sort_unstable();
-        exclude.dedup();
+        let exclude = excluded_rows(exclude, n);
         #[cfg(feature = "cuda")]
         let device = match crate::cuda::kernels() {
             Some(gpu) if n > 0 => {
@@ -167,8 +161,8 @@ pub fn check_nearest_args(queries: &[f32], catalog: &[f32], d: usize) -> Result<
     Ok(())
 }
 
-/// Neighbours actually returned per query: k, capped by the rows that are not excluded.
-pub fn effective_k(k: usize, n: usize, exclude: &[u32]) -> usize {
+/// The excluded rows that exist among `n`, sorted and deduplicated.
+pub fn excluded_rows(exclude: &[u32], n: usize) -> Vec<u32> {
     let mut ex: Vec<u32> = exclude
         .iter()
         .copied()
@@ -176,7 +170,12 @@ pub fn effective_k(k: usize, n: usize, exclude: &[u32]) -> usize {
         .collect();
     ex.sort_unstable();
     ex.dedup();
-    k.min(n - ex.len())
+    ex
+}
+
+/// Neighbours actually returned per query: k, capped by the rows that are not excluded.
+pub fn effective_k(k: usize, n: usize, exclude: &[u32]) -> usize {
+    k.min(n - excluded_rows(exclude, n).len())
 }
 
 /// A query's best k so far, sorted by (distance, index).
@@ -232,9 +231,7 @@ pub fn nearest_items_cpu(
     let b = queries.len() / d;
     let n = catalog.len() / d;
     let k = effective_k(k, n, exclude);
-    let mut excluded: Vec<u32> = exclude.to_vec();
-    excluded.sort_unstable();
-    excluded.dedup();
+    let excluded = excluded_rows(exclude, n);
     let sq = |r: &[f32]| r.iter().map(|x| x * x).sum::<f32>();
     let qnorm: Vec<f32> = queries.chunks_exact(d).map(sq).collect();
     let mut tops: Vec<TopK> = (0..b).map(|_| TopK::new(k)).collect();

@@ -69,7 +69,9 @@ pub struct GroundArgs {
     /// files of an unfinished run live in <out>.parts/ and are reused by the next run.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Title embedding for the nearest-item search.
+    /// Title embedding for the nearest-item search. The reference is the LLM's last-token
+    /// state; with a small untuned LLM (the SmolLM2 default) it grounds damaged titles poorly
+    /// (2-29% right vs 82-100% for minilm: `cargo bench --bench ground`, docs/llm.md).
     #[arg(long, value_enum, default_value_t = EmbedderKind::LlmLastToken)]
     pub embedder: EmbedderKind,
     /// llm-last-token: HF model directory or .gguf file (default: the SmolLM2-135M-Instruct
@@ -267,7 +269,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         }
     };
     let embedder = embedder.as_ref();
-    let model_sha = model_digest(&model_path)?;
+    let model_sha = crate::cmd::model::model_digest(&model_path)?;
     let catalog_sha = sha256_file(&catalog_path)?.0;
     let queries_sha = sha256_file(&queries_path)?.0;
 
@@ -410,20 +412,6 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
     }
     comm.barrier()?;
     Ok(())
-}
-
-/// What identifies a model: the GGUF file's hash, or an HF directory's config + weights.
-fn model_digest(path: &Path) -> Result<String> {
-    if !path.is_dir() {
-        return Ok(sha256_file(path)?.0);
-    }
-    let mut parts = vec![sha256_file(&path.join("config.json"))?.0];
-    for f in llm4dsr_llm::load::safetensors_files(path)? {
-        parts.push(sha256_file(&f)?.0);
-    }
-    Ok(llm4dsr_data::manifest::sha256_bytes(
-        parts.join(",").as_bytes(),
-    ))
 }
 
 fn embeddings_batch(ids: &[u32], e: &[f32], d: usize) -> Result<RecordBatch> {

@@ -6,7 +6,7 @@ use crate::config::ConfigFile;
 use anyhow::{anyhow, Result};
 use clap::{ArgMatches, Subcommand};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The SmolLM2 asset, relative to the cache root.
 pub const SMOLLM2_GGUF: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -55,4 +55,21 @@ pub fn run(config: &ConfigFile, matches: &ArgMatches) -> Result<()> {
         }
         other => unreachable!("unhandled model subcommand {other}"),
     }
+}
+
+/// What identifies a model: the GGUF file's hash, or the hashes of an HF directory's
+/// config.json, tokenizer.json (where present) and weight files, hashed together.
+pub fn model_digest(path: &Path) -> Result<String> {
+    use llm4dsr_data::manifest::{sha256_bytes, sha256_file};
+    if !path.is_dir() {
+        return Ok(sha256_file(path)?.0);
+    }
+    let mut files = vec![path.join("config.json")];
+    files.extend(Some(path.join("tokenizer.json")).filter(|p| p.exists()));
+    files.extend(llm4dsr_llm::load::safetensors_files(path)?);
+    let parts = files
+        .iter()
+        .map(|f| Ok(sha256_file(f)?.0))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(sha256_bytes(parts.join(",").as_bytes()))
 }

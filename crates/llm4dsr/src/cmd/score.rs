@@ -208,12 +208,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
                 Some(p) => p.clone(),
                 None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
             };
-            let digest_of = if model.is_dir() {
-                model.join("config.json")
-            } else {
-                model.clone()
-            };
-            let sha = sha256_file(&digest_of)?.0;
+            let sha = crate::cmd::model::model_digest(&model)?;
             let llm = llm4dsr_llm::Llm::load(&model, &candle_core::Device::Cpu)?;
             (Some(llm), sha)
         }
