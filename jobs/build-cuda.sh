@@ -6,6 +6,7 @@
 #
 #   jobs/build-cuda.sh                 # cargo build --release --features "cuda candle-core/cuda"
 #   FEATURES="cuda" jobs/build-cuda.sh # our NVRTC kernels only (needs none of this: plain cargo)
+#   CARGO_TARGET_DIR=target-cuda CARGO_CMD="check --tests --benches" jobs/build-cuda.sh
 #
 # The binary then LINKS libcuda.so.1, libcudart.so.13, libcublas.so.13(+Lt), libcurand.so.10:
 # on the GPU machine run it with LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH.
@@ -42,5 +43,8 @@ fi
 export PATH="$W/bin:$PATH" CUDA_ROOT="$W" CUDA_HOME="$W" CUDA_PATH="$W" CUDA_COMPUTE_CAP=90  # sm_90a: H100/H200
 export LIBRARY_PATH="$W/lib:$STUB${LIBRARY_PATH:+:$LIBRARY_PATH}"
 nvcc --version | tail -2
-cargo build --release --features "$FEATURES"
-echo "built $CARGO_TARGET_DIR/release/llm4dsr (features: $FEATURES)"
+# CARGO_CMD="check --tests --benches" type-checks everything against candle's CUDA backend
+# (build scripts, nvcc included, still run; no codegen).
+CARGO_CMD=${CARGO_CMD:-"build --release"}
+cargo $CARGO_CMD --features "$FEATURES"
+echo "cargo $CARGO_CMD done in $CARGO_TARGET_DIR (features: $FEATURES)"

@@ -1181,3 +1181,31 @@ fn cli_ground_exact_nearest_empty_resume_and_bad_input() {
         "{e}"
     );
 }
+
+/// `--device`: cpu always works; cuda in a build without candle's CUDA backend is a clear
+/// error (exit != 0, the build script named); auto falls back to the CPU.
+#[test]
+fn device_choice() {
+    use llm4dsr_llm::{llm_device, DeviceChoice};
+    assert!(llm_device(DeviceChoice::Cpu).unwrap().is_cpu());
+    if candle_core::utils::cuda_is_available() {
+        eprintln!("SKIP: device_choice: built with candle's CUDA backend");
+        return;
+    }
+    assert!(llm_device(DeviceChoice::Auto).unwrap().is_cpu());
+    let e = llm_device(DeviceChoice::Cuda).unwrap_err().to_string();
+    assert!(e.contains("jobs/build-cuda.sh"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm4dsr"))
+        .args(["ground", "--device", "cuda", "--dataset"])
+        .arg(tmp.path())
+        .arg("--queries")
+        .arg(tmp.path().join("q.parquet"))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--device cuda"), "{e}");
+}

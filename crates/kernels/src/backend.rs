@@ -70,6 +70,41 @@ pub fn backend() -> Backend {
     })
 }
 
+/// The GPU this process uses (for the kernels and, through [`device_ordinal`], the LLM
+/// forward): set once by the command line from the rank's local rank
+/// (`llm4dsr_comm::gpu_ordinal` over [`visible_devices`]) before the first GPU use; 0 when
+/// never set.
+static ORDINAL: OnceLock<usize> = OnceLock::new();
+
+/// Choose this process's GPU. Only the first call counts (the kernels may already be
+/// running on it); returns the ordinal in force.
+pub fn set_device_ordinal(ordinal: usize) -> usize {
+    *ORDINAL.get_or_init(|| ordinal)
+}
+
+/// The GPU ordinal in force ([`set_device_ordinal`], default 0).
+pub fn device_ordinal() -> usize {
+    ORDINAL.get().copied().unwrap_or(0)
+}
+
+/// GPUs this process can see: the driver's device count (after CUDA_VISIBLE_DEVICES), 0 when
+/// built without `cuda`, without a driver, or when the count fails.
+pub fn visible_devices() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        #[cfg(feature = "cuda")]
+        if driver_present() {
+            // cudarc's loader panics when a library is missing: contain it.
+            let n = std::panic::catch_unwind(|| {
+                cudarc::driver::CudaContext::device_count().unwrap_or(0)
+            })
+            .unwrap_or(0);
+            return n.max(0) as usize;
+        }
+        0
+    })
+}
+
 /// The decision as a pure function (unit tested).
 pub fn decide(compiled: bool, req: Request, driver: bool) -> (Backend, &'static str) {
     match (compiled, req, driver) {

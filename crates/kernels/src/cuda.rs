@@ -53,12 +53,13 @@ pub fn kernels() -> Option<&'static CudaKernels> {
                 return None;
             }
             // cudarc's loader panics when a library (e.g. libnvrtc) is missing: contain it.
-            let started = std::panic::catch_unwind(|| CudaKernels::new(0))
+            let ordinal = crate::backend::device_ordinal();
+            let started = std::panic::catch_unwind(|| CudaKernels::new(ordinal))
                 .unwrap_or_else(|p| Err(anyhow!("CUDA start panicked: {}", panic_text(&p))));
             match started {
                 Ok(k) => {
                     tracing::info!(
-                        "kernels: CUDA device 0 {} (sm_{}{}, {} SMs), NVRTC modules ready",
+                        "kernels: CUDA device {ordinal} {} (sm_{}{}, {} SMs), NVRTC modules ready",
                         k.name,
                         k.cc.0,
                         k.cc.1,

@@ -30,7 +30,7 @@ pub use config::{Arch, ModelConfig};
 pub use decoder::{Decoder, KvCache, PackedBatch, PaddedBatch};
 pub use generate::{generate_greedy, GenerateOptions, Generated, StopReason};
 pub use llm4dsr_kernels;
-pub use load::Llm;
+pub use load::{llm_device, DeviceChoice, Llm};
 pub use score::{LlmNoiseScorer, ScoreMode};
 pub use tokenizer::TitleTokens;
 /// Re-exported so that callers (and the integration tests) build tokenizers against the same

@@ -18,6 +18,71 @@ pub struct Llm {
     pub source: PathBuf,
 }
 
+/// Where the LLM forward runs (`--device` of the LLM stages).
+#[derive(
+    clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    PartialEq,
+    Eq,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceChoice {
+    /// This rank's GPU when the binary has candle's CUDA backend (jobs/build-cuda.sh) and the
+    /// GPU opens; otherwise the CPU (logged).
+    #[default]
+    Auto,
+    Cpu,
+    /// This rank's GPU, or an error saying why not.
+    Cuda,
+}
+
+/// The device for `choice`. The GPU is this process's (`llm4dsr_kernels::backend::
+/// device_ordinal`, set from the local rank), the same one the fused kernels use.
+pub fn llm_device(choice: DeviceChoice) -> Result<Device> {
+    let ordinal = llm4dsr_kernels::backend::device_ordinal();
+    let built = candle_core::utils::cuda_is_available();
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !built => bail!(
+            "--device cuda: this binary was built without candle's CUDA backend (build it with \
+             jobs/build-cuda.sh)"
+        ),
+        DeviceChoice::Cuda => Device::new_cuda(ordinal)
+            .with_context(|| format!("--device cuda: opening GPU {ordinal} for the LLM")),
+        DeviceChoice::Auto if !built => {
+            tracing::debug!("LLM on the CPU (built without candle's CUDA backend)");
+            Ok(Device::Cpu)
+        }
+        DeviceChoice::Auto => match Device::new_cuda(ordinal) {
+            Ok(d) => {
+                tracing::info!("LLM on GPU {ordinal} (candle CUDA backend, bf16)");
+                Ok(d)
+            }
+            Err(e) => {
+                tracing::warn!("LLM on the CPU: GPU {ordinal} did not open ({e})");
+                Ok(Device::Cpu)
+            }
+        },
+    }
+}
+
+/// "cpu" or "cuda" (never the ordinal: ranks use different GPUs): part of the fingerprint of
+/// a stage's parts, since results differ between the two (the LLM runs in f32 on the CPU and
+/// bf16 on a GPU), so that a resumed run or a job whose ranks landed on different kinds of
+/// device never mixes them (the merge refuses parts of another fingerprint).
+pub fn device_tag(device: &Device) -> &'static str {
+    if device.is_cpu() {
+        "cpu"
+    } else {
+        "cuda"
+    }
+}
+
 /// The runtime dtype for a device: f32 on CPU (bf16 is 1.4-5x slower there), bf16 on GPU.
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cpu() {

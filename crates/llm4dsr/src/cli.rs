@@ -83,6 +83,18 @@ pub fn main() -> Result<()> {
             hostname()
         );
     }
+    // One GPU per local rank (wrapping when ranks outnumber GPUs), for the kernels and the
+    // LLM alike. Counting GPUs initialises the driver, so only where one is installed.
+    if llm4dsr_kernels::backend::driver_present() {
+        let visible = llm4dsr_kernels::backend::visible_devices();
+        if visible > 0 {
+            let ordinal = llm4dsr_kernels::backend::set_device_ordinal(llm4dsr_comm::gpu_ordinal(
+                comm.as_ref(),
+                visible,
+            ));
+            tracing::debug!("GPU {ordinal} of {visible} visible");
+        }
+    }
     let result = (|| -> Result<()> {
         let config = match &cli.config {
             Some(p) => ConfigFile::load(p)?,

@@ -81,6 +81,10 @@ pub struct GroundArgs {
     /// minilm: model directory (default: the all-MiniLM-L6-v2 asset).
     #[arg(long)]
     pub minilm: Option<PathBuf>,
+    /// Where the embedding model runs: auto = this rank's GPU in a build with candle's CUDA backend
+    /// (jobs/build-cuda.sh), else the CPU; cpu; cuda (an error when it cannot).
+    #[arg(long, value_enum, default_value_t = llm4dsr_llm::DeviceChoice::Auto)]
+    pub device: llm4dsr_llm::DeviceChoice,
     /// Nearest items recorded per title (the first is the grounded item).
     #[arg(long, default_value_t = 10)]
     pub k: usize,
@@ -228,6 +232,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
             out.display()
         );
     }
+    let device = llm4dsr_llm::llm_device(args.device)?;
     let catalog_path = dataset.join("catalog.parquet");
     let catalog = Catalog::read_parquet(&catalog_path)
         .with_context(|| format!("reading the catalogue of {}", dataset.display()))?;
@@ -247,7 +252,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
                 Some(p) => p.clone(),
                 None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
             };
-            llm = llm4dsr_llm::Llm::load(&model_path, &candle_core::Device::Cpu)?;
+            llm = llm4dsr_llm::Llm::load(&model_path, &device)?;
             Box::new(LastTokenEmbedder {
                 llm: &llm,
                 batch: args.batch,
@@ -261,7 +266,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
                     .expect("asset file has a directory")
                     .to_path_buf(),
             };
-            minilm = llm4dsr_llm::embed::MiniLm::load(&model_path, &candle_core::Device::Cpu)?;
+            minilm = llm4dsr_llm::embed::MiniLm::load(&model_path, &device)?;
             Box::new(MiniLmEmbedder {
                 model: minilm,
                 batch: args.batch,
@@ -292,6 +297,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         "catalog": catalog_sha,
         "embedder": embedder.name(),
         "model": model_sha,
+        "device": llm4dsr_llm::load::device_tag(&device),
         "batch": args.batch,
         "block": block,
     }))?;

@@ -4,7 +4,6 @@
 //! stage: it writes nothing.
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use llm4dsr_data::{read_split, Catalog};
 use llm4dsr_llm::{Llm, LlmNoiseScorer, ScoreMode};
 use serde::{Deserialize, Serialize};
@@ -31,6 +30,10 @@ pub struct InspectArgs {
     /// what the denoiser scores on valid/test; train windows are scored whole.
     #[arg(long)]
     pub whole_window: bool,
+    /// Where the LLM runs: auto = this rank's GPU in a build with candle's CUDA backend
+    /// (jobs/build-cuda.sh), else the CPU; cpu; cuda (an error when it cannot).
+    #[arg(long, value_enum, default_value_t = llm4dsr_llm::DeviceChoice::Auto)]
+    pub device: llm4dsr_llm::DeviceChoice,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -48,7 +51,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
     };
-    let llm = Llm::load(&model, &Device::Cpu)?;
+    let llm = Llm::load(&model, &llm4dsr_llm::llm_device(args.device)?)?;
     let scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle)?;
     let end = (args.start + args.windows).min(windows.len());
     let whole = args.whole_window || args.split == "train";

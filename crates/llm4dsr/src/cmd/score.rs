@@ -71,6 +71,10 @@ pub struct ScoreArgs {
     /// LLM detectors: HF model directory or .gguf file (default: the SmolLM2-135M-Instruct asset).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where the LLM runs: auto = this rank's GPU in a build with candle's CUDA backend
+    /// (jobs/build-cuda.sh), else the CPU; cpu; cuda (an error when it cannot).
+    #[arg(long, value_enum, default_value_t = llm4dsr_llm::DeviceChoice::Auto)]
+    pub device: llm4dsr_llm::DeviceChoice,
 }
 
 /// The noise detectors `score` can run.
@@ -209,7 +213,10 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
                 None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
             };
             let sha = crate::cmd::model::model_digest(&model)?;
-            let llm = llm4dsr_llm::Llm::load(&model, &candle_core::Device::Cpu)?;
+            let device = llm4dsr_llm::llm_device(args.device)?;
+            let llm = llm4dsr_llm::Llm::load(&model, &device)?;
+            // Scores in f32 on the CPU and bf16 on a GPU differ: never mix them in one output.
+            let sha = format!("{sha}/{}", llm4dsr_llm::load::device_tag(&device));
             (Some(llm), sha)
         }
     };
