@@ -12,6 +12,12 @@
 #                             compiled at run time, so the host profile does not change GPU
 #                             times, only the host-side f64 reference checks. --release: a
 #                             release build (68 min from a cold target dir on 2 cores).
+#   jobs/gpu-check.sh build-candle
+#                             optional, ~20-30 min the first time: benches/scoring_e2e.rs built with
+#                             candle's CUDA backend (jobs/build-cuda.sh: nvcc from PyPI wheels, a
+#                             link-time libcuda stub) into target-gpu/bin/scoring-e2e, so that `run`
+#                             also times end-to-end scoring (the LLM forward on the GPU + the fused
+#                             kernel) next to hf_scoring_baseline.py at the same shapes.
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
 #                             on the GPU machine: nvidia-smi; the v3 (wgmma) layout test and the
 #                             tensor-core grounding test, each in its own process first (a
@@ -36,6 +42,7 @@ BIN=target-gpu/bin
 # Fingerprint of the sources the binaries are built from: a stale target-gpu/bin (built before
 # a kernel changed) must not pass for a check of the current kernels.
 src_hash() { cat kernels/*.cu crates/kernels/src/*.rs tests/kernels.rs benches/kernels.rs | sha256sum | cut -c1-16; }
+candle_hash() { cat kernels/*.cu crates/kernels/src/*.rs crates/llm/src/*.rs crates/llm/src/models/*.rs benches/scoring_e2e.rs | sha256sum | cut -c1-16; }
 mode=${1:-run}
 shift || true
 
@@ -73,7 +80,28 @@ PY
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 build [--release] | run [--quick] [--no-torch]" >&2; exit 2; }
+if [ "$mode" = build-candle ]; then
+  set -e
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
+  json=$(mktemp)
+  CARGO_CMD="test --bench scoring_e2e --no-run --message-format=json" bash jobs/build-cuda.sh \
+    | grep '^{' > "$json"
+  mkdir -p "$BIN"
+  exe=$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "scoring_e2e":
+        print(m["executable"])' "$json" | tail -1)
+  [ -n "$exe" ] || { echo "no scoring_e2e executable in cargo's output" >&2; exit 1; }
+  cp "$exe" "$BIN/scoring-e2e" && strip "$BIN/scoring-e2e"
+  candle_hash > "$BIN/SOURCES-candle"
+  ls -la "$BIN"; du -sh "$BIN"
+  echo "carry target-gpu/bin (64 MiB at most) and run: bash jobs/gpu-check.sh run"
+  exit 0
+fi
+
+[ "$mode" = run ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch]" >&2; exit 2; }
 quick=""
 torch=1
 for a in "$@"; do
@@ -179,6 +207,42 @@ if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ] && [ $torch = 1 ]; then
   echo "hf: exit $?"; cat "$OUT/hf.log"
 else
   echo "SKIP: hf_scoring_baseline.py (not found: set HF_BASELINE=path; or --quick / --no-torch)"
+fi
+
+# End to end: the LLM forward on candle's CUDA backend + the fused kernel, against PyTorch +
+# transformers at the same shapes (optional: only when build-candle made the binary).
+if [ -x "$BIN/scoring-e2e" ] && [ -z "$quick" ]; then
+  if [ "$(cat "$BIN/SOURCES-candle" 2>/dev/null)" != "$(candle_hash)" ]; then
+    echo "FAILED: $BIN/scoring-e2e was built from other sources: run 'jobs/gpu-check.sh build-candle' again"
+    status=1
+  else
+    echo "== end-to-end scoring: ours (candle CUDA, bf16) vs PyTorch + transformers"
+    : > "$OUT/e2e.log"
+    for spec in "smollm2-135m 512 64" "llama3-8b 128 16"; do
+      set -- $spec
+      LD_LIBRARY_PATH="/usr/local/cuda/lib64:$LD_LIBRARY_PATH" timeout 150 "$BIN/scoring-e2e" \
+        --config "$1" --windows "$2" --batch "$3" --device cuda >> "$OUT/e2e.log" 2>> "$OUT/e2e.err"
+      rc=$?; echo "scoring-e2e $1: exit $rc"; [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/e2e.err"; }
+      if [ -n "$HF" ] && [ -f "$HF" ] && [ $torch = 1 ]; then
+        timeout 150 python3 "$HF" --config "$1" --windows "$2" --batch "$3" >> "$OUT/e2e.log" 2>> "$OUT/e2e.err"
+        echo "hf $1: exit $?"
+      fi
+    done
+    python3 - "$OUT/e2e.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print("| config | case | ours windows/s | PyTorch windows/s | ratio |")
+print("|---|---|---:|---:|---:|")
+for r in rows:
+    if r.get("impl") != "llm4dsr":
+        continue
+    hf = [h for h in rows if h.get("impl") is None and h["config"] == r["config"] and h["case"] == r["case"]]
+    w = hf[0]["windows_per_s"] if hf else None
+    print(f"| {r['config']} | {r['case']} | {r['windows_per_s']} | {w if w else '-'} | {round(r['windows_per_s'] / w, 2) if w else '-'} |")
+PY
+  fi
+else
+  echo "SKIP: end-to-end scoring (no $BIN/scoring-e2e: jobs/gpu-check.sh build-candle; or --quick)"
 fi
 
 echo

@@ -1,0 +1,221 @@
+//! End-to-end item-likelihood scoring throughput of the LLM runtime (forward + scoring), with
+//! random weights of a named config: the same cases, shapes and token layout as
+//! ../shared/bench/hf_scoring_baseline.py (PyTorch + transformers), printing the same JSON
+//! fields, so the two compare line by line.
+//!
+//! ```text
+//! cargo bench --bench scoring_e2e -- [--config smollm2-135m|qwen2-0.5b-like|llama3-8b]
+//!     [--windows 512] [--batch 64] [--prompt-tokens 256] [--items 10] [--title-tokens 8]
+//!     [--device auto|cpu|cuda]
+//! ```
+//!
+//! Cases: `first_token` (one packed forward of each window's prompt, log-softmax at its last
+//! position, the first token of each item's title gathered) and `full_title` (the prompt's KV
+//! cache once per window, all title tokens of all items as continuations in one packed
+//! forward, per-item sums of token log-probs by the fused item-likelihood kernel where the
+//! build has it). The LLM runs where `--device` says: a GPU needs a build with candle's CUDA
+//! backend (`jobs/gpu-check.sh build-candle`), in bf16; the CPU runs f32. Token ids are random
+//! (throughput does not depend on them), prompts are distinct per window (no shared prefix).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use llm4dsr_data::{KeyedRng, Purpose};
+use llm4dsr_llm::decoder::weight_shapes;
+use llm4dsr_llm::score::{continuation_scores, first_token_scores};
+use llm4dsr_llm::tokenizers::{models::wordlevel::WordLevel, Tokenizer};
+use llm4dsr_llm::{llm_device, Arch, Decoder, DeviceChoice, Llm, ModelConfig};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The shapes of hf_scoring_baseline.py's CONFIGS (all Llama-architecture there too).
+fn config(name: &str) -> Result<ModelConfig> {
+    let (hidden, inter, layers, heads, kv, vocab, theta, tie) = match name {
+        "smollm2-135m" => (576, 1536, 30, 9, 3, 49152, 100_000.0, true),
+        "qwen2-0.5b-like" => (896, 4864, 24, 14, 2, 151_936, 10_000.0, true),
+        "llama3-8b" => (4096, 14336, 32, 32, 8, 128_256, 500_000.0, false),
+        other => bail!("--config {other}: expected smollm2-135m, qwen2-0.5b-like or llama3-8b"),
+    };
+    Ok(ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        rope_scaling: None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: tie,
+        qkv_bias: false,
+        o_bias: false,
+        bos_token_id: None,
+        eos_token_ids: vec![0],
+    })
+}
+
+struct Args {
+    config: String,
+    windows: usize,
+    batch: usize,
+    prompt_tokens: usize,
+    items: usize,
+    title_tokens: usize,
+    device: DeviceChoice,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        config: "smollm2-135m".into(),
+        windows: 512,
+        batch: 64,
+        prompt_tokens: 256,
+        items: 10,
+        title_tokens: 8,
+        device: DeviceChoice::Auto,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--bench" {
+            continue; // added by `cargo bench`
+        }
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = value()?,
+            "--windows" => a.windows = value()?.parse()?,
+            "--batch" => a.batch = value()?.parse()?,
+            "--prompt-tokens" => a.prompt_tokens = value()?.parse()?,
+            "--items" => a.items = value()?.parse()?,
+            "--title-tokens" => a.title_tokens = value()?.parse()?,
+            "--device" => {
+                a.device = match value()?.as_str() {
+                    "auto" => DeviceChoice::Auto,
+                    "cpu" => DeviceChoice::Cpu,
+                    "cuda" => DeviceChoice::Cuda,
+                    other => bail!("--device {other}: expected auto, cpu or cuda"),
+                }
+            }
+            other => bail!("unknown flag {other} (see the file's header)"),
+        }
+    }
+    if a.windows == 0 || a.batch == 0 || a.prompt_tokens == 0 || a.items == 0 {
+        bail!("--windows, --batch, --prompt-tokens and --items must be positive");
+    }
+    if a.title_tokens == 0 {
+        bail!("--title-tokens must be positive");
+    }
+    Ok(a)
+}
+
+fn main() -> Result<()> {
+    let a = parse_args()?;
+    let cfg = config(&a.config)?;
+    let device = llm_device(a.device)?;
+    let dtype = llm4dsr_llm::load::default_dtype(&device);
+    let t0 = Instant::now();
+    // Random weights made on the device: N(0, 0.02), norms 1.
+    let mut weights = HashMap::new();
+    let mut params = 0usize;
+    for (name, shape) in weight_shapes(&cfg) {
+        params += shape.iter().product::<usize>();
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, &device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, &device)?
+        };
+        weights.insert(name, t.to_dtype(dtype)?);
+    }
+    let vb = llm4dsr_llm::candle_nn::VarBuilder::from_tensors(weights, dtype, &device);
+    let decoder = Decoder::load(vb, &cfg)?;
+    let vocab: HashMap<String, u32> = [("[UNK]".to_string(), 0)].into_iter().collect();
+    let tokenizer = Tokenizer::new(
+        WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let llm = Llm {
+        decoder,
+        tokenizer,
+        source: format!("random {}", a.config).into(),
+    };
+    eprintln!(
+        "{}: {params} parameters, random, on {:?} in {dtype:?} ({:.1} s); kernels: {:?}",
+        a.config,
+        device.location(),
+        t0.elapsed().as_secs_f64(),
+        llm4dsr_kernels::backend()
+    );
+
+    // Token ids as the Python script draws them: prompts [W, P], titles [W, items, T].
+    let v = cfg.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..a.windows)
+        .map(|w| {
+            let mut r = KeyedRng::new(1, Purpose::Other, w as u64);
+            (0..a.prompt_tokens).map(|_| r.below(v) as u32).collect()
+        })
+        .collect();
+    let titles: Vec<Vec<Vec<u32>>> = (0..a.windows)
+        .map(|w| {
+            let mut r = KeyedRng::new(2, Purpose::Other, w as u64);
+            (0..a.items)
+                .map(|_| (0..a.title_tokens).map(|_| r.below(v) as u32).collect())
+                .collect()
+        })
+        .collect();
+    let firsts: Vec<Vec<u32>> = titles
+        .iter()
+        .map(|w| w.iter().map(|t| t[0]).collect())
+        .collect();
+
+    let run = |case: &str, n: usize| -> Result<f64> {
+        let mut checksum = 0f64;
+        for s in (0..n).step_by(a.batch) {
+            let e = (s + a.batch).min(n);
+            if case == "first_token" {
+                let out = first_token_scores(&llm, &prompts[s..e], &firsts[s..e])?;
+                checksum += out.iter().flatten().map(|&x| x as f64).sum::<f64>();
+            } else {
+                let out = continuation_scores(&llm, &prompts[s..e], &titles[s..e])?;
+                checksum += out.iter().flatten().map(|x| x.sum as f64).sum::<f64>();
+            }
+        }
+        if !checksum.is_finite() {
+            bail!("{case}: a score is not finite");
+        }
+        Ok(checksum)
+    };
+    for case in ["first_token", "full_title"] {
+        run(case, a.batch.min(a.windows))?; // warm-up (and the LM head made resident)
+        let t = Instant::now();
+        run(case, a.windows)?;
+        let secs = t.elapsed().as_secs_f64();
+        let tokens = a.windows * a.prompt_tokens
+            + if case == "full_title" {
+                a.windows * a.items * a.title_tokens
+            } else {
+                0
+            };
+        let rec = serde_json::json!({
+            "impl": "llm4dsr",
+            "config": a.config,
+            "params": params,
+            "device": format!("{:?}", device.location()),
+            "dtype": format!("{dtype:?}"),
+            "windows": a.windows,
+            "batch": a.batch,
+            "prompt_tokens": a.prompt_tokens,
+            "items": a.items,
+            "title_tokens": a.title_tokens,
+            "case": case,
+            "seconds": (secs * 1e4).round() / 1e4,
+            "windows_per_s": (a.windows as f64 / secs * 100.0).round() / 100.0,
+            "tokens_per_s": (tokens as f64 / secs * 10.0).round() / 10.0,
+        });
+        println!("{rec}");
+    }
+    Ok(())
+}
