@@ -4,7 +4,7 @@
 # Not run by default or in CI. Costs: ~20 s and 1.2 GB of NVIDIA wheels from PyPI, then
 # candle-kernels' nvcc work (~1.5 min PTX + ~15 min libmoe.a on 2 cores) and the release build.
 #
-#   jobs/build-cuda.sh                 # cargo build --release --features "cuda candle-core/cuda"
+#   jobs/build-cuda.sh                 # cargo build --release --features candle-cuda
 #   FEATURES="cuda" jobs/build-cuda.sh # our NVRTC kernels only (needs none of this: plain cargo)
 #   CARGO_TARGET_DIR=target-cuda CARGO_CMD="check --tests --benches" jobs/build-cuda.sh
 #
@@ -14,7 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.cuda-venv}                       # git-ignored
-FEATURES=${FEATURES:-"cuda candle-core/cuda"}
+# candle-cuda = our kernels + candle-core's CUDA storage + candle-nn's CUDA ops (softmax, RMS
+# norm, rotary embedding: without candle-nn's feature they fail at run time on a GPU).
+FEATURES=${FEATURES:-"candle-cuda"}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 
 # nvcc pinned to 13.0: a newer nvcc emits PTX the GPU machines' 580 driver cannot JIT.
