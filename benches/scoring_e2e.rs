@@ -171,6 +171,44 @@ fn main() -> Result<()> {
         .map(|w| w.iter().map(|t| t[0]).collect())
         .collect();
 
+    // Hand-over check: the dispatching fused scoring on tensors living on `device` (with
+    // candle's CUDA backend: handed to the kernel device to device) equals the CPU path on the
+    // same bf16/f32 values, to f32 accumulation order.
+    {
+        let (rows, per_item) = (64usize, 4usize);
+        let h = Tensor::randn(0f32, 1.0, (rows, cfg.hidden_size), &device)?.to_dtype(dtype)?;
+        let head = &llm.decoder.lm_head;
+        let mut r = KeyedRng::new(3, Purpose::Other, 0);
+        let targets: Vec<u32> = (0..rows).map(|_| r.below(v) as u32).collect();
+        let offsets: Vec<u32> = (0..=rows / per_item)
+            .map(|i| (i * per_item) as u32)
+            .collect();
+        let got = llm4dsr_kernels::item_loglik(&h, head, &targets, &offsets)?;
+        let cpu = candle_core::Device::Cpu;
+        let want = llm4dsr_kernels::item_loglik_cpu(
+            &h.to_device(&cpu)?,
+            &head.to_device(&cpu)?,
+            &targets,
+            &offsets,
+        )?;
+        let worst = got
+            .per_item
+            .iter()
+            .zip(&want.per_item)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(
+                0f32,
+                |m, x| if x.is_nan() { f32::INFINITY } else { m.max(x) },
+            );
+        eprintln!(
+            "hand-over check: fused scoring on {:?} vs the CPU path: max rel diff {worst:.2e}",
+            device.location()
+        );
+        if worst > 1e-3 {
+            bail!("fused scoring on the device differs from the CPU path by {worst:e}");
+        }
+    }
+
     let run = |case: &str, n: usize| -> Result<f64> {
         let mut checksum = 0f64;
         for s in (0..n).step_by(a.batch) {

@@ -482,6 +482,10 @@ impl CudaKernels {
 
     /// Copy a CPU tensor [rows, cols] to the device as `dtype` (BF16, F16 or F32).
     pub fn upload(&self, t: &Tensor, dtype: DType) -> Result<DeviceMatrix> {
+        #[cfg(feature = "candle-cuda")]
+        if let Some(m) = self.upload_from_candle(t, dtype)? {
+            return Ok(m);
+        }
         let (r, c) = t.dims2()?;
         let flat = t.to_dtype(dtype)?.flatten_all()?;
         Ok(match dtype {
@@ -504,6 +508,58 @@ impl CudaKernels {
             DType::F32 => DeviceMatrix::F32(self.stream.clone_htod(&flat.to_vec1::<f32>()?)?, r, c),
             other => bail!("upload: no device kernels for {other:?}"),
         })
+    }
+
+    /// [`Self::upload`] of a tensor on candle's CUDA device, without the host: candle's work
+    /// is finished first (its device synchronised), then one device-to-device copy on this
+    /// stream, waited for (so the candle buffer may go right after). Both sides open the GPU
+    /// through cudarc's `CudaContext::new`, i.e. its primary context, so candle's pointers are
+    /// valid here. None (host path) when `t` is not on CUDA or on another GPU than ours.
+    /// Written without a GPU (type-checked against candle's CUDA backend, not yet run).
+    #[cfg(feature = "candle-cuda")]
+    fn upload_from_candle(&self, t: &Tensor, dtype: DType) -> Result<Option<DeviceMatrix>> {
+        use candle_core::{DeviceLocation, Storage};
+        let ours = self.stream.context().ordinal();
+        match t.device().location() {
+            DeviceLocation::Cuda { gpu_id } if gpu_id == ours => {}
+            _ => return Ok(None),
+        }
+        let (r, c) = t.dims2()?;
+        let t = t.to_dtype(dtype)?.contiguous()?;
+        t.device().synchronize()?;
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
+            return Ok(None);
+        };
+        let (off, len) = (layout.start_offset(), r * c);
+        // SAFETY (transmute): bf16/f16 and u16 have the same size; the view covers len values.
+        let m = match dtype {
+            DType::BF16 => {
+                let src = cs.as_cuda_slice::<half::bf16>()?.slice(off..off + len);
+                let src = unsafe { src.transmute::<u16>(len) }.context("bf16 view")?;
+                let mut dst = self.stream.alloc_zeros::<u16>(len.max(1))?;
+                self.stream.memcpy_dtod(&src, &mut dst)?;
+                DeviceMatrix::Bf16(dst, r, c)
+            }
+            DType::F16 => {
+                let src = cs.as_cuda_slice::<half::f16>()?.slice(off..off + len);
+                let src = unsafe { src.transmute::<u16>(len) }.context("f16 view")?;
+                let mut dst = self.stream.alloc_zeros::<u16>(len.max(1))?;
+                self.stream.memcpy_dtod(&src, &mut dst)?;
+                DeviceMatrix::F16(dst, r, c)
+            }
+            DType::F32 => {
+                let src = cs.as_cuda_slice::<f32>()?.slice(off..off + len);
+                let mut dst = self.stream.alloc_zeros::<f32>(len.max(1))?;
+                self.stream.memcpy_dtod(&src, &mut dst)?;
+                DeviceMatrix::F32(dst, r, c)
+            }
+            _ => return Ok(None),
+        };
+        self.stream
+            .synchronize()
+            .context("device-to-device copy from candle")?;
+        Ok(Some(m))
     }
 
     /// Which fused kernel serves an LM head of this dtype and hidden size.
