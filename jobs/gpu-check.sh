@@ -13,7 +13,9 @@
 #                             times, only the host-side f64 reference checks. --release: a
 #                             release build (68 min from a cold target dir on 2 cores).
 #   jobs/gpu-check.sh build-candle
-#                             optional, ~20-30 min the first time: benches/scoring_e2e.rs built with
+#                             optional (2026-11-27 on 2 cores: 9 min after a `check` of target-cuda,
+#                             whose first run took 19 min with nvcc; 1-2 min incremental):
+#                             benches/scoring_e2e.rs built with
 #                             candle's CUDA backend (jobs/build-cuda.sh: nvcc from PyPI wheels, a
 #                             link-time libcuda stub) into target-gpu/bin/scoring-e2e, so that `run`
 #                             also times end-to-end scoring (the LLM forward on the GPU + the fused
