@@ -35,7 +35,7 @@
 #                             printed last. --quick: smallest shapes.
 #
 # Device call (the session's run tool):
-#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400
+#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400 (600 with scoring-e2e carried: its two configs and their PyTorch runs add an estimated 1-3 min, never measured)
 # Measured 2026-11-27 on an H200: 59-76 s for the whole run (31-48 s with --no-torch), plus about
 # 40 s to start the machine; each step has its own timeout so one hang cannot eat the lease.
 set -uo pipefail
