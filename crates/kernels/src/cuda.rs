@@ -537,22 +537,16 @@ impl CudaKernels {
             DType::BF16 => {
                 let src = cs.as_cuda_slice::<half::bf16>()?.slice(off..off + len);
                 let src = unsafe { src.transmute::<u16>(len) }.context("bf16 view")?;
-                let mut dst = self.stream.alloc_zeros::<u16>(len.max(1))?;
-                self.stream.memcpy_dtod(&src, &mut dst)?;
-                DeviceMatrix::Bf16(dst, r, c)
+                DeviceMatrix::Bf16(self.copy_dtod(&src, len)?, r, c)
             }
             DType::F16 => {
                 let src = cs.as_cuda_slice::<half::f16>()?.slice(off..off + len);
                 let src = unsafe { src.transmute::<u16>(len) }.context("f16 view")?;
-                let mut dst = self.stream.alloc_zeros::<u16>(len.max(1))?;
-                self.stream.memcpy_dtod(&src, &mut dst)?;
-                DeviceMatrix::F16(dst, r, c)
+                DeviceMatrix::F16(self.copy_dtod(&src, len)?, r, c)
             }
             DType::F32 => {
                 let src = cs.as_cuda_slice::<f32>()?.slice(off..off + len);
-                let mut dst = self.stream.alloc_zeros::<f32>(len.max(1))?;
-                self.stream.memcpy_dtod(&src, &mut dst)?;
-                DeviceMatrix::F32(dst, r, c)
+                DeviceMatrix::F32(self.copy_dtod(&src, len)?, r, c)
             }
             _ => return Ok(None),
         };
@@ -560,6 +554,21 @@ impl CudaKernels {
             .synchronize()
             .context("device-to-device copy from candle")?;
         Ok(Some(m))
+    }
+
+    /// A new buffer on this stream holding a copy of `src` (`len` values; asynchronous).
+    #[cfg(feature = "candle-cuda")]
+    fn copy_dtod<T>(
+        &self,
+        src: &cudarc::driver::CudaView<'_, T>,
+        len: usize,
+    ) -> Result<CudaSlice<T>>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
+        let mut dst = self.stream.alloc_zeros::<T>(len.max(1))?;
+        self.stream.memcpy_dtod(src, &mut dst)?;
+        Ok(dst)
     }
 
     /// Which fused kernel serves an LM head of this dtype and hidden size.
