@@ -16,11 +16,13 @@
 //! build has it). The LLM runs where `--device` says: a GPU needs a build with candle's CUDA
 //! backend (`jobs/gpu-check.sh build-candle`), in bf16; the CPU runs f32. Token ids are random
 //! (throughput does not depend on them), prompts are distinct per window (no shared prefix).
+//! A third, diagnostic case, `forward_only`, times the prompts' packed forward alone (no LM
+//! head), so a run shows how much of `first_token` is the forward.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use llm4dsr_data::{KeyedRng, Purpose};
-use llm4dsr_llm::decoder::weight_shapes;
+use llm4dsr_llm::decoder::{weight_shapes, PackedBatch};
 use llm4dsr_llm::score::{continuation_scores, first_token_scores};
 use llm4dsr_llm::tokenizers::{models::wordlevel::WordLevel, Tokenizer};
 use llm4dsr_llm::{llm_device, Arch, Decoder, DeviceChoice, Llm, ModelConfig};
@@ -213,7 +215,13 @@ fn main() -> Result<()> {
         let mut checksum = 0f64;
         for s in (0..n).step_by(a.batch) {
             let e = (s + a.batch).min(n);
-            if case == "first_token" {
+            if case == "forward_only" {
+                // Diagnostic: the prompts' packed forward alone (no LM head, no scoring).
+                let b = PackedBatch::new(&prompts[s..e]);
+                let f = llm.decoder.forward_packed(&b, &[], false)?;
+                let last = llm.decoder.rows(&f.hidden, &b.last_positions())?;
+                checksum += last.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+            } else if case == "first_token" {
                 let out = first_token_scores(&llm, &prompts[s..e], &firsts[s..e])?;
                 checksum += out.iter().flatten().map(|&x| x as f64).sum::<f64>();
             } else {
@@ -226,7 +234,7 @@ fn main() -> Result<()> {
         }
         Ok(checksum)
     };
-    for case in ["first_token", "full_title"] {
+    for case in ["forward_only", "first_token", "full_title"] {
         run(case, a.batch.min(a.windows))?; // warm-up (and the LM head made resident)
         let t = Instant::now();
         run(case, a.windows)?;

@@ -32,7 +32,8 @@
 #                             baselines at the same shapes (jobs/torch_baselines.py, skipped with
 #                             --no-torch) and hf_scoring_baseline.py if found (copy it into
 #                             target-gpu/bin, or set HF_BASELINE). Logs go to $OUT; the tables are
-#                             printed last. --quick: smallest shapes.
+#                             printed last. --quick: smallest shapes. --e2e-only: only the
+#                             end-to-end step (scoring-e2e and PyTorch + transformers).
 #
 # Device call (the session's run tool):
 #   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400 (600 with scoring-e2e carried: its two configs and their PyTorch runs add an estimated 1-3 min, never measured)
@@ -103,12 +104,14 @@ for line in open(sys.argv[1]):
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch]" >&2; exit 2; }
+[ "$mode" = run ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only]" >&2; exit 2; }
 quick=""
 torch=1
+e2e_only=0
 for a in "$@"; do
   case "$a" in
     --quick) quick=--quick ;;
+    --e2e-only) e2e_only=1 ;;
     --no-torch) torch=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
@@ -137,6 +140,9 @@ status=0
   > "$OUT/nvidia-smi.txt" 2>&1
 head -3 "$OUT/nvidia-smi.txt"
 
+if [ $e2e_only = 1 ]; then
+  echo "SKIP: the kernel tests and benchmarks (--e2e-only)"
+else
 # The sm_90a kernels first, each test in its own process with its own timeout: a fault poisons
 # the CUDA context and a hang would eat the lease, so a failure (or a timeout, exit 124) turns
 # that kernel off for the rest of the check (the environment setting named) and fails it.
@@ -199,11 +205,13 @@ else
   echo "SKIP: PyTorch baselines (--no-torch)"
 fi
 
+fi
+
 HF=${HF_BASELINE:-}
 for c in "$BIN/hf_scoring_baseline.py" shared/bench/hf_scoring_baseline.py ../shared/bench/hf_scoring_baseline.py; do
   [ -z "$HF" ] && [ -f "$c" ] && HF=$c
 done
-if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ] && [ $torch = 1 ]; then
+if [ -n "$HF" ] && [ -f "$HF" ] && [ -z "$quick" ] && [ $torch = 1 ] && [ $e2e_only = 0 ]; then
   echo "== $HF (smollm2-135m, 128 windows, batch 64)"
   timeout 120 python3 "$HF" --config smollm2-135m --windows 128 --batch 64 > "$OUT/hf.log" 2> "$OUT/hf.err"
   echo "hf: exit $?"; cat "$OUT/hf.log"

@@ -19,6 +19,7 @@ use crate::config::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
+use std::sync::Arc;
 
 /// Sequences continuing the same cache share one attention call while the group holds at most
 /// this many tokens. Short continuations (item titles: ~10 x 12 tokens) batch well; long ones
@@ -27,12 +28,24 @@ use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
 pub const MAX_GROUP_TOKENS: usize = 256;
 
 /// Cached keys and values of one sequence (or one sequence plus the prefix it continued):
-/// per layer `(k, v)`, each `[1, kv_heads, len, head_dim]` after RoPE.
+/// per layer `(k, v)`, each `[len, kv_heads, head_dim]` (token-major) after RoPE.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub layers: Vec<(Tensor, Tensor)>,
     /// Number of cached positions; the next token sits at position `len`.
     pub len: usize,
+    /// The caches a packed forward returns are views into that forward's key/value tensors;
+    /// a later forward continuing several of them gathers from those tensors once instead of
+    /// copying every cache (`None` for a cache that was itself a continuation).
+    source: Option<CacheSource>,
+}
+
+/// The per-layer `[tokens, kv_heads, head_dim]` keys and values of one packed forward, and
+/// where one cache's rows start in them.
+#[derive(Clone, Debug)]
+struct CacheSource {
+    batch: Arc<Vec<(Tensor, Tensor)>>,
+    start: usize,
 }
 
 /// Ragged sequences packed end to end. Sequence `i` is `tokens[cu_seqlens[i]..cu_seqlens[i+1]]`
@@ -471,13 +484,50 @@ impl Decoder {
                 }),
             }
         }
-        let masks = groups
-            .iter()
-            .map(|g| {
-                let p = g.prefix.map(|c| caches[c].len).unwrap_or(0);
-                g.mask(p, self.dtype, &self.device)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // The key pool every attention call gathers from: the prefix caches' rows (a cache
+        // that is a view of an earlier forward brings that forward's whole tensor, once for all
+        // its caches), then this forward's own tokens.
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut chunk_starts: Vec<usize> = Vec::new();
+        let mut cache_at: Vec<usize> = vec![0; caches.len()];
+        let mut pool_len = 0usize;
+        let mut used = vec![false; caches.len()];
+        for p in batch.prefix.iter().flatten() {
+            used[*p] = true;
+        }
+        for (c, cache) in caches.iter().enumerate() {
+            if !used[c] {
+                continue;
+            }
+            if let Some(src) = &cache.source {
+                if let Some(at) = chunks.iter().position(|ch| match ch {
+                    Chunk::Batch(b) => Arc::ptr_eq(b, &src.batch),
+                    Chunk::Cache(_) => false,
+                }) {
+                    cache_at[c] = chunk_starts[at] + src.start;
+                    continue;
+                }
+                cache_at[c] = pool_len + src.start;
+                chunk_starts.push(pool_len);
+                pool_len += src.batch[0].0.dim(0)?;
+                chunks.push(Chunk::Batch(src.batch.clone()));
+            } else {
+                cache_at[c] = pool_len;
+                chunk_starts.push(pool_len);
+                pool_len += cache.len;
+                chunks.push(Chunk::Cache(c));
+            }
+        }
+        let own_at = pool_len;
+        let plan = AttnPlan::new(
+            &groups,
+            caches,
+            &cache_at,
+            own_at,
+            self.cfg.num_attention_heads,
+            self.dtype,
+            &self.device,
+        )?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let (cos, sin) = self.rope.gather(&pos)?;
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
@@ -486,28 +536,25 @@ impl Decoder {
         for (li, block) in self.layers.iter().enumerate() {
             let a = &block.self_attn;
             let h = block.input_layernorm.forward(&x)?;
-            let (q, k, v) = a.qkv(&h, 1, t, &cos, &sin)?; // [1, heads, T, hd]
-            let mut outs = Vec::with_capacity(groups.len());
-            for (g, mask) in groups.iter().zip(&masks) {
-                let qg = q.narrow(2, g.start, g.len)?;
-                let mut kg = k.narrow(2, g.start, g.len)?;
-                let mut vg = v.narrow(2, g.start, g.len)?;
-                if let Some(c) = g.prefix {
-                    let (pk, pv) = &caches[c].layers[li];
-                    kg = Tensor::cat(&[pk, &kg], 2)?;
-                    vg = Tensor::cat(&[pv, &vg], 2)?;
-                }
-                outs.push(a.attend(&qg, &kg, &vg, mask)?);
-            }
-            let o = if outs.len() == 1 {
-                outs.pop().unwrap()
+            let (q, k, v) = a.qkv_tokens(&h, t, &cos, &sin)?; // [T, heads, hd]
+            let (pool_k, pool_v) = if chunks.is_empty() {
+                (k.clone(), v.clone())
             } else {
-                Tensor::cat(&outs, 2)?
+                let mut ks: Vec<&Tensor> = Vec::with_capacity(chunks.len() + 1);
+                let mut vs: Vec<&Tensor> = Vec::with_capacity(chunks.len() + 1);
+                for ch in &chunks {
+                    let (ck, cv) = match ch {
+                        Chunk::Batch(b) => &b[li],
+                        Chunk::Cache(c) => &caches[*c].layers[li],
+                    };
+                    ks.push(ck);
+                    vs.push(cv);
+                }
+                ks.push(&k);
+                vs.push(&v);
+                (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
             };
-            let o = o
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((t, a.num_heads * a.head_dim))?;
+            let o = plan.attend(a, &q, &pool_k, &pool_v)?; // [T, heads * hd]
             x = (x + a.o_proj.forward(&o)?)?;
             let h = block.post_attention_layernorm.forward(&x)?;
             x = (&x + block.mlp.forward(&h)?)?;
@@ -518,22 +565,27 @@ impl Decoder {
         let hidden = self.norm.forward(&x)?;
         let mut out_caches = Vec::new();
         if want_cache {
+            let shared = Arc::new(new_kv);
             for i in 0..n_seq {
                 let r = batch.range(i);
                 let prefix = batch.prefix[i].map(|c| caches[c]);
                 let mut layers = Vec::with_capacity(self.layers.len());
-                for (li, (k, v)) in new_kv.iter().enumerate() {
-                    let mut ks = k.narrow(2, r.start, r.len())?;
-                    let mut vs = v.narrow(2, r.start, r.len())?;
+                for (li, (k, v)) in shared.iter().enumerate() {
+                    let mut ks = k.narrow(0, r.start, r.len())?;
+                    let mut vs = v.narrow(0, r.start, r.len())?;
                     if let Some(p) = prefix {
-                        ks = Tensor::cat(&[&p.layers[li].0, &ks], 2)?;
-                        vs = Tensor::cat(&[&p.layers[li].1, &vs], 2)?;
+                        ks = Tensor::cat(&[&p.layers[li].0, &ks], 0)?;
+                        vs = Tensor::cat(&[&p.layers[li].1, &vs], 0)?;
                     }
-                    layers.push((ks.contiguous()?, vs.contiguous()?));
+                    layers.push((ks, vs));
                 }
                 out_caches.push(KvCache {
                     layers,
                     len: prefix.map(|p| p.len).unwrap_or(0) + r.len(),
+                    source: prefix.is_none().then(|| CacheSource {
+                        batch: shared.clone(),
+                        start: r.start,
+                    }),
                 });
             }
         }
@@ -629,20 +681,204 @@ struct Group {
     seqs: Vec<(usize, usize)>,
 }
 
+/// A source of prefix keys/values in the key pool of a packed forward.
+enum Chunk {
+    /// All rows of an earlier forward (shared by the caches that are views of it).
+    Batch(Arc<Vec<(Tensor, Tensor)>>),
+    /// One cache's own tensors (a cache that was itself a continuation).
+    Cache(usize),
+}
+
+/// Attention calls hold at most this many score cells (batch x heads x queries x keys): with
+/// the softmax's copy, 2^26 cells are 256 MiB in bf16, 512 MiB in f32.
+const MAX_ATTN_CELLS: usize = 1 << 26;
+
+/// Rows of a tensor: a contiguous range (no copy), or gathered by index.
+enum Rows {
+    Range(usize, usize),
+    Index(Tensor),
+}
+
+impl Rows {
+    fn new(idx: Vec<u32>, dev: &Device) -> Result<Self> {
+        let start = idx.first().copied().unwrap_or(0);
+        if idx.iter().enumerate().all(|(i, &r)| r == start + i as u32) {
+            Ok(Self::Range(start as usize, idx.len()))
+        } else {
+            let n = idx.len();
+            Ok(Self::Index(Tensor::from_vec(idx, n, dev)?))
+        }
+    }
+
+    fn of(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Range(s, n) if *s == 0 && *n == x.dim(0)? => x.clone(),
+            Self::Range(s, n) => x.narrow(0, *s, *n)?,
+            Self::Index(i) => x.index_select(i, 0)?,
+        })
+    }
+}
+
+/// One batched attention call: `b` groups padded to `n` queries and `s` keys each.
+struct AttnCall {
+    b: usize,
+    n: usize,
+    s: usize,
+    /// `b * n` query rows of the packed tokens (padding repeats a real row).
+    q_rows: Rows,
+    /// `b * s` rows of the key pool.
+    k_rows: Rows,
+    /// The real rows among the `b * n` outputs, in packed order.
+    out_rows: Rows,
+    /// Additive mask `[b or 1, 1, 1, n, s]` (the 1 broadcasts over the query heads sharing a
+    /// key/value head).
+    mask: Tensor,
+}
+
+/// How a packed forward's attention runs: its groups batched into few padded calls, so the
+/// number of kernel launches per layer does not grow with the number of sequences (a batch of
+/// 64 prompts is one call, not 64). Built once per forward, used by every layer.
+struct AttnPlan {
+    calls: Vec<AttnCall>,
+}
+
+impl AttnPlan {
+    /// `cache_at[c]`: where cache `c`'s rows start in the key pool; the forward's own tokens
+    /// start at `own_at`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        groups: &[Group],
+        caches: &[&KvCache],
+        cache_at: &[usize],
+        own_at: usize,
+        heads: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let prefix_len = |g: &Group| g.prefix.map(|c| caches[c].len).unwrap_or(0);
+        // Consecutive groups share a call while padding adds at most half the real score
+        // cells and the call stays under MAX_ATTN_CELLS.
+        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+        let (mut n, mut s, mut real, mut first) = (0usize, 0usize, 0usize, 0usize);
+        for (i, g) in groups.iter().enumerate() {
+            let (gn, gs) = (g.len, prefix_len(g) + g.len);
+            let (nn, ss, rr) = (n.max(gn), s.max(gs), real + gn * gs);
+            let b = i - first + 1;
+            if i > first
+                && (b * nn * ss > rr + rr / 2 + 1024 || b * heads * nn * ss > MAX_ATTN_CELLS)
+            {
+                spans.push(first..i);
+                first = i;
+                (n, s, real) = (gn, gs, gn * gs);
+            } else {
+                (n, s, real) = (nn, ss, rr);
+            }
+        }
+        if !groups.is_empty() {
+            spans.push(first..groups.len());
+        }
+        let mut calls = Vec::with_capacity(spans.len());
+        for span in spans {
+            let gs = &groups[span];
+            let b = gs.len();
+            let n = gs.iter().map(|g| g.len).max().unwrap();
+            let s = gs.iter().map(|g| prefix_len(g) + g.len).max().unwrap();
+            let mut q_rows = Vec::with_capacity(b * n);
+            let mut k_rows = Vec::with_capacity(b * s);
+            let mut out_rows = Vec::new();
+            let mut masks: Vec<Vec<f32>> = Vec::new();
+            let mut same = true;
+            for (gi, g) in gs.iter().enumerate() {
+                let p = prefix_len(g);
+                q_rows.extend((g.start..g.start + g.len).map(|r| r as u32));
+                q_rows.extend(std::iter::repeat_n(g.start as u32, n - g.len));
+                out_rows.extend((0..g.len).map(|i| (gi * n + i) as u32));
+                if let Some(c) = g.prefix {
+                    k_rows.extend((cache_at[c]..cache_at[c] + p).map(|r| r as u32));
+                }
+                let own = own_at + g.start;
+                k_rows.extend((own..own + g.len).map(|r| r as u32));
+                k_rows.extend(std::iter::repeat_n(own as u32, s - p - g.len));
+                let m = g.mask(p, n, s);
+                if masks.first().is_some_and(|m0| *m0 != m) {
+                    same = false;
+                }
+                if masks.is_empty() || !same {
+                    masks.push(m);
+                }
+            }
+            if same {
+                masks.truncate(1);
+            }
+            let mb = masks.len();
+            let mask = Tensor::from_vec(masks.concat(), (mb, 1, 1, n, s), dev)?.to_dtype(dtype)?;
+            calls.push(AttnCall {
+                b,
+                n,
+                s,
+                q_rows: Rows::new(q_rows, dev)?,
+                k_rows: Rows::new(k_rows, dev)?,
+                out_rows: Rows::new(out_rows, dev)?,
+                mask,
+            });
+        }
+        Ok(Self { calls })
+    }
+
+    /// Softmax attention of the packed queries `q` `[T, heads, hd]` over the key pool
+    /// (`k`, `v`: `[pool, kv_heads, hd]`); returns `[T, heads * hd]` in packed order. Query
+    /// heads sharing a key/value head are folded into one matmul (no repeated K/V copies).
+    fn attend(&self, a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let rep = nh / kvh;
+        let mut outs = Vec::with_capacity(self.calls.len());
+        for c in &self.calls {
+            let (b, n, s) = (c.b, c.n, c.s);
+            let heads_first = |x: Tensor, rows: usize, h: usize| -> Result<Tensor> {
+                Ok(x.reshape((b, rows, h, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let qc = heads_first(c.q_rows.of(q)?, n, nh)?.reshape((b, kvh, rep * n, hd))?;
+            let kc = heads_first(c.k_rows.of(k)?, s, kvh)?;
+            let vc = heads_first(c.k_rows.of(v)?, s, kvh)?;
+            let att = qc.matmul(&kc.t()?)?; // [b, kvh, rep*n, s]
+            let att = att
+                .reshape((b, kvh, rep, n, s))?
+                .broadcast_add(&c.mask)?
+                .reshape((b, kvh, rep * n, s))?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&vc)?; // [b, kvh, rep*n, hd]
+            let o = o
+                .reshape((b, nh, n, hd))?
+                .transpose(1, 2)?
+                .reshape((b * n, nh * hd))?;
+            outs.push(c.out_rows.of(&o)?);
+        }
+        Ok(if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(&outs, 0)?
+        })
+    }
+}
+
 impl Group {
-    /// Additive mask `[1, 1, len, p + len]`: every query sees the whole prefix and, among the
-    /// group's own tokens, the earlier tokens of its own sequence.
-    fn mask(&self, p: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let s = p + self.len;
-        let mut m = vec![f32::NEG_INFINITY; self.len * s];
-        for &(off, n) in &self.seqs {
-            for i in 0..n {
+    /// Additive mask `[n, s]` of this group padded to `n` queries and `s` keys: every query
+    /// sees the whole prefix (`p` keys) and, among the group's own tokens, the earlier tokens
+    /// of its own sequence; padding keys are hidden, and a padding query sees key 0 only (its
+    /// output is dropped, but its softmax stays finite).
+    fn mask(&self, p: usize, n: usize, s: usize) -> Vec<f32> {
+        let mut m = vec![f32::NEG_INFINITY; n * s];
+        for &(off, len) in &self.seqs {
+            for i in 0..len {
                 let row = &mut m[(off + i) * s..(off + i + 1) * s];
                 row[..p].fill(0.0);
                 row[p + off..p + off + i + 1].fill(0.0);
             }
         }
-        Ok(Tensor::from_vec(m, (1, 1, self.len, s), dev)?.to_dtype(dtype)?)
+        for i in self.len..n {
+            m[i * s] = 0.0;
+        }
+        m
     }
 }
 
@@ -668,6 +904,35 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         Ok((q, k, v))
+    }
+
+    /// Project and rotate the packed tokens `x` `[T, d]`: q `[T, heads, hd]`, k and v
+    /// `[T, kv_heads, hd]` (token-major, the layout of the caches). q is pre-scaled by
+    /// 1/sqrt(hd).
+    fn qkv_tokens(
+        &self,
+        x: &Tensor,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hd = self.head_dim;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((1, t, self.num_heads, hd))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((1, t, self.num_kv_heads, hd))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((t, self.num_kv_heads, hd))?;
+        let q = (candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?
+            * (1.0 / (hd as f64).sqrt()))?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
+        Ok((q.squeeze(0)?, k.squeeze(0)?, v.contiguous()?))
     }
 
     /// Softmax attention of q `[b, heads, n, hd]` over k, v `[b, kv_heads, s, hd]` with an

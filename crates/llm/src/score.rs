@@ -16,7 +16,7 @@ use crate::decoder::{log_softmax, KvCache, PackedBatch};
 use crate::load::Llm;
 use crate::prompt;
 use crate::tokenizer::TitleTokens;
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Tensor, D};
 use llm4dsr_data::{Catalog, NoiseScorer};
 use serde::{Deserialize, Serialize};
@@ -136,19 +136,29 @@ pub fn first_token_scores_shared(
     let mut start = 0;
     while start < prompts.len() {
         let n = FIRST_TOKEN_CHUNK_ROWS.min(prompts.len() - start);
+        let cands = &first_tokens[start..start + n];
+        let width = cands.iter().map(Vec::len).max().unwrap_or(0);
+        let vocab = llm.config().vocab_size;
+        let mut idx = Vec::with_capacity(n * width);
+        for c in cands {
+            if let Some(&t) = c.iter().find(|&&t| t as usize >= vocab) {
+                bail!("candidate token {t} outside the vocabulary");
+            }
+            idx.extend_from_slice(c);
+            idx.extend(std::iter::repeat_n(0, width - c.len()));
+        }
+        if width == 0 {
+            out.extend(cands.iter().map(|_| Vec::new()));
+            start += n;
+            continue;
+        }
+        // Gathered where the logits are: only `n x width` values leave the device.
         let logp = log_softmax(&llm.decoder.logits(&last.narrow(0, start, n)?)?)?;
-        let logp: Vec<Vec<f32>> = logp.to_vec2()?;
-        for (row, cands) in logp.iter().zip(&first_tokens[start..start + n]) {
-            out.push(
-                cands
-                    .iter()
-                    .map(|&t| {
-                        row.get(t as usize)
-                            .copied()
-                            .ok_or_else(|| anyhow!("candidate token {t} outside the vocabulary"))
-                    })
-                    .collect::<Result<Vec<f32>>>()?,
-            );
+        let idx = Tensor::from_vec(idx, (n, width), logp.device())?;
+        let picked: Vec<Vec<f32>> = logp.gather(&idx, 1)?.to_vec2()?;
+        for (mut row, c) in picked.into_iter().zip(cands) {
+            row.truncate(c.len());
+            out.push(row);
         }
         start += n;
     }
