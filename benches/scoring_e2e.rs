@@ -6,7 +6,7 @@
 //! ```text
 //! cargo bench --bench scoring_e2e -- [--config smollm2-135m|qwen2-0.5b-like|llama3-8b]
 //!     [--windows 512] [--batch 64] [--prompt-tokens 256] [--items 10] [--title-tokens 8]
-//!     [--device auto|cpu|cuda]
+//!     [--device auto|cpu|cuda] [--cases forward_only,first_token,full_title]
 //! ```
 //!
 //! Cases: `first_token` (one packed forward of each window's prompt, log-softmax at its last
@@ -66,6 +66,7 @@ struct Args {
     items: usize,
     title_tokens: usize,
     device: DeviceChoice,
+    cases: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -77,6 +78,9 @@ fn parse_args() -> Result<Args> {
         items: 10,
         title_tokens: 8,
         device: DeviceChoice::Auto,
+        cases: ["forward_only", "first_token", "full_title"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +95,16 @@ fn parse_args() -> Result<Args> {
             "--prompt-tokens" => a.prompt_tokens = value()?.parse()?,
             "--items" => a.items = value()?.parse()?,
             "--title-tokens" => a.title_tokens = value()?.parse()?,
+            "--cases" => {
+                a.cases = value()?.split(',').map(String::from).collect();
+                if let Some(c) = a
+                    .cases
+                    .iter()
+                    .find(|c| !["forward_only", "first_token", "full_title"].contains(&c.as_str()))
+                {
+                    bail!("--cases: unknown case {c} (forward_only, first_token, full_title)");
+                }
+            }
             "--device" => {
                 a.device = match value()?.as_str() {
                     "auto" => DeviceChoice::Auto,
@@ -211,6 +225,76 @@ fn main() -> Result<()> {
         }
     }
 
+    // The attention's fused masked softmax on `device` (the NVRTC kernel on candle's stream
+    // with candle's CUDA backend) against its f64 reference, for each dtype and both mask
+    // layouts, a padded row and a fully masked one included.
+    {
+        let (b, heads, n, s) = (3usize, 4usize, 33usize, 300usize);
+        let mut r = KeyedRng::new(4, Purpose::Other, 0);
+        let x: Vec<f32> = (0..b * heads * n * s)
+            .map(|_| (r.normal() * 3.0) as f32)
+            .collect();
+        for mb in [1, b] {
+            let mut mask = vec![f32::NEG_INFINITY; mb * n * s];
+            for e in 0..mb {
+                let p = 200 + 20 * e;
+                for i in 0..n {
+                    let row = &mut mask[(e * n + i) * s..(e * n + i + 1) * s];
+                    if i + 2 < n {
+                        row[..p + i + 1].fill(0.0);
+                    } else if i + 1 < n {
+                        row[0] = 0.0; // a padded query
+                    } // the last query of each entry: fully masked (zeros)
+                }
+            }
+            let want =
+                llm4dsr_kernels::masked_softmax_reference(&x, &mask, s, n, heads * n, mb, 0.125);
+            for dt in [DType::BF16, DType::F16, DType::F32] {
+                let att = Tensor::from_vec(x.clone(), (b, heads, n, s), &device)?.to_dtype(dt)?;
+                let m = Tensor::from_vec(mask.clone(), (mb, n, s), &device)?;
+                let got: Vec<f32> = llm4dsr_kernels::masked_softmax(&att, &m, 0.125)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                // The inputs were rounded to `dt` first: compare with the reference of those.
+                let xr: Vec<f32> = att.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let want_r = llm4dsr_kernels::masked_softmax_reference(
+                    &xr,
+                    &mask,
+                    s,
+                    n,
+                    heads * n,
+                    mb,
+                    0.125,
+                );
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                let worst = got
+                    .iter()
+                    .zip(&want_r)
+                    .map(|(g, w)| {
+                        if g.is_nan() {
+                            f64::INFINITY
+                        } else {
+                            (*g as f64 - w).abs()
+                        }
+                    })
+                    .fold(0f64, f64::max);
+                let drift = want_r
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f64, f64::max);
+                eprintln!(
+                    "masked softmax on {:?}, {dt:?}, mask batches {mb}: max abs diff {worst:.2e} (input rounding moves the reference by {drift:.2e})",
+                    device.location()
+                );
+                if worst > tol {
+                    bail!("masked softmax on the device differs from its reference by {worst:e} ({dt:?})");
+                }
+            }
+        }
+    }
+
     let run = |case: &str, n: usize| -> Result<f64> {
         let mut checksum = 0f64;
         for s in (0..n).step_by(a.batch) {
@@ -234,11 +318,20 @@ fn main() -> Result<()> {
         }
         Ok(checksum)
     };
-    for case in ["forward_only", "first_token", "full_title"] {
+    // LLM4DSR_E2E_PROFILE=1: the attached profiler records the timed runs only (`ncu
+    // --profile-from-start off`), not the weights' initialisation or the warm-ups.
+    let profile = std::env::var("LLM4DSR_E2E_PROFILE").is_ok_and(|v| v == "1");
+    for case in a.cases.iter().map(String::as_str) {
         run(case, a.batch.min(a.windows))?; // warm-up (and the LM head made resident)
+        if profile {
+            llm4dsr_kernels::backend::profiler(true);
+        }
         let t = Instant::now();
         run(case, a.windows)?;
         let secs = t.elapsed().as_secs_f64();
+        if profile {
+            llm4dsr_kernels::backend::profiler(false);
+        }
         let tokens = a.windows * a.prompt_tokens
             + if case == "full_title" {
                 a.windows * a.items * a.title_tokens

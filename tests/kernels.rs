@@ -169,6 +169,110 @@ fn cpu_item_loglik_sums_to_one_over_vocabulary() {
     assert!((total - 1.0).abs() < 1e-5, "sum of probabilities {total}");
 }
 
+/// A decoder-like additive mask `[mb, n, s]`: query i of entry b sees the first `p_b` keys and
+/// its own causal band; some padded rows see key 0 only; one row of entry 0 is fully masked.
+fn attention_mask(mb: usize, n: usize, s: usize) -> Vec<f32> {
+    let mut m = vec![f32::NEG_INFINITY; mb * n * s];
+    for b in 0..mb {
+        let p = (s - n) - b % (s - n + 1).max(1);
+        let real = n - b % 3;
+        for i in 0..n {
+            let row = &mut m[(b * n + i) * s..(b * n + i + 1) * s];
+            if i < real {
+                row[..p].fill(0.0);
+                row[p..p + i + 1].fill(0.0);
+            } else {
+                row[0] = 0.0;
+            }
+        }
+    }
+    if n > 1 {
+        m[(n - 1) * s..n * s].fill(f32::NEG_INFINITY);
+    }
+    m
+}
+
+#[test]
+fn cpu_masked_softmax_matches_reference_and_naive() {
+    use llm4dsr_kernels::{masked_softmax, masked_softmax_reference};
+    for (b, heads, n, s, mb, dtype, tol) in [
+        (3, 4, 5, 9, 3, DType::F32, 1e-6),
+        (3, 4, 5, 9, 1, DType::F32, 1e-6),
+        (2, 6, 16, 40, 2, DType::BF16, 1e-2),
+        (1, 2, 7, 7, 1, DType::F64, 1e-6),
+        (2, 3, 4, 300, 2, DType::F16, 2e-3),
+    ] {
+        let scale = 0.125;
+        let att = randn(b as u64, b * heads * n, s, 3.0, dtype);
+        let att = att.reshape((b, heads, n, s)).unwrap();
+        let mask = attention_mask(mb, n, s);
+        let mask_t = Tensor::from_vec(mask.clone(), (mb, n, s), &Device::Cpu).unwrap();
+        let got = masked_softmax(&att, &mask_t, scale).unwrap();
+        assert_eq!(got.dims(), att.dims());
+        assert_eq!(got.dtype(), dtype);
+        let got: Vec<f32> = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x: Vec<f32> = att
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = masked_softmax_reference(&x, &mask, s, n, heads * n, mb, scale);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                !g.is_nan() && (*g as f64 - w).abs() <= tol,
+                "{dtype:?} b={b} mb={mb}: cell {i}: {g} vs reference {w}"
+            );
+        }
+        // Every row sums to 1, except the fully masked one (zeros).
+        for r in 0..b * heads * n {
+            let sum: f64 = want[r * s..(r + 1) * s].iter().sum();
+            let masked = mask[((if mb == 1 { 0 } else { r / (heads * n) }) * n + r % n) * s..][..s]
+                .iter()
+                .all(|v| v.is_infinite());
+            assert!(if masked {
+                sum == 0.0
+            } else {
+                (sum - 1.0).abs() < 1e-9
+            });
+        }
+        // The naive tensor path (scale, broadcast add, softmax) agrees where a row has a key.
+        if dtype == DType::F32 {
+            let naive = llm4dsr_llm::candle_nn::ops::softmax_last_dim(
+                &(att.clone() * scale)
+                    .unwrap()
+                    .broadcast_add(
+                        &mask_t
+                            .unsqueeze(1)
+                            .unwrap()
+                            .broadcast_as((b, heads, n, s))
+                            .unwrap(),
+                    )
+                    .unwrap(),
+            )
+            .unwrap();
+            let naive: Vec<f32> = naive.flatten_all().unwrap().to_vec1().unwrap();
+            for (g, w) in got.iter().zip(&naive) {
+                if !w.is_nan() {
+                    assert!((g - w).abs() < 1e-6, "naive {w} vs fused {g}");
+                }
+            }
+        }
+    }
+    // A mask that does not fit is refused, naming both shapes.
+    let att = Tensor::zeros((2, 3, 4, 5), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((3, 4, 5), DType::F32, &Device::Cpu).unwrap();
+    let e = masked_softmax(&att, &bad, 1.0).unwrap_err().to_string();
+    assert!(e.contains("[3, 4, 5]") && e.contains("[2, 3, 4, 5]"), "{e}");
+}
+
 #[test]
 fn cpu_nearest_matches_reference_and_naive() {
     for (case, (b, n, d, k)) in [
@@ -260,6 +364,9 @@ mod gpu {
                 "nearest_tc_rerank",
                 "nearest_tc_rerank_all",
                 "nearest_tc_gather",
+                "attn_softmax_f32",
+                "attn_softmax_bf16",
+                "attn_softmax_f16",
             ] {
                 assert!(
                     all.contains(&format!(".entry {entry}(")),

@@ -105,6 +105,25 @@ pub fn visible_devices() -> usize {
     })
 }
 
+/// Start (`true`) or stop (`false`) the attached profiler's collection (cuProfilerStart/Stop;
+/// `ncu --profile-from-start off` then records only the kernels in between). Does nothing
+/// without `cuda` or a driver; a profiler that is not attached ignores it.
+pub fn profiler(on: bool) {
+    #[cfg(feature = "cuda")]
+    if driver_present() {
+        let r = if on {
+            cudarc::driver::profiler_start()
+        } else {
+            cudarc::driver::profiler_stop()
+        };
+        if let Err(e) = r {
+            tracing::warn!("profiler {}: {e}", if on { "start" } else { "stop" });
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 /// The decision as a pure function (unit tested).
 pub fn decide(compiled: bool, req: Request, driver: bool) -> (Backend, &'static str) {
     match (compiled, req, driver) {

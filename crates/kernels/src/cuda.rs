@@ -161,6 +161,11 @@ pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>
             FUSED3_ARCH,
         ),
         ("bench_fill.cu", plain(crate::sources::BENCH_FILL_CU), arch),
+        (
+            "attention_softmax.cu",
+            plain(crate::sources::ATTENTION_SOFTMAX_CU),
+            arch,
+        ),
     ] {
         let ptx = std::panic::catch_unwind(|| {
             compile_ptx_with_opts(

@@ -8,6 +8,7 @@
 //! Both dispatch at run time ([`backend`]): the CUDA kernels when built with `cuda` and a GPU
 //! driver is present, otherwise the CPU paths (one log line says which and why).
 
+pub mod attention;
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -19,6 +20,7 @@ pub mod reference;
 pub mod resident;
 pub mod sources;
 
+pub use attention::{masked_softmax, masked_softmax_reference};
 pub use backend::{backend, Backend};
 pub use item_loglik::{item_loglik, item_loglik_cpu, ItemLogLik};
 pub use nearest::{nearest_items, nearest_items_cpu, CatalogSearch, Nearest};

@@ -28,6 +28,9 @@ pub fn sm90a_source(src: &str) -> String {
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
 /// The tensor-core grounding search (the default GPU search: `LLM4DSR_NEAREST_VERSION=tc`).
 pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
+/// The decoder attention's masked, scaled softmax (launched on candle's stream by
+/// [`crate::attention::masked_softmax`] in a `candle-cuda` build).
+pub const ATTENTION_SOFTMAX_CU: &str = include_str!("../../../kernels/attention_softmax.cu");
 /// Device-side random fills for the benchmarks (not used by the stages).
 pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
 

@@ -19,6 +19,7 @@ use crate::config::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
+use llm4dsr_kernels::masked_softmax;
 use std::sync::Arc;
 
 /// Sequences continuing the same cache share one attention call while the group holds at most
@@ -525,7 +526,6 @@ impl Decoder {
             &cache_at,
             own_at,
             self.cfg.num_attention_heads,
-            self.dtype,
             &self.device,
         )?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
@@ -642,7 +642,7 @@ impl Decoder {
             cos.reshape((b, l, self.cfg.head_dim / 2))?,
             sin.reshape((b, l, self.cfg.head_dim / 2))?,
         );
-        let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?.to_dtype(self.dtype)?;
+        let mask = Tensor::from_vec(mask, (b, l, l), &self.device)?;
         let ids = Tensor::from_slice(&batch.tokens, (b, l), &self.device)?;
         let mut x = self
             .embed_tokens
@@ -730,8 +730,7 @@ struct AttnCall {
     k_rows: Rows,
     /// The real rows among the `b * n` outputs, in packed order.
     out_rows: Rows,
-    /// Additive mask `[b or 1, 1, 1, n, s]` (the 1 broadcasts over the query heads sharing a
-    /// key/value head).
+    /// Additive f32 mask `[b or 1, n, s]`, shared by the heads ([`masked_softmax`]).
     mask: Tensor,
 }
 
@@ -745,14 +744,12 @@ struct AttnPlan {
 impl AttnPlan {
     /// `cache_at[c]`: where cache `c`'s rows start in the key pool; the forward's own tokens
     /// start at `own_at`.
-    #[allow(clippy::too_many_arguments)]
     fn new(
         groups: &[Group],
         caches: &[&KvCache],
         cache_at: &[usize],
         own_at: usize,
         heads: usize,
-        dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
         let prefix_len = |g: &Group| g.prefix.map(|c| caches[c].len).unwrap_or(0);
@@ -811,7 +808,7 @@ impl AttnPlan {
                 masks.truncate(1);
             }
             let mb = masks.len();
-            let mask = Tensor::from_vec(masks.concat(), (mb, 1, 1, n, s), dev)?.to_dtype(dtype)?;
+            let mask = Tensor::from_vec(masks.concat(), (mb, n, s), dev)?;
             calls.push(AttnCall {
                 b,
                 n,
@@ -831,6 +828,7 @@ impl AttnPlan {
     fn attend(&self, a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
         let rep = nh / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(self.calls.len());
         for c in &self.calls {
             let (b, n, s) = (c.b, c.n, c.s);
@@ -840,12 +838,13 @@ impl AttnPlan {
             let qc = heads_first(c.q_rows.of(q)?, n, nh)?.reshape((b, kvh, rep * n, hd))?;
             let kc = heads_first(c.k_rows.of(k)?, s, kvh)?;
             let vc = heads_first(c.k_rows.of(v)?, s, kvh)?;
-            let att = qc.matmul(&kc.t()?)?; // [b, kvh, rep*n, s]
-            let att = att
-                .reshape((b, kvh, rep, n, s))?
-                .broadcast_add(&c.mask)?
-                .reshape((b, kvh, rep * n, s))?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let att = qc.matmul(&kc.t()?)?; // [b, kvh, rep*n, s] = [b, heads, n, s]
+            let att = masked_softmax(&att.reshape((b, nh, n, s))?, &c.mask, scale)?.reshape((
+                b,
+                kvh,
+                rep * n,
+                s,
+            ))?;
             let o = att.matmul(&vc)?; // [b, kvh, rep*n, hd]
             let o = o
                 .reshape((b, nh, n, hd))?
@@ -907,8 +906,7 @@ impl Attention {
     }
 
     /// Project and rotate the packed tokens `x` `[T, d]`: q `[T, heads, hd]`, k and v
-    /// `[T, kv_heads, hd]` (token-major, the layout of the caches). q is pre-scaled by
-    /// 1/sqrt(hd).
+    /// `[T, kv_heads, hd]` (token-major, the layout of the caches).
     fn qkv_tokens(
         &self,
         x: &Tensor,
@@ -929,14 +927,13 @@ impl Attention {
             .v_proj
             .forward(x)?
             .reshape((t, self.num_kv_heads, hd))?;
-        let q = (candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?
-            * (1.0 / (hd as f64).sqrt()))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
         Ok((q.squeeze(0)?, k.squeeze(0)?, v.contiguous()?))
     }
 
     /// Softmax attention of q `[b, heads, n, hd]` over k, v `[b, kv_heads, s, hd]` with an
-    /// additive mask `[b or 1, 1, n, s]`. Query heads sharing a KV head are folded into one
+    /// additive f32 mask `[b or 1, n, s]`. Query heads sharing a KV head are folded into one
     /// matmul (no repeated K/V copies).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, nh, n, hd) = q.dims4()?;
@@ -947,11 +944,13 @@ impl Attention {
         let q = q.reshape((b, kvh, rep * n, hd))?;
         let k = k.contiguous()?;
         let v = v.contiguous()?;
-        let att = (q.matmul(&k.t()?)? * scale)?; // [b, kvh, rep*n, s]
-        let att = att
-            .reshape((b, kvh, rep, n, s))?
-            .broadcast_add(&mask.unsqueeze(2)?)?;
-        let att = candle_nn::ops::softmax_last_dim(&att.reshape((b, kvh, rep * n, s))?)?;
+        let att = q.matmul(&k.t()?)?; // [b, kvh, rep*n, s] = [b, heads, n, s]
+        let att = masked_softmax(&att.reshape((b, nh, n, s))?, mask, scale)?.reshape((
+            b,
+            kvh,
+            rep * n,
+            s,
+        ))?;
         let o = att.matmul(&v)?; // [b, kvh, rep*n, hd]
         Ok(o.reshape((b, nh, n, hd))?)
     }
