@@ -295,6 +295,65 @@ fn main() -> Result<()> {
         }
     }
 
+    // The decoder's gather and SwiGLU kernels on `device` against the same ops on the CPU: the
+    // gathers must be exact copies, SwiGLU within the dtype's rounding. (The forward uses the
+    // kernels on a GPU only with LLM4DSR_DECODER_OPS=kernels; the JSON lines say which.)
+    {
+        let cpu = candle_core::Device::Cpu;
+        let (p, heads, hd, b, n) = (300usize, 3usize, 64usize, 5usize, 37usize);
+        let mut r = KeyedRng::new(5, Purpose::Other, 0);
+        let x: Vec<f32> = (0..p * heads * hd).map(|_| r.normal() as f32).collect();
+        let rows: Vec<u32> = (0..b * n).map(|_| r.below(p as u64) as u32).collect();
+        let back: Vec<u32> = (0..100).map(|_| r.below((b * n) as u64) as u32).collect();
+        let gate: Vec<f32> = (0..4 * 1536).map(|_| (r.normal() * 3.0) as f32).collect();
+        let up: Vec<f32> = (0..4 * 1536).map(|_| r.normal() as f32).collect();
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            let mut worst = [0f32; 3];
+            let on = |dev: &candle_core::Device| -> Result<[Vec<f32>; 3]> {
+                let src = Tensor::from_vec(x.clone(), (p, heads, hd), dev)?.to_dtype(dt)?;
+                use llm4dsr_kernels::decoder_ops::{
+                    gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
+                };
+                let rows = Tensor::new(rows.as_slice(), dev)?;
+                let hf = gather_heads_first_with(&src, &rows, b, n, Impl::Kernel)?;
+                let back = Tensor::new(back.as_slice(), dev)?;
+                let tm = gather_token_major_with(&hf, &back, Impl::Kernel)?;
+                let g = Tensor::from_vec(gate.clone(), (4, 1536), dev)?.to_dtype(dt)?;
+                let u = Tensor::from_vec(up.clone(), (4, 1536), dev)?.to_dtype(dt)?;
+                let sw = swiglu_with(&g, &u, Impl::Kernel)?;
+                let v = |t: Tensor| -> Result<Vec<f32>> {
+                    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+                };
+                Ok([v(hf)?, v(tm)?, v(sw)?])
+            };
+            let (a, c) = (on(&device)?, on(&cpu)?);
+            for k in 0..3 {
+                worst[k] = a[k]
+                    .iter()
+                    .zip(&c[k])
+                    .map(|(x, y)| {
+                        if x.is_nan() {
+                            f32::INFINITY
+                        } else {
+                            (x - y).abs() / y.abs().max(1.0)
+                        }
+                    })
+                    .fold(0f32, f32::max);
+            }
+            eprintln!(
+                "decoder ops on {:?}, {dt:?}: gather heads-first / token-major max diff {:.1e} / {:.1e}, swiglu max rel diff {:.2e}",
+                device.location(),
+                worst[0],
+                worst[1],
+                worst[2]
+            );
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            if worst[0] != 0.0 || worst[1] != 0.0 || worst[2] > tol {
+                bail!("decoder ops on the device differ from the CPU ({dt:?}): {worst:?}");
+            }
+        }
+    }
+
     let run = |case: &str, n: usize| -> Result<f64> {
         let mut checksum = 0f64;
         for s in (0..n).step_by(a.batch) {
@@ -340,6 +399,7 @@ fn main() -> Result<()> {
             };
         let rec = serde_json::json!({
             "impl": "llm4dsr",
+            "decoder_ops": format!("{:?}", llm4dsr_kernels::decoder_ops::Impl::for_device(&device)),
             "config": a.config,
             "params": params,
             "device": format!("{:?}", device.location()),

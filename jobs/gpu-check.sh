@@ -230,9 +230,13 @@ if [ -x "$BIN/scoring-e2e" ] && [ -z "$quick" ]; then
     : > "$OUT/e2e.log"
     for spec in "smollm2-135m 512 64" "llama3-8b 128 16"; do
       set -- $spec
-      LD_LIBRARY_PATH="/usr/local/cuda/lib64:$LD_LIBRARY_PATH" timeout 150 "$BIN/scoring-e2e" \
-        --config "$1" --windows "$2" --batch "$3" --device cuda >> "$OUT/e2e.log" 2>> "$OUT/e2e.err"
-      rc=$?; echo "scoring-e2e $1: exit $rc"; [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/e2e.err"; }
+      # The forward with candle's ops, then with our decoder kernels (gathers, SwiGLU; opt-in).
+      for ops in candle kernels; do
+        LLM4DSR_DECODER_OPS=$ops LD_LIBRARY_PATH="/usr/local/cuda/lib64:$LD_LIBRARY_PATH" timeout 150 \
+          "$BIN/scoring-e2e" --config "$1" --windows "$2" --batch "$3" --device cuda \
+          >> "$OUT/e2e.log" 2>> "$OUT/e2e.err"
+        rc=$?; echo "scoring-e2e $1 (decoder ops: $ops): exit $rc"; [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/e2e.err"; }
+      done
       if [ -n "$HF" ] && [ -f "$HF" ] && [ $torch = 1 ]; then
         timeout 150 python3 "$HF" --config "$1" --windows "$2" --batch "$3" >> "$OUT/e2e.log" 2>> "$OUT/e2e.err"
         echo "hf $1: exit $?"
@@ -241,14 +245,14 @@ if [ -x "$BIN/scoring-e2e" ] && [ -z "$quick" ]; then
     python3 - "$OUT/e2e.log" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print("| config | case | ours windows/s | PyTorch windows/s | ratio |")
-print("|---|---|---:|---:|---:|")
+print("| config | case | decoder ops | ours windows/s | PyTorch windows/s | ratio |")
+print("|---|---|---|---:|---:|---:|")
 for r in rows:
     if r.get("impl") != "llm4dsr":
         continue
     hf = [h for h in rows if h.get("impl") is None and h["config"] == r["config"] and h["case"] == r["case"]]
     w = hf[0]["windows_per_s"] if hf else None
-    print(f"| {r['config']} | {r['case']} | {r['windows_per_s']} | {w if w else '-'} | {round(r['windows_per_s'] / w, 2) if w else '-'} |")
+    print(f"| {r['config']} | {r['case']} | {r.get('decoder_ops', '-')} | {r['windows_per_s']} | {w if w else '-'} | {round(r['windows_per_s'] / w, 2) if w else '-'} |")
 PY
   fi
 else

@@ -12,7 +12,8 @@
 # only (LLM4DSR_E2E_PROFILE=1, --profile-from-start off) of one SmolLM2 batch of 64 windows:
 # each kernel's duration, summed by kernel name, against the same run's wall time unprofiled.
 # The sum of kernel times over the wall time says how busy the GPU is; the rest is the host
-# (launch and allocation overhead) or gaps between launches.
+# (launch and allocation overhead) or gaps between launches. The forward uses our decoder
+# kernels (LLM4DSR_DECODER_OPS=kernels) unless the variable says `candle`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=target-gpu/bin
@@ -28,7 +29,7 @@ if [ -z "$NCU" ]; then
 else
   for case in forward_only full_title; do
     echo "== ncu: smollm2-135m, 64 windows, $case (timed run only)"
-    LLM4DSR_E2E_PROFILE=1 timeout 90 "$NCU" --clock-control none --profile-from-start off \
+    LLM4DSR_DECODER_OPS=${LLM4DSR_DECODER_OPS:-kernels} LLM4DSR_E2E_PROFILE=1 timeout 90 "$NCU" --clock-control none --profile-from-start off \
       --metrics gpu__time_duration.sum --csv --page raw --log-file "$OUT/ncu-$case.csv" \
       "$BIN/scoring-e2e" --config smollm2-135m --windows 64 --batch 64 --device cuda --cases "$case" \
       > "$OUT/ncu-$case.out" 2> "$OUT/ncu-$case.err"

@@ -273,6 +273,145 @@ fn cpu_masked_softmax_matches_reference_and_naive() {
     assert!(e.contains("[3, 4, 5]") && e.contains("[2, 3, 4, 5]"), "{e}");
 }
 
+/// The decoder's gathers and SwiGLU against candle's own ops (index_select, transpose,
+/// silu, mul), on every float dtype; the gathers must be exact copies.
+#[test]
+fn cpu_decoder_ops_match_candle_ops() {
+    use llm4dsr_kernels::{gather_heads_first, gather_token_major, swiglu};
+    let cpu = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let (p, heads, hd, b, n) = (23usize, 3usize, 8usize, 4usize, 5usize);
+        let src = randn(7, p, heads * hd, 1.0, dtype)
+            .reshape((p, heads, hd))
+            .unwrap();
+        let mut rng = KeyedRng::new(20261127, Purpose::Other, 8);
+        let rows: Vec<u32> = (0..b * n).map(|_| rng.below(p as u64) as u32).collect();
+        let rows_t = Tensor::new(rows.as_slice(), &cpu).unwrap();
+        let got = gather_heads_first(&src, &rows_t, b, n).unwrap();
+        let want = src
+            .index_select(&rows_t, 0)
+            .unwrap()
+            .reshape((b, n, heads, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_eq!(got.dims(), [b, heads, n, hd]);
+        let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{dtype:?}: gather_heads_first is not a copy");
+        // The fallback chain (what a CUDA tensor takes by default) gives the same.
+        use llm4dsr_kernels::decoder_ops::{
+            gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
+        };
+        let ops = gather_heads_first_with(&src, &rows_t, b, n, Impl::CandleOps).unwrap();
+        let back0 = Tensor::new(&[7u32, 0, 19], &cpu).unwrap();
+        for (x, y) in [
+            (ops.clone(), got.clone()),
+            (
+                gather_token_major_with(&ops, &back0, Impl::CandleOps).unwrap(),
+                gather_token_major_with(&got, &back0, Impl::Kernel).unwrap(),
+            ),
+            (
+                swiglu_with(&src, &src, Impl::CandleOps).unwrap(),
+                swiglu_with(&src, &src, Impl::Kernel).unwrap(),
+            ),
+        ] {
+            let x: Vec<f64> = x
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let y: Vec<f64> = y
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, c) in x.iter().zip(&y) {
+                assert!(
+                    (a - c).abs() <= 1e-2 * c.abs().max(1.0),
+                    "{dtype:?}: candle ops {a} vs kernel {c}"
+                );
+            }
+        }
+        // Back to token-major: a shuffled subset of the b * n rows.
+        let back: Vec<u32> = [7u32, 0, 19, 3, 3, 12].to_vec();
+        let back_t = Tensor::new(back.as_slice(), &cpu).unwrap();
+        let got = gather_token_major(&got, &back_t).unwrap();
+        assert_eq!(got.dims(), [back.len(), heads, hd]);
+        for (t, &r) in back.iter().enumerate() {
+            let want = src.get(rows[r as usize] as usize).unwrap();
+            let g = got.get(t).unwrap();
+            let d = (g.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{dtype:?}: gather_token_major row {t}");
+        }
+        // A row index out of range is an error, not a read past the end.
+        let bad = Tensor::new(&[0u32, p as u32], &cpu).unwrap();
+        assert!(gather_heads_first(&src, &bad, 1, 2).is_err());
+        // SwiGLU: silu(gate) * up.
+        let g = randn(9, 6, 10, 3.0, dtype);
+        let u = randn(10, 6, 10, 1.0, dtype);
+        let got: Vec<f64> = swiglu(&g, &u)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let g64: Vec<f64> = g
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let u64_: Vec<f64> = u
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let tol = match dtype {
+            DType::BF16 => 1e-2,
+            DType::F16 => 2e-3,
+            _ => 1e-6,
+        };
+        for i in 0..got.len() {
+            let want = g64[i] / (1.0 + (-g64[i]).exp()) * u64_[i];
+            assert!(
+                (got[i] - want).abs() <= tol * want.abs().max(1.0),
+                "{dtype:?} swiglu cell {i}: {} vs {want}",
+                got[i]
+            );
+        }
+        assert!(swiglu(&g, &u.narrow(1, 0, 5).unwrap()).is_err());
+    }
+}
+
 #[test]
 fn cpu_nearest_matches_reference_and_naive() {
     for (case, (b, n, d, k)) in [
@@ -367,6 +506,11 @@ mod gpu {
                 "attn_softmax_f32",
                 "attn_softmax_bf16",
                 "attn_softmax_f16",
+                "gather_heads_first_w32",
+                "gather_token_major_w32",
+                "swiglu_f32",
+                "swiglu_bf16",
+                "swiglu_f16",
             ] {
                 assert!(
                     all.contains(&format!(".entry {entry}(")),

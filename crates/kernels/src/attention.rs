@@ -220,37 +220,11 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
     use half::{bf16, f16};
-    use std::sync::OnceLock;
 
+    /// Rows a block: ATTN_ROWS_PER_BLOCK of kernels/attention_softmax.cu (its default, 8).
     const ROWS_PER_BLOCK: u32 = 8;
-    const MODULE: &str = "llm4dsr_attention_softmax";
-
-    /// The kernel file's PTX for this device's architecture, NVRTC-compiled once per process.
-    fn ptx(dev: &CudaDevice) -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        let r = PTX.get_or_init(|| {
-            let cc = dev
-                .cuda_stream()
-                .context()
-                .compute_capability()
-                .map_err(|e| e.to_string())?;
-            let arch = crate::sources::nvrtc_arch(cc).map_err(|e| e.to_string())?;
-            cudarc::nvrtc::compile_ptx_with_opts(
-                crate::sources::ATTENTION_SOFTMAX_CU,
-                cudarc::nvrtc::CompileOptions {
-                    arch: Some(arch),
-                    options: vec![format!("-DATTN_ROWS_PER_BLOCK={ROWS_PER_BLOCK}")],
-                    name: Some("attention_softmax.cu".into()),
-                    ..Default::default()
-                },
-            )
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC compile of kernels/attention_softmax.cu for {arch}: {e}"))
-        });
-        r.as_deref().map_err(|e| candle_core::Error::Msg(e.clone()))
-    }
 
     fn launch<T: CudaDType + cudarc::driver::DeviceRepr>(
         op: &MaskedSoftmax,
@@ -266,7 +240,12 @@ mod cuda {
         let src = T::as_cuda_slice(s1)?.slice(a..b);
         let el = b - a;
         let rows = (el / op.s) as u64;
-        let func = dev.get_or_load_custom_func(name, MODULE, ptx(dev)?)?;
+        let func = crate::candle_cuda::func(
+            dev,
+            "attention_softmax.cu",
+            crate::sources::ATTENTION_SOFTMAX_CU,
+            name,
+        )?;
         // SAFETY: every element is written by the kernel (each row's lanes cover 0..s).
         let dst = unsafe { dev.alloc::<T>(el)? };
         let cfg = LaunchConfig {
@@ -280,7 +259,8 @@ mod cuda {
             op.rows_per_batch as u64,
             op.mask_batches as i32,
         );
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(&src);
         builder.arg(mask);
         builder.arg(&dst);

@@ -166,6 +166,11 @@ pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>
             plain(crate::sources::ATTENTION_SOFTMAX_CU),
             arch,
         ),
+        (
+            "decoder_ops.cu",
+            plain(crate::sources::DECODER_OPS_CU),
+            arch,
+        ),
     ] {
         let ptx = std::panic::catch_unwind(|| {
             compile_ptx_with_opts(

@@ -10,8 +10,11 @@
 
 pub mod attention;
 pub mod backend;
+#[cfg(feature = "candle-cuda")]
+mod candle_cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decoder_ops;
 pub mod item_loglik;
 pub mod launch;
 pub mod nearest;
@@ -22,5 +25,6 @@ pub mod sources;
 
 pub use attention::{masked_softmax, masked_softmax_reference};
 pub use backend::{backend, Backend};
+pub use decoder_ops::{gather_heads_first, gather_token_major, swiglu};
 pub use item_loglik::{item_loglik, item_loglik_cpu, ItemLogLik};
 pub use nearest::{nearest_items, nearest_items_cpu, CatalogSearch, Nearest};

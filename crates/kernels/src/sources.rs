@@ -31,6 +31,9 @@ pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
 /// The decoder attention's masked, scaled softmax (launched on candle's stream by
 /// [`crate::attention::masked_softmax`] in a `candle-cuda` build).
 pub const ATTENTION_SOFTMAX_CU: &str = include_str!("../../../kernels/attention_softmax.cu");
+/// The decoder's gathers between token-major and heads-first layouts, and SwiGLU's middle
+/// (launched on candle's stream by [`crate::decoder_ops`] in a `candle-cuda` build).
+pub const DECODER_OPS_CU: &str = include_str!("../../../kernels/decoder_ops.cu");
 /// Device-side random fills for the benchmarks (not used by the stages).
 pub const BENCH_FILL_CU: &str = include_str!("../../../kernels/bench_fill.cu");
 

@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
-use llm4dsr_kernels::masked_softmax;
+use llm4dsr_kernels::{gather_heads_first, gather_token_major, masked_softmax, swiglu};
 use std::sync::Arc;
 
 /// Sequences continuing the same cache share one attention call while the group holds at most
@@ -235,9 +235,9 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(g * u)?)?)
+        Ok(self.down_proj.forward(&swiglu(&g, &u)?)?)
     }
 }
 
@@ -693,43 +693,17 @@ enum Chunk {
 /// the softmax's copy, 2^26 cells are 256 MiB in bf16, 512 MiB in f32.
 const MAX_ATTN_CELLS: usize = 1 << 26;
 
-/// Rows of a tensor: a contiguous range (no copy), or gathered by index.
-enum Rows {
-    Range(usize, usize),
-    Index(Tensor),
-}
-
-impl Rows {
-    fn new(idx: Vec<u32>, dev: &Device) -> Result<Self> {
-        let start = idx.first().copied().unwrap_or(0);
-        if idx.iter().enumerate().all(|(i, &r)| r == start + i as u32) {
-            Ok(Self::Range(start as usize, idx.len()))
-        } else {
-            let n = idx.len();
-            Ok(Self::Index(Tensor::from_vec(idx, n, dev)?))
-        }
-    }
-
-    fn of(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Range(s, n) if *s == 0 && *n == x.dim(0)? => x.clone(),
-            Self::Range(s, n) => x.narrow(0, *s, *n)?,
-            Self::Index(i) => x.index_select(i, 0)?,
-        })
-    }
-}
-
 /// One batched attention call: `b` groups padded to `n` queries and `s` keys each.
 struct AttnCall {
     b: usize,
     n: usize,
     s: usize,
-    /// `b * n` query rows of the packed tokens (padding repeats a real row).
-    q_rows: Rows,
-    /// `b * s` rows of the key pool.
-    k_rows: Rows,
-    /// The real rows among the `b * n` outputs, in packed order.
-    out_rows: Rows,
+    /// `b * n` query rows of the packed tokens (padding repeats a real row), u32.
+    q_rows: Tensor,
+    /// `b * s` rows of the key pool, u32.
+    k_rows: Tensor,
+    /// The real rows among the `b * n` outputs, in packed order, u32.
+    out_rows: Tensor,
     /// Additive f32 mask `[b or 1, n, s]`, shared by the heads ([`masked_softmax`]).
     mask: Tensor,
 }
@@ -813,9 +787,9 @@ impl AttnPlan {
                 b,
                 n,
                 s,
-                q_rows: Rows::new(q_rows, dev)?,
-                k_rows: Rows::new(k_rows, dev)?,
-                out_rows: Rows::new(out_rows, dev)?,
+                q_rows: Tensor::new(q_rows, dev)?,
+                k_rows: Tensor::new(k_rows, dev)?,
+                out_rows: Tensor::new(out_rows, dev)?,
                 mask,
             });
         }
@@ -832,12 +806,11 @@ impl AttnPlan {
         let mut outs = Vec::with_capacity(self.calls.len());
         for c in &self.calls {
             let (b, n, s) = (c.b, c.n, c.s);
-            let heads_first = |x: Tensor, rows: usize, h: usize| -> Result<Tensor> {
-                Ok(x.reshape((b, rows, h, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let qc = heads_first(c.q_rows.of(q)?, n, nh)?.reshape((b, kvh, rep * n, hd))?;
-            let kc = heads_first(c.k_rows.of(k)?, s, kvh)?;
-            let vc = heads_first(c.k_rows.of(v)?, s, kvh)?;
+            // Token-major rows -> [b, heads, rows, hd] in one gather each (llm4dsr_kernels::
+            // decoder_ops: one kernel on the GPU instead of index_select + transpose + copy).
+            let qc = gather_heads_first(q, &c.q_rows, b, n)?.reshape((b, kvh, rep * n, hd))?;
+            let kc = gather_heads_first(k, &c.k_rows, b, s)?;
+            let vc = gather_heads_first(v, &c.k_rows, b, s)?;
             let att = qc.matmul(&kc.t()?)?; // [b, kvh, rep*n, s] = [b, heads, n, s]
             let att = masked_softmax(&att.reshape((b, nh, n, s))?, &c.mask, scale)?.reshape((
                 b,
@@ -845,12 +818,8 @@ impl AttnPlan {
                 rep * n,
                 s,
             ))?;
-            let o = att.matmul(&vc)?; // [b, kvh, rep*n, hd]
-            let o = o
-                .reshape((b, nh, n, hd))?
-                .transpose(1, 2)?
-                .reshape((b * n, nh * hd))?;
-            outs.push(c.out_rows.of(&o)?);
+            let o = att.matmul(&vc)?.reshape((b, nh, n, hd))?;
+            outs.push(gather_token_major(&o, &c.out_rows)?.reshape(((), nh * hd))?);
         }
         Ok(if outs.len() == 1 {
             outs.pop().unwrap()

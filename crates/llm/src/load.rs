@@ -53,7 +53,6 @@ pub fn llm_device(choice: DeviceChoice) -> Result<Device> {
              jobs/build-cuda.sh)"
         ),
         DeviceChoice::Cuda => Device::new_cuda(ordinal)
-            
             .with_context(|| format!("--device cuda: opening GPU {ordinal} for the LLM")),
         DeviceChoice::Auto if !built => {
             tracing::debug!("LLM on the CPU (built without candle's CUDA backend)");

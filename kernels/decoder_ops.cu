@@ -1,0 +1,94 @@
+// The decoder's layout and element-wise kernels on candle's CUDA backend
+// (crates/kernels/src/decoder_ops.rs, used by crates/llm/src/decoder.rs). Each replaces a chain
+// of candle ops whose generic strided kernels ran at ~0.4 TB/s on an H200 (docs/llm.md):
+//
+// gather_heads_first_w32: dst[b, H, n, W] = src[rows[b * n + j], H, W], i.e. pick the rows of
+//   a token-major [P, H, W] tensor (packed tokens, or the key pool) and lay them out heads-first
+//   for the batched attention products. Replaces index_select + transpose + contiguous.
+// gather_token_major_w32: dst[t, H, W] = src[b, H, n, W] at rows[t] = b * n + j, the inverse
+//   direction for the attention's output (the real rows only, in packed order).
+//   Both move 32-bit words (W = head_dim x element size / 4), one word per thread.
+// swiglu_{f32,bf16,f16}: out = silu(gate) * up, the SwiGLU MLP's middle, in f32 arithmetic.
+//   Replaces candle's silu + mul (two passes over the [T, intermediate] activations).
+//
+// Compiled at run time by NVRTC (no headers: 16-bit floats travel as raw bits).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+extern "C" __global__ void gather_heads_first_w32(const u32 *__restrict__ src,
+                                                  const u32 *__restrict__ rows,
+                                                  u32 *__restrict__ dst, u32 b, u32 heads,
+                                                  u32 n, u32 words) {
+    const u64 total = (u64)b * heads * n * words;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u32 w = (u32)(i % words);
+        u64 rest = i / words;
+        const u32 j = (u32)(rest % n);
+        rest /= n;
+        const u32 h = (u32)(rest % heads);
+        const u32 bi = (u32)(rest / heads);
+        const u64 row = rows[(u64)bi * n + j];
+        dst[i] = src[(row * heads + h) * words + w];
+    }
+}
+
+extern "C" __global__ void gather_token_major_w32(const u32 *__restrict__ src,
+                                                  const u32 *__restrict__ rows,
+                                                  u32 *__restrict__ dst, u32 t, u32 heads,
+                                                  u32 n, u32 words) {
+    const u64 total = (u64)t * heads * words;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u32 w = (u32)(i % words);
+        const u64 rest = i / words;
+        const u32 h = (u32)(rest % heads);
+        const u32 r = rows[rest / heads];
+        const u32 bi = r / n, j = r % n;
+        dst[i] = src[(((u64)bi * heads + h) * n + j) * words + w];
+    }
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
+__device__ __forceinline__ float ld_bf16(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ u16 st_bf16(float x) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float ld_f16(u16 x) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
+    return r;
+}
+__device__ __forceinline__ u16 st_f16(float x) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+
+extern "C" __global__ void swiglu_f32(const float *__restrict__ gate, const float *__restrict__ up,
+                                      float *__restrict__ out, u64 numel) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < numel;
+         i += (u64)gridDim.x * blockDim.x)
+        out[i] = silu_mul(gate[i], up[i]);
+}
+
+// 16-bit types: two values per thread through 32-bit words (numel even; the wrapper checks).
+#define SWIGLU_16(NAME, LD, ST)                                                                 \
+    extern "C" __global__ void NAME(const u32 *__restrict__ gate, const u32 *__restrict__ up,   \
+                                    u32 *__restrict__ out, u64 pairs) {                         \
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;                     \
+             i += (u64)gridDim.x * blockDim.x) {                                                \
+            const u32 g = gate[i], u = up[i];                                                   \
+            const u16 lo = ST(silu_mul(LD((u16)(g & 0xffff)), LD((u16)(u & 0xffff))));          \
+            const u16 hi = ST(silu_mul(LD((u16)(g >> 16)), LD((u16)(u >> 16))));                \
+            out[i] = (u32)lo | ((u32)hi << 16);                                                 \
+        }                                                                                       \
+    }
+
+SWIGLU_16(swiglu_bf16, ld_bf16, st_bf16)
+SWIGLU_16(swiglu_f16, ld_f16, st_f16)
