@@ -11,11 +11,8 @@
 // (docs/llm.md). One warp per row: an online (max, sum-exp) pass, then the write pass (the
 // second read of the row hits L2). A fully masked row (never made by the decoder) gives zeros.
 //
-// Compiled at run time by NVRTC (no headers: 16-bit floats travel as raw bits).
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+// Compiled at run time by NVRTC (no headers) after kernels/float16.cuh (u16/u32/u64, the
+// 16-bit float conversions).
 
 #ifndef ATTN_ROWS_PER_BLOCK
 #define ATTN_ROWS_PER_BLOCK 8
@@ -26,22 +23,6 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float ld(float x) { return x; }
 __device__ __forceinline__ float st_f32(float x) { return x; }
 
-__device__ __forceinline__ float ld_bf16(u16 x) { return __uint_as_float(((u32)x) << 16); }
-__device__ __forceinline__ u16 st_bf16(float x) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    return r;
-}
-__device__ __forceinline__ float ld_f16(u16 x) {
-    float r;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
-    return r;
-}
-__device__ __forceinline__ u16 st_f16(float x) {
-    u16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    return r;
-}
 
 #define ATTN_SOFTMAX(NAME, T, LOAD, STORE)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_ROWS_PER_BLOCK * 32)                     \

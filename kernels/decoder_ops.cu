@@ -11,11 +11,8 @@
 // swiglu_{f32,bf16,f16}: out = silu(gate) * up, the SwiGLU MLP's middle, in f32 arithmetic.
 //   Replaces candle's silu + mul (two passes over the [T, intermediate] activations).
 //
-// Compiled at run time by NVRTC (no headers: 16-bit floats travel as raw bits).
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+// Compiled at run time by NVRTC (no headers) after kernels/float16.cuh (u16/u32/u64, the
+// 16-bit float conversions).
 
 extern "C" __global__ void gather_heads_first_w32(const u32 *__restrict__ src,
                                                   const u32 *__restrict__ rows,
@@ -53,22 +50,6 @@ extern "C" __global__ void gather_token_major_w32(const u32 *__restrict__ src,
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
-__device__ __forceinline__ float ld_bf16(u16 x) { return __uint_as_float(((u32)x) << 16); }
-__device__ __forceinline__ u16 st_bf16(float x) {
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    return r;
-}
-__device__ __forceinline__ float ld_f16(u16 x) {
-    float r;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
-    return r;
-}
-__device__ __forceinline__ u16 st_f16(float x) {
-    u16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
-    return r;
-}
 
 extern "C" __global__ void swiglu_f32(const float *__restrict__ gate, const float *__restrict__ up,
                                       float *__restrict__ out, u64 numel) {

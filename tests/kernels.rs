@@ -26,6 +26,25 @@ fn randn(key: u64, rows: usize, cols: usize, scale: f64, dtype: DType) -> Tensor
         .unwrap()
 }
 
+/// A tensor's values as f64 / f32, flattened.
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn rand_vec(key: u64, len: usize, scale: f64) -> Vec<f32> {
     let mut rng = KeyedRng::new(20261127, Purpose::Other, key);
     (0..len).map(|_| (rng.normal() * scale) as f32).collect()
@@ -210,20 +229,8 @@ fn cpu_masked_softmax_matches_reference_and_naive() {
         let got = masked_softmax(&att, &mask_t, scale).unwrap();
         assert_eq!(got.dims(), att.dims());
         assert_eq!(got.dtype(), dtype);
-        let got: Vec<f32> = got
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let x: Vec<f32> = att
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got: Vec<f32> = f32s(&got);
+        let x: Vec<f32> = f32s(&att);
         let want = masked_softmax_reference(&x, &mask, s, n, heads * n, mb, scale);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -298,17 +305,11 @@ fn cpu_decoder_ops_match_candle_ops() {
             .contiguous()
             .unwrap();
         assert_eq!(got.dims(), [b, heads, n, hd]);
-        let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{dtype:?}: gather_heads_first is not a copy");
+        assert_eq!(
+            f64s(&got),
+            f64s(&want),
+            "{dtype:?}: gather_heads_first is not a copy"
+        );
         // The fallback chain (what a CUDA tensor takes by default) gives the same.
         use llm4dsr_kernels::decoder_ops::{
             gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
@@ -326,21 +327,7 @@ fn cpu_decoder_ops_match_candle_ops() {
                 swiglu_with(&src, &src, Impl::Kernel).unwrap(),
             ),
         ] {
-            let x: Vec<f64> = x
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let y: Vec<f64> = y
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (a, c) in x.iter().zip(&y) {
+            for (a, c) in f64s(&x).iter().zip(&f64s(&y)) {
                 assert!(
                     (a - c).abs() <= 1e-2 * c.abs().max(1.0),
                     "{dtype:?}: candle ops {a} vs kernel {c}"
@@ -355,17 +342,11 @@ fn cpu_decoder_ops_match_candle_ops() {
         for (t, &r) in back.iter().enumerate() {
             let want = src.get(rows[r as usize] as usize).unwrap();
             let g = got.get(t).unwrap();
-            let d = (g.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert_eq!(d, 0.0, "{dtype:?}: gather_token_major row {t}");
+            assert_eq!(
+                f64s(&g),
+                f64s(&want),
+                "{dtype:?}: gather_token_major row {t}"
+            );
         }
         // A row index out of range is an error, not a read past the end.
         let bad = Tensor::new(&[0u32, p as u32], &cpu).unwrap();
@@ -381,20 +362,8 @@ fn cpu_decoder_ops_match_candle_ops() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let g64: Vec<f64> = g
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let u64_: Vec<f64> = u
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g64: Vec<f64> = f64s(&g);
+        let u64_: Vec<f64> = f64s(&u);
         let tol = match dtype {
             DType::BF16 => 1e-2,
             DType::F16 => 2e-3,
@@ -806,20 +775,8 @@ mod gpu {
             g.score_device(&hd, &wd, &td, &od, &mut buf).unwrap();
             g.stream.synchronize().unwrap();
             let got = g.stream.clone_dtoh(buf.logits.as_ref().unwrap()).unwrap();
-            let hv: Vec<f64> = h
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let wv: Vec<f64> = w
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let hv: Vec<f64> = f64s(&h);
+            let wv: Vec<f64> = f64s(&w);
             let want: Vec<f64> = (0..n * v)
                 .map(|i| {
                     let (r, c) = (i / v, i % v);

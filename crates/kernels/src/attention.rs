@@ -9,6 +9,7 @@
 //! `kernels/attention_softmax.cu`, launched on candle's own stream (no copy, no hand-over).
 //! [`masked_softmax_reference`] is the f64 reference both are tested against.
 
+use crate::decoder_ops::contiguous;
 use anyhow::{ensure, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
@@ -143,13 +144,6 @@ impl MaskedSoftmax {
                 },
             );
         out
-    }
-}
-
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("masked_softmax: input not contiguous"),
     }
 }
 

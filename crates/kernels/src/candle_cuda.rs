@@ -8,7 +8,8 @@ use candle_core::CudaDevice;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Function `name` of kernel file `file` (source `src`), compiled on first use; launch it on
+/// Function `name` of kernel file `file` (source `src`, compiled after `kernels/float16.cuh`),
+/// compiled on first use; launch it on
 /// `dev.cuda_stream()` (candle's stream).
 pub(crate) fn func(
     dev: &CudaDevice,
@@ -41,7 +42,7 @@ fn compile(dev: &CudaDevice, file: &str, src: &str) -> Result<&'static str, Stri
         .map_err(|e| format!("compute capability of candle's device: {e}"))?;
     let arch = crate::sources::nvrtc_arch(cc).map_err(|e| e.to_string())?;
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        src,
+        crate::sources::with_float16(src),
         cudarc::nvrtc::CompileOptions {
             arch: Some(arch),
             name: Some(file.to_string()),

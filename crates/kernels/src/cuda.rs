@@ -163,12 +163,12 @@ pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>
         ("bench_fill.cu", plain(crate::sources::BENCH_FILL_CU), arch),
         (
             "attention_softmax.cu",
-            plain(crate::sources::ATTENTION_SOFTMAX_CU),
+            crate::sources::with_float16(crate::sources::ATTENTION_SOFTMAX_CU),
             arch,
         ),
         (
             "decoder_ops.cu",
-            plain(crate::sources::DECODER_OPS_CU),
+            crate::sources::with_float16(crate::sources::DECODER_OPS_CU),
             arch,
         ),
     ] {

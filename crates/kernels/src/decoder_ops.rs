@@ -209,10 +209,11 @@ impl Gather {
     }
 }
 
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+/// The values a contiguous layout covers (the CPU side of the custom ops).
+pub(crate) fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("decoder op: input not contiguous"),
+        None => candle_core::bail!("custom op: input not contiguous"),
     }
 }
 

@@ -28,6 +28,14 @@ pub fn sm90a_source(src: &str) -> String {
 pub const NEAREST_CU: &str = include_str!("../../../kernels/nearest.cu");
 /// The tensor-core grounding search (the default GPU search: `LLM4DSR_NEAREST_VERSION=tc`).
 pub const NEAREST_TC_CU: &str = include_str!("../../../kernels/nearest_tc.cu");
+/// Typedefs and 16-bit float conversions the decoder kernels share ([`with_float16`]).
+pub const FLOAT16_CUH: &str = include_str!("../../../kernels/float16.cuh");
+
+/// The text NVRTC compiles for a decoder kernel file: `float16.cuh`, then the file.
+pub fn with_float16(src: &str) -> String {
+    format!("{FLOAT16_CUH}\n#line 1\n{src}")
+}
+
 /// The decoder attention's masked, scaled softmax (launched on candle's stream by
 /// [`crate::attention::masked_softmax`] in a `candle-cuda` build).
 pub const ATTENTION_SOFTMAX_CU: &str = include_str!("../../../kernels/attention_softmax.cu");
