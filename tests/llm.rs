@@ -311,7 +311,10 @@ fn mixed_packed_batch_equals_separate_forwards() {
                 _ => prompts[0].iter().chain(&ext).copied().collect(),
             }
         };
+        // The first groups of the first call have equal masks, a later one differs.
         let items: Vec<(Vec<u32>, Option<usize>)> = vec![
+            (tok(20, 3), None),
+            (tok(21, 3), None),
             (tok(10, 3), None),
             (tok(11, 4), Some(1)),
             (tok(12, 2), Some(1)),

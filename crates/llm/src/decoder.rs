@@ -757,8 +757,7 @@ impl AttnPlan {
             let mut q_rows = Vec::with_capacity(b * n);
             let mut k_rows = Vec::with_capacity(b * s);
             let mut out_rows = Vec::new();
-            let mut masks: Vec<Vec<f32>> = Vec::new();
-            let mut same = true;
+            let mut masks: Vec<Vec<f32>> = Vec::with_capacity(b);
             for (gi, g) in gs.iter().enumerate() {
                 let p = prefix_len(g);
                 q_rows.extend((g.start..g.start + g.len).map(|r| r as u32));
@@ -770,15 +769,10 @@ impl AttnPlan {
                 let own = own_at + g.start;
                 k_rows.extend((own..own + g.len).map(|r| r as u32));
                 k_rows.extend(std::iter::repeat_n(own as u32, s - p - g.len));
-                let m = g.mask(p, n, s);
-                if masks.first().is_some_and(|m0| *m0 != m) {
-                    same = false;
-                }
-                if masks.is_empty() || !same {
-                    masks.push(m);
-                }
+                masks.push(g.mask(p, n, s));
             }
-            if same {
+            // One mask for the whole call when every group has the same one.
+            if masks.iter().all(|m| *m == masks[0]) {
                 masks.truncate(1);
             }
             let mb = masks.len();
