@@ -767,29 +767,42 @@ fn llm_detectors_score_through_the_sharded_stage() {
         .unwrap();
     let d = data.to_str().unwrap();
     let mut first: Option<HashMap<(u32, u32), (Vec<u32>, Vec<f32>)>> = None;
-    for (method, shards) in [
-        ("llm-first-token", "1"),
-        ("llm-first-token", "3"),
-        ("llm-full-title", "2"),
+    for (method, shards, per_batch) in [
+        ("llm-first-token", "1", "8"),
+        ("llm-first-token", "3", "8"),
+        ("llm-first-token", "1", "1"),
+        ("llm-full-title", "2", "8"),
     ] {
-        let out = dir.path().join(format!("scores-{method}-{shards}"));
-        let o = run(
-            &[
-                "score",
-                "--dataset",
-                d,
-                "--out",
-                out.to_str().unwrap(),
-                "--method",
-                method,
-                "--splits",
-                "test",
-                "--num-shards",
-                shards,
-            ],
-            &[],
-        );
+        let out = dir
+            .path()
+            .join(format!("scores-{method}-{shards}-{per_batch}"));
+        let mut args = vec![
+            "score",
+            "--dataset",
+            d,
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            method,
+            "--splits",
+            "test",
+            "--num-shards",
+            shards,
+        ];
+        if per_batch != "8" {
+            args.extend(["--windows-per-batch", per_batch]);
+        }
+        let o = run(&args, &[]);
         assert!(o.status.success(), "{method}: {}", stderr(&o));
+        // The batch size in force (8 on the CPU unless given) is recorded.
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            m["counts"]["windows_per_batch"].as_u64(),
+            Some(per_batch.parse().unwrap()),
+            "{m}"
+        );
         let scores = read_scores(&out.join("scores/test.parquet"));
         assert_eq!(scores.len(), 3);
         for w in test.iter() {
@@ -806,8 +819,9 @@ fn llm_detectors_score_through_the_sharded_stage() {
         }
         match (&first, method) {
             (None, _) => first = Some(scores),
-            // Another shard count groups windows into other batches (other GEMM shapes): equal
-            // to float tolerance, not bit for bit. Rank counts, by contrast, never change bytes.
+            // Another shard count or batch size groups windows into other batches (other GEMM
+            // shapes, other attention padding): equal to float tolerance, not bit for bit. Rank
+            // counts, by contrast, never change bytes.
             (Some(f), "llm-first-token") => {
                 for (k, (items, a)) in f {
                     let (items2, b) = &scores[k];
@@ -826,6 +840,23 @@ fn llm_detectors_score_through_the_sharded_stage() {
             ),
         }
     }
+    let out = dir.path().join("scores-zero");
+    let o = run(
+        &[
+            "score",
+            "--dataset",
+            d,
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            "llm-first-token",
+            "--windows-per-batch",
+            "0",
+        ],
+        &[],
+    );
+    assert!(!o.status.success() && stderr(&o).contains("--windows-per-batch must be at least 1"));
+    assert!(!out.exists(), "no output after a refused flag");
 }
 
 /// `ground` (catalogue embeddings with all-MiniLM-L6-v2, then the titles) gives the same bytes

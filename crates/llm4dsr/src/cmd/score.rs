@@ -75,6 +75,11 @@ pub struct ScoreArgs {
     /// (jobs/build-cuda.sh), else the CPU; cpu; cuda (an error when it cannot).
     #[arg(long, value_enum, default_value_t = llm4dsr_llm::DeviceChoice::Auto)]
     pub device: llm4dsr_llm::DeviceChoice,
+    /// LLM detectors: windows per forward batch (default 8 on the CPU, 64 on a GPU, where
+    /// larger batches run much faster: docs/llm.md). Part of the output's fingerprint, since a
+    /// window's scores may move in the last bits with its batch-mates.
+    #[arg(long)]
+    pub windows_per_batch: Option<usize>,
 }
 
 /// The noise detectors `score` can run.
@@ -205,6 +210,10 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     let train = read_split(&dataset, "train")?;
     train.validate_ids(catalog.num_items(), &train_path)?;
     let llm_mode = args.method.llm_mode();
+    if args.windows_per_batch == Some(0) {
+        bail!("--windows-per-batch must be at least 1");
+    }
+    let mut windows_per_batch = None;
     let (llm, model_sha) = match llm_mode {
         None => (None, String::new()),
         Some(_) => {
@@ -217,10 +226,22 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             let llm = llm4dsr_llm::Llm::load(&model, &device)?;
             // Scores in f32 on the CPU and bf16 on a GPU differ: never mix them in one output.
             let sha = format!("{sha}/{}", llm4dsr_llm::load::device_tag(&device));
+            windows_per_batch =
+                Some(
+                    args.windows_per_batch
+                        .unwrap_or(if device.is_cpu() { 8 } else { 64 }),
+                );
             (Some(llm), sha)
         }
     };
-    let mut scorer = build_scorer(args.method, &train, &train_path, &catalog, llm.as_ref())?;
+    let mut scorer = build_scorer(
+        args.method,
+        &train,
+        &train_path,
+        &catalog,
+        llm.as_ref(),
+        windows_per_batch.unwrap_or(1),
+    )?;
 
     // Everything the output depends on, hashed into each part's fingerprint.
     let catalog_sha = sha256_file(&catalog_path)?.0;
@@ -234,6 +255,9 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
         scorer.name()
     ));
     manifest.count("shards", args.num_shards as u64);
+    if let Some(w) = windows_per_batch {
+        manifest.count("windows_per_batch", w as u64);
+    }
 
     let parts_root = parts_root_of(&out);
     let staging = if comm.is_root() {
@@ -263,6 +287,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             "train": train_sha,
             "input": split_sha,
             "model": model_sha,
+            "windows_per_batch": windows_per_batch,
         }))?;
         let stage = ShardedStage {
             name: format!("score/{split}"),
@@ -414,18 +439,20 @@ impl Method {
 }
 
 /// The detector for `method`: the heuristics from the training windows, the LLM detectors
-/// from `llm` (required for them).
+/// from `llm` (required for them), forwarding `windows_per_batch` windows at a time.
 pub fn build_scorer<'a>(
     method: Method,
     train: &Windows,
     train_path: &Path,
     catalog: &'a Catalog,
     llm: Option<&'a llm4dsr_llm::Llm>,
+    windows_per_batch: usize,
 ) -> Result<Box<dyn NoiseScorer + 'a>> {
     if let Some(mode) = method.llm_mode() {
         let llm = llm.context("an LLM detector needs a model")?;
         let mut scorer = llm4dsr_llm::LlmNoiseScorer::new(llm, catalog, mode)?;
         scorer.progress = false;
+        scorer.windows_per_batch = windows_per_batch.max(1);
         return Ok(Box::new(scorer));
     }
     let stats = TrainStats::from_windows(train, train_path, catalog.num_items())?;
