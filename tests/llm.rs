@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use llm4dsr_data::{Catalog, KeyedRng, NoiseScorer, Purpose};
+use llm4dsr_kernels::decoder_ops::Impl;
 use llm4dsr_llm::decoder::{weight_shapes, PackedBatch, PaddedBatch};
 use llm4dsr_llm::score::{continuation_scores, first_token_scores};
 use llm4dsr_llm::tokenizers::{
@@ -290,8 +291,15 @@ fn mixed_packed_batch_equals_separate_forwards() {
             .map(|i| 2 + (seed * 37 + i * 11) % 150)
             .collect()
     };
-    for (arch, tie) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
-        let (_tmp, llm) = tiny_model(arch, tie);
+    // Each architecture with our decoder ops and with candle's (the default on a GPU; on the
+    // CPU it is the only place its plain-range views run).
+    for (arch, tie, ops) in [
+        (Arch::Llama, true, Impl::Kernel),
+        (Arch::Qwen2, false, Impl::Kernel),
+        (Arch::Llama, true, Impl::CandleOps),
+    ] {
+        let (_tmp, mut llm) = tiny_model(arch, tie);
+        llm.decoder.set_ops(ops);
         let d = &llm.decoder;
         // Two prompts forwarded together: their caches are views of one batch.
         let prompts = [tok(1, 9), tok(2, 14)];

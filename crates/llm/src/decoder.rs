@@ -19,7 +19,10 @@ use crate::config::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
-use llm4dsr_kernels::{gather_heads_first, gather_token_major, masked_softmax, swiglu};
+use llm4dsr_kernels::decoder_ops::{
+    gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
+};
+use llm4dsr_kernels::masked_softmax;
 use std::sync::Arc;
 
 /// Sequences continuing the same cache share one attention call while the group holds at most
@@ -234,10 +237,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ops: Impl) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&swiglu(&g, &u)?)?)
+        Ok(self.down_proj.forward(&swiglu_with(&g, &u, ops)?)?)
     }
 }
 
@@ -261,6 +264,9 @@ pub struct Decoder {
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
     pub lm_head: Tensor,
     rope: Rope,
+    /// Who serves the layout and element-wise ops: `Impl::for_device` at load
+    /// ([`Decoder::set_ops`] overrides it).
+    ops: Impl,
     device: Device,
     dtype: DType,
 }
@@ -376,6 +382,7 @@ impl Decoder {
             norm,
             lm_head,
             rope: Rope::new(cfg, dtype, &device)?,
+            ops: Impl::for_device(&device),
             device,
             dtype,
         })
@@ -387,6 +394,12 @@ impl Decoder {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Serve the decoder's gathers and SwiGLU with our kernels or with candle's ops (the
+    /// default: [`Impl::for_device`]); both give the same values.
+    pub fn set_ops(&mut self, ops: Impl) {
+        self.ops = ops;
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -554,10 +567,10 @@ impl Decoder {
                 vs.push(&v);
                 (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
             };
-            let o = plan.attend(a, &q, &pool_k, &pool_v)?; // [T, heads * hd]
+            let o = plan.attend(a, &q, &pool_k, &pool_v, self.ops)?; // [T, heads * hd]
             x = (x + a.o_proj.forward(&o)?)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+            x = (&x + block.mlp.forward(&h, self.ops)?)?;
             if want_cache {
                 new_kv.push((k, v));
             }
@@ -658,7 +671,7 @@ impl Decoder {
                 .reshape((b, l, a.num_heads * a.head_dim))?;
             x = (x + a.o_proj.forward(&o)?)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+            x = (&x + block.mlp.forward(&h, self.ops)?)?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -693,17 +706,66 @@ enum Chunk {
 /// the softmax's copy, 2^26 cells are 256 MiB in bf16, 512 MiB in f32.
 const MAX_ATTN_CELLS: usize = 1 << 26;
 
+/// Rows of a token-major tensor picked by a call: the u32 index on the device, and its start
+/// when it is a plain range (then candle's ops take a view instead of a gather).
+struct Rows {
+    idx: Tensor,
+    range_start: Option<usize>,
+}
+
+impl Rows {
+    fn new(idx: Vec<u32>, dev: &Device) -> Result<Self> {
+        let start = idx.first().copied().unwrap_or(0);
+        let range = idx.iter().enumerate().all(|(i, &r)| r == start + i as u32);
+        Ok(Self {
+            range_start: range.then_some(start as usize),
+            idx: Tensor::new(idx, dev)?,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.idx.dim(0).unwrap_or(0)
+    }
+
+    /// `src` `[P, heads, hd]` -> `[b, heads, rows / b, hd]`.
+    fn heads_first(&self, src: &Tensor, b: usize, ops: Impl) -> Result<Tensor> {
+        let n = self.len() / b;
+        match (self.range_start, ops) {
+            (Some(start), Impl::CandleOps) => {
+                let (_, h, hd) = src.dims3()?;
+                Ok(src
+                    .narrow(0, start, self.len())?
+                    .reshape((b, n, h, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            }
+            _ => Ok(gather_heads_first_with(src, &self.idx, b, n, ops)?),
+        }
+    }
+
+    /// `src` `[b, heads, n, hd]` -> the picked rows `[rows, heads * hd]`.
+    fn token_major(&self, src: &Tensor, ops: Impl) -> Result<Tensor> {
+        let (b, h, n, hd) = src.dims4()?;
+        match (self.range_start, ops) {
+            (Some(0), Impl::CandleOps) if self.len() == b * n => {
+                Ok(src.transpose(1, 2)?.reshape((b * n, h * hd))?)
+            }
+            _ => Ok(gather_token_major_with(src, &self.idx, ops)?.reshape(((), h * hd))?),
+        }
+    }
+}
+
 /// One batched attention call: `b` groups padded to `n` queries and `s` keys each.
 struct AttnCall {
     b: usize,
     n: usize,
     s: usize,
-    /// `b * n` query rows of the packed tokens (padding repeats a real row), u32.
-    q_rows: Tensor,
-    /// `b * s` rows of the key pool, u32.
-    k_rows: Tensor,
-    /// The real rows among the `b * n` outputs, in packed order, u32.
-    out_rows: Tensor,
+    /// `b * n` query rows of the packed tokens (padding repeats a real row).
+    q_rows: Rows,
+    /// `b * s` rows of the key pool.
+    k_rows: Rows,
+    /// The real rows among the `b * n` outputs, in packed order.
+    out_rows: Rows,
     /// Additive f32 mask `[b or 1, n, s]`, shared by the heads ([`masked_softmax`]).
     mask: Tensor,
 }
@@ -781,9 +843,9 @@ impl AttnPlan {
                 b,
                 n,
                 s,
-                q_rows: Tensor::new(q_rows, dev)?,
-                k_rows: Tensor::new(k_rows, dev)?,
-                out_rows: Tensor::new(out_rows, dev)?,
+                q_rows: Rows::new(q_rows, dev)?,
+                k_rows: Rows::new(k_rows, dev)?,
+                out_rows: Rows::new(out_rows, dev)?,
                 mask,
             });
         }
@@ -793,18 +855,28 @@ impl AttnPlan {
     /// Softmax attention of the packed queries `q` `[T, heads, hd]` over the key pool
     /// (`k`, `v`: `[pool, kv_heads, hd]`); returns `[T, heads * hd]` in packed order. Query
     /// heads sharing a key/value head are folded into one matmul (no repeated K/V copies).
-    fn attend(&self, a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn attend(
+        &self,
+        a: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ops: Impl,
+    ) -> Result<Tensor> {
         let (nh, kvh, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
         let rep = nh / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(self.calls.len());
         for c in &self.calls {
             let (b, n, s) = (c.b, c.n, c.s);
-            // Token-major rows -> [b, heads, rows, hd] in one gather each (llm4dsr_kernels::
-            // decoder_ops: one kernel on the GPU instead of index_select + transpose + copy).
-            let qc = gather_heads_first(q, &c.q_rows, b, n)?.reshape((b, kvh, rep * n, hd))?;
-            let kc = gather_heads_first(k, &c.k_rows, b, s)?;
-            let vc = gather_heads_first(v, &c.k_rows, b, s)?;
+            // Token-major rows -> [b, heads, rows, hd]: one gather each (llm4dsr_kernels::
+            // decoder_ops), or a view + transpose when the rows are a plain range.
+            let qc = c
+                .q_rows
+                .heads_first(q, b, ops)?
+                .reshape((b, kvh, rep * n, hd))?;
+            let kc = c.k_rows.heads_first(k, b, ops)?;
+            let vc = c.k_rows.heads_first(v, b, ops)?;
             let att = qc.matmul(&kc.t()?)?; // [b, kvh, rep*n, s] = [b, heads, n, s]
             let att = masked_softmax(&att.reshape((b, nh, n, s))?, &c.mask, scale)?.reshape((
                 b,
@@ -813,7 +885,7 @@ impl AttnPlan {
                 s,
             ))?;
             let o = att.matmul(&vc)?.reshape((b, nh, n, hd))?;
-            outs.push(gather_token_major(&o, &c.out_rows)?.reshape(((), nh * hd))?);
+            outs.push(c.out_rows.token_major(&o, ops)?);
         }
         Ok(if outs.len() == 1 {
             outs.pop().unwrap()
