@@ -297,7 +297,7 @@ fn main() -> Result<()> {
 
     // The decoder's gather and SwiGLU kernels on `device` against the same ops on the CPU: the
     // gathers must be exact copies, SwiGLU within the dtype's rounding. (The forward uses the
-    // kernels on a GPU only with LLM4DSR_DECODER_OPS=kernels; the JSON lines say which.)
+    // kernels unless LLM4DSR_DECODER_OPS=candle; the JSON lines say which.)
     {
         let cpu = candle_core::Device::Cpu;
         let (p, heads, hd, b, n) = (300usize, 3usize, 64usize, 5usize, 37usize);

@@ -230,7 +230,7 @@ if [ -x "$BIN/scoring-e2e" ] && [ -z "$quick" ]; then
     : > "$OUT/e2e.log"
     for spec in "smollm2-135m 512 64" "llama3-8b 128 16"; do
       set -- $spec
-      # The forward with candle's ops, then with our decoder kernels (gathers, SwiGLU; opt-in).
+      # The forward with candle's ops, then with our decoder kernels (gathers, SwiGLU; the default).
       for ops in candle kernels; do
         LLM4DSR_DECODER_OPS=$ops LD_LIBRARY_PATH="/usr/local/cuda/lib64:$LD_LIBRARY_PATH" timeout 150 \
           "$BIN/scoring-e2e" --config "$1" --windows "$2" --batch "$3" --device cuda \

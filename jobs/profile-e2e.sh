@@ -13,7 +13,7 @@
 # each kernel's duration, summed by kernel name, against the same run's wall time unprofiled.
 # The sum of kernel times over the wall time says how busy the GPU is; the rest is the host
 # (launch and allocation overhead) or gaps between launches. The forward uses our decoder
-# kernels (LLM4DSR_DECODER_OPS=kernels) unless the variable says `candle`.
+# kernels (the default) unless LLM4DSR_DECODER_OPS says `candle`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=target-gpu/bin

@@ -291,7 +291,7 @@ fn mixed_packed_batch_equals_separate_forwards() {
             .map(|i| 2 + (seed * 37 + i * 11) % 150)
             .collect()
     };
-    // Each architecture with our decoder ops and with candle's (the default on a GPU; on the
+    // Each architecture with our decoder ops and with candle's (LLM4DSR_DECODER_OPS=candle on a GPU; on the
     // CPU it is the only place its plain-range views run).
     for (arch, tie, ops) in [
         (Arch::Llama, true, Impl::Kernel),

@@ -12,10 +12,11 @@
 //!
 //! Each has a plain reference in the tests (`tests/kernels.rs`: candle's own ops).
 //!
-//! On candle's CUDA device the kernels are opt-in until a GPU check has run them
-//! (`LLM4DSR_DECODER_OPS=kernels`; written 2026-11-27 when no GPU was lent): by default a CUDA
-//! tensor takes candle's own ops ([`Impl::CandleOps`], the chain the kernels replace), the CPU
-//! takes the loops. `benches/scoring_e2e.rs` checks the kernels against the CPU before timing.
+//! The kernels serve every device by default (H200, 2026-11-27: exact gathers, SwiGLU equal to
+//! the CPU's, the SmolLM2 forward 1.31x faster than with candle's ops; docs/kernels.md 8d).
+//! `LLM4DSR_DECODER_OPS=candle` gives a CUDA tensor candle's own ops instead
+//! ([`Impl::CandleOps`], the chain the kernels replace), for comparison.
+//! `benches/scoring_e2e.rs` checks the kernels against the CPU before timing.
 
 use anyhow::{ensure, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
@@ -31,16 +32,16 @@ pub enum Impl {
 }
 
 impl Impl {
-    /// The default for tensors on `dev`: the kernel on the CPU; on CUDA candle's ops unless
-    /// `LLM4DSR_DECODER_OPS=kernels`.
+    /// The default for tensors on `dev`: the kernel; on CUDA candle's ops with
+    /// `LLM4DSR_DECODER_OPS=candle`.
     pub fn for_device(dev: &candle_core::Device) -> Self {
         static ON_GPU: std::sync::OnceLock<Impl> = std::sync::OnceLock::new();
         if dev.is_cpu() {
             return Impl::Kernel;
         }
         *ON_GPU.get_or_init(|| match std::env::var("LLM4DSR_DECODER_OPS").as_deref() {
-            Ok("kernels") => Impl::Kernel,
-            _ => Impl::CandleOps,
+            Ok("candle") => Impl::CandleOps,
+            _ => Impl::Kernel,
         })
     }
 }
