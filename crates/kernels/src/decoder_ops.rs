@@ -46,6 +46,16 @@ impl Impl {
     }
 }
 
+/// The CUDA kernels move 32-bit words: a 16-bit tensor whose first value or count is odd (never
+/// made by the decoder, but a caller's view could be) takes candle's ops instead.
+fn words_ok(t: &Tensor, values_per_row: usize) -> bool {
+    let per_word = 4 / t.dtype().size_in_bytes().clamp(1, 4);
+    t.device().is_cpu()
+        || (t.layout().start_offset() % per_word == 0
+            && values_per_row % per_word == 0
+            && t.elem_count() % per_word == 0)
+}
+
 /// `out[bi, h, j, :] = src[rows[bi * n + j], h, :]`: `src` `[P, heads, hd]`, `rows` u32
 /// `[b * n]` (each < P). Returns `[b, heads, n, hd]` in `src`'s dtype.
 pub fn gather_heads_first(src: &Tensor, rows: &Tensor, b: usize, n: usize) -> Result<Tensor> {
@@ -68,7 +78,7 @@ pub fn gather_heads_first_with(
         rows.dtype(),
         rows.dims()
     );
-    if imp == Impl::CandleOps {
+    if imp == Impl::CandleOps || !words_ok(src, hd) {
         return Ok(src
             .index_select(rows, 0)?
             .reshape((b, n, heads, hd))?
@@ -101,7 +111,7 @@ pub fn gather_token_major_with(src: &Tensor, rows: &Tensor, imp: Impl) -> Result
         rows.dtype(),
         rows.dims()
     );
-    if imp == Impl::CandleOps {
+    if imp == Impl::CandleOps || !words_ok(src, hd) {
         return Ok(src
             .transpose(1, 2)?
             .reshape((b * n, heads, hd))?
@@ -133,7 +143,7 @@ pub fn swiglu_with(gate: &Tensor, up: &Tensor, imp: Impl) -> Result<Tensor> {
         up.dtype(),
         up.dims()
     );
-    if imp == Impl::CandleOps {
+    if imp == Impl::CandleOps || !words_ok(gate, 2) || !words_ok(up, 2) {
         return Ok((gate.silu()? * up)?);
     }
     Ok(gate
