@@ -51,9 +51,9 @@ impl Impl {
 fn words_ok(t: &Tensor, values_per_row: usize) -> bool {
     let per_word = 4 / t.dtype().size_in_bytes().clamp(1, 4);
     t.device().is_cpu()
-        || (t.layout().start_offset() % per_word == 0
-            && values_per_row % per_word == 0
-            && t.elem_count() % per_word == 0)
+        || (t.layout().start_offset().is_multiple_of(per_word)
+            && values_per_row.is_multiple_of(per_word)
+            && t.elem_count().is_multiple_of(per_word))
 }
 
 /// `out[bi, h, j, :] = src[rows[bi * n + j], h, :]`: `src` `[P, heads, hd]`, `rows` u32
