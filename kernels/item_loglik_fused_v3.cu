@@ -111,9 +111,14 @@ __device__ __forceinline__ void f3_fold(float (&m)[2], float (&s)[2], const floa
     }
 }
 
-// STAGGERED: v4, the main loop with the two warpgroups staggered (wgmma_common.cuh's
-// wg_main_loop_staggered; opt-in, not yet run on a GPU); same epilogue and outputs.
-template <bool BF16, bool STAGGERED>
+// The main loop (same epilogue and outputs for all three): F3_LOCKSTEP v3 (wg_main_loop),
+// F3_STAGGERED v4 (wg_main_loop_staggered; opt-in, slower on an H200), F3_SPECIALISED v5
+// (a TMA producer warpgroup and two consumers, wg5_produce / wg5_consume; opt-in, takes the
+// tensor maps of hidden [n, d] (box 64 x 128) and head [v, d] (box 64 x 256)).
+#define F3_LOCKSTEP 0
+#define F3_STAGGERED 1
+#define F3_SPECIALISED 2
+template <bool BF16, int LOOP>
 __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                                             const u16 *__restrict__ head,
                                             const u32 *__restrict__ targets, int n, int v,
@@ -121,16 +126,29 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                                             float *__restrict__ part_m,
                                             float *__restrict__ part_s,
                                             float *__restrict__ tgt_logit,
-                                            float *__restrict__ logits_out) {
+                                            float *__restrict__ logits_out,
+                                            const WgTensorMap *map_a = nullptr,
+                                            const WgTensorMap *map_b = nullptr) {
     extern __shared__ __align__(1024) unsigned char f3_smem[];
     const u32 smem = (wg_smem_addr(f3_smem) + 1023u) & ~1023u;
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * FUSED3_BM, slice = blockIdx.y;
     const int vtiles = (v + FUSED3_BN - 1) / FUSED3_BN;
     const int vt_begin = slice * tiles_per_slice;
     const int vt_end = min(vt_begin + tiles_per_slice, vtiles);
+    if (LOOP == F3_SPECIALISED) {
+        wg5_init(smem);
+        if (threadIdx.x < 128) {  // the producer warpgroup: one thread streams the tiles
+            wg_setmaxnreg_dec<WG5_PRODUCER_REGS>();
+            if (threadIdx.x == 0) wg5_produce(smem, map_a, map_b, d, row0, vt_begin, vt_end);
+            return;
+        }
+        wg_setmaxnreg_inc<WG5_CONSUMER_REGS>();
+    }
+    // Consumer-relative thread: warps 0-3 own rows 0-63 of the tile, warps 4-7 rows 64-127.
+    const int tid = LOOP == F3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
 
     // The two rows of this thread: h = 0 -> r_lo, h = 1 -> r_lo + 8 (warp w: rows 16 w ..).
     const int r_lo = row0 + warp * 16 + g;
@@ -194,7 +212,9 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                     }
         }
     };
-    if (STAGGERED) {
+    if (LOOP == F3_SPECIALISED) {
+        wg5_consume<BF16>(smem, warp >> 2, d, vt_begin, vt_end, epilogue);
+    } else if (LOOP == F3_STAGGERED) {
         wg_main_loop_staggered<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end,
                                      epilogue);
     } else {
@@ -225,7 +245,7 @@ item_loglik_fused_v3_bf16(const u16 *__restrict__ hidden, const u16 *__restrict_
                           int tiles_per_slice, float *__restrict__ part_m,
                           float *__restrict__ part_s, float *__restrict__ tgt_logit,
                           float *__restrict__ logits_out) {
-    fused_tc_v3<true, false>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+    fused_tc_v3<true, F3_LOCKSTEP>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
                              tgt_logit, logits_out);
 }
 
@@ -235,11 +255,11 @@ item_loglik_fused_v3_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                          int tiles_per_slice, float *__restrict__ part_m,
                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
                          float *__restrict__ logits_out) {
-    fused_tc_v3<false, false>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+    fused_tc_v3<false, F3_LOCKSTEP>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
                               tgt_logit, logits_out);
 }
 
-// v4 (opt-in, LLM4DSR_FUSED_VERSION=v4; not yet run on a GPU): the same kernel on the staggered
+// v4 (opt-in, LLM4DSR_FUSED_VERSION=v4; correct and slower than v3 on an H200): the same kernel on the staggered
 // main loop. Dynamic shared memory FUSED4_SMEM (= WG4_SMEM).
 #define FUSED4_SMEM WG4_SMEM
 
@@ -249,7 +269,7 @@ item_loglik_fused_v4_bf16(const u16 *__restrict__ hidden, const u16 *__restrict_
                           int tiles_per_slice, float *__restrict__ part_m,
                           float *__restrict__ part_s, float *__restrict__ tgt_logit,
                           float *__restrict__ logits_out) {
-    fused_tc_v3<true, true>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+    fused_tc_v3<true, F3_STAGGERED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
                             tgt_logit, logits_out);
 }
 
@@ -259,6 +279,34 @@ item_loglik_fused_v4_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                          int tiles_per_slice, float *__restrict__ part_m,
                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
                          float *__restrict__ logits_out) {
-    fused_tc_v3<false, true>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
+    fused_tc_v3<false, F3_STAGGERED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m, part_s,
                              tgt_logit, logits_out);
+}
+
+// v5 (opt-in, LLM4DSR_FUSED_VERSION=v5; not yet run on a GPU): warp-specialised, WG5_THREADS
+// threads (a producer warpgroup and two consumers), FUSED5_SMEM bytes of dynamic shared memory.
+// v3's parameters (hidden and head are read through the maps; the pointers stay for the
+// signature) followed by the tensor maps of hidden and head.
+#define FUSED5_SMEM WG5_SMEM
+
+extern "C" __global__ void __launch_bounds__(WG5_THREADS, 1)
+item_loglik_fused_v5_bf16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                          const u32 *__restrict__ targets, int n, int v, int d,
+                          int tiles_per_slice, float *__restrict__ part_m,
+                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                          float *__restrict__ logits_out, const __grid_constant__ WgTensorMap map_a,
+                          const __grid_constant__ WgTensorMap map_b) {
+    fused_tc_v3<true, F3_SPECIALISED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m,
+                                      part_s, tgt_logit, logits_out, &map_a, &map_b);
+}
+
+extern "C" __global__ void __launch_bounds__(WG5_THREADS, 1)
+item_loglik_fused_v5_f16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                         const u32 *__restrict__ targets, int n, int v, int d,
+                         int tiles_per_slice, float *__restrict__ part_m,
+                         float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                         float *__restrict__ logits_out, const __grid_constant__ WgTensorMap map_a,
+                         const __grid_constant__ WgTensorMap map_b) {
+    fused_tc_v3<false, F3_SPECIALISED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m,
+                                       part_s, tgt_logit, logits_out, &map_a, &map_b);
 }

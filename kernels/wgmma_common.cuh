@@ -385,3 +385,154 @@ __device__ __forceinline__ void wg_main_loop_staggered(u32 smem, const u16 *__re
     wg_mma_wait<0>();
     wg_cp_async_wait<0>();
 }
+
+// ---- v5: warp-specialised (a TMA producer warpgroup, two consumer warpgroups; opt-in)
+//
+// v3 and v4 make the consumers issue their own copies (cp.async, 8-16 per thread per step,
+// plus the address arithmetic) and, in v4, make warpgroup 0 wait for warpgroup 1 before it
+// may refill a slot, so neither overlaps one warpgroup's epilogue with the other's products
+// for long. Here a third warpgroup (threads 0-127; one thread works) streams each step's A
+// (128 rows) and B (256 rows) tiles with two TMA copies (cp.async.bulk.tensor, 128-byte
+// swizzle: the same layout as wg_swz, written by the copy engine) into a ring of WG5_STAGES
+// slots: `full[s]` (count 1: the producer's arrive.expect_tx, completed by the copies' bytes)
+// and `empty[s]` (count 8: lane 0 of each consumer warp once the step's products retired).
+// Consumer warpgroup c (threads 128 + 128 c ..) multiplies A rows [64 c, 64 c + 64) by the 256
+// B rows, exactly as v3's warpgroup c, and waits only for `full`: while one runs its epilogue
+// the other has the tensor cores to itself, up to WG5_STAGES - 1 steps ahead (the producer,
+// not a consumer, waits for the slower one). setmaxnreg moves registers from the producer to
+// the consumers (128 x 40 + 256 x 232 <= 64K). The ring protocol is modelled in
+// jobs/sim/ws_ring.py (random interleavings: no deadlock, no stale or overwritten slot).
+
+#define WG5_THREADS 384
+#define WG5_STAGES 4
+#define WG5_BAR_OFF (WG5_STAGES * WG_STAGE_BYTES)
+// The ring, 2 x WG5_STAGES mbarriers (padded to 128 B), 1 KB of alignment slack.
+#define WG5_SMEM (WG5_BAR_OFF + 128 + 1024)
+#ifndef WG5_PRODUCER_REGS
+#define WG5_PRODUCER_REGS 40
+#endif
+#ifndef WG5_CONSUMER_REGS
+#define WG5_CONSUMER_REGS 232
+#endif
+static_assert(2 * WG5_STAGES <= 16, "mbarriers fit in 128 B");
+static_assert(128 * WG5_PRODUCER_REGS + 256 * WG5_CONSUMER_REGS <= 65536, "register file");
+
+// A driver tensor map (CUtensorMap: 128 opaque bytes), passed by value as a __grid_constant__
+// kernel parameter; crates/kernels/src/cuda.rs encodes it (cuTensorMapEncodeTiled).
+struct __align__(64) WgTensorMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void wg_mbar_expect_tx(u32 addr, u32 bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
+                 :: "r"(addr), "r"(bytes) : "memory");
+}
+// mbarrier initialisation made visible to the async proxy (the copy engine's complete_tx).
+__device__ __forceinline__ void wg_fence_mbar_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The 2-d box at (inner coordinate c0, row c1) of `map` into shared `dst`; its bytes complete
+// the transaction of mbarrier `mbar`. Out-of-range elements are written as zeros.
+__device__ __forceinline__ void wg_tma_load_2d(u32 dst, const WgTensorMap *map, int c0, int c1,
+                                               u32 mbar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n"
+        :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(mbar)
+        : "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+template <int N>
+__device__ __forceinline__ void wg_setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+
+// All 384 threads: initialise the ring's barriers (before any role runs).
+__device__ __forceinline__ void wg5_init(u32 smem) {
+    const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < WG5_STAGES; ++s) {
+            wg_mbar_init(full0 + 8 * s, 1);   // the producer's arrive.expect_tx
+            wg_mbar_init(empty0 + 8 * s, 8);  // lane 0 of each of the 8 consumer warps
+        }
+        wg_fence_mbar_init();
+    }
+    __syncthreads();
+}
+
+// The producer (one thread): step s's A box (64 deep x 128 rows from row0) and B box (64 deep
+// x 256 rows of tile t) into slot s % WG5_STAGES, once both consumers released the slot's
+// previous step. A fresh barrier counts as having completed the phase before its first, so
+// the first round's waits (parity 1) pass at once.
+__device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
+                                            const WgTensorMap *map_b, int d, int row0,
+                                            int t_begin, int t_end) {
+    const int ksteps = (d + WG_BK - 1) / WG_BK;
+    const int total = (t_end - t_begin) * ksteps;
+    const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
+    int kt = 0, tile = t_begin, slot = 0;
+    u32 round = 0;
+    for (int s = 0; s < total; ++s) {
+        wg_mbar_wait(empty0 + 8 * slot, (round & 1) ^ 1);
+        const u32 stage = smem + slot * WG_STAGE_BYTES, full = full0 + 8 * slot;
+        wg_mbar_expect_tx(full, WG_STAGE_BYTES);
+        wg_tma_load_2d(stage, map_a, kt * WG_BK, row0, full);
+        wg_tma_load_2d(stage + WG_A_BYTES, map_b, kt * WG_BK, tile * WG_BN, full);
+        if (++kt == ksteps) {
+            kt = 0;
+            ++tile;
+        }
+        if (++slot == WG5_STAGES) {
+            slot = 0;
+            ++round;
+        }
+    }
+}
+
+// Consumer warpgroup `cw` (0 or 1): v3's products for its 64 rows, calling epi(acc, tile)
+// after each tile's last step, as wg_main_loop does. Step s - 1 is released once step s's
+// wait_group 1 retired it; a tile's last step right after its wait_group 0 (before the
+// epilogue, so the producer refills while the epilogue runs).
+template <bool BF16, typename Epi>
+__device__ __forceinline__ void wg5_consume(u32 smem, int cw, int d, int t_begin, int t_end,
+                                            Epi &&epi) {
+    const int ksteps = (d + WG_BK - 1) / WG_BK;
+    const int total = (t_end - t_begin) * ksteps;
+    const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
+    const bool leader = (threadIdx.x & 31) == 0;
+    const u32 a_off = (u32)cw * 64 * (WG_BK * 2);
+    float acc[WG_NACC];
+#pragma unroll
+    for (int i = 0; i < WG_NACC; ++i) acc[i] = 0.f;
+    int tile = t_begin, kt = 0, slot = 0, prev = WG5_STAGES - 1;
+    u32 round = 0;
+    for (int s = 0; s < total; ++s) {
+        wg_mbar_wait(full0 + 8 * slot, round & 1);
+        const u32 stage = smem + slot * WG_STAGE_BYTES;
+        wg_mma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; ++kk)
+            wg_mma<BF16>(acc, wg_desc(stage + a_off + kk * 32),
+                         wg_desc(stage + WG_A_BYTES + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
+        wg_mma_commit();
+        wg_mma_wait<1>();
+        if (kt > 0 && leader) wg_mbar_arrive(empty0 + 8 * prev);  // step s - 1, same tile
+        prev = slot;
+        if (++slot == WG5_STAGES) {
+            slot = 0;
+            ++round;
+        }
+        if (++kt == ksteps) {
+            wg_mma_wait<0>();
+            if (leader) wg_mbar_arrive(empty0 + 8 * prev);  // this step
+            wg_fence_acc(acc);
+            epi(acc, tile);
+            kt = 0;
+            ++tile;
+        }
+    }
+    wg_mma_wait<0>();
+}
