@@ -549,6 +549,10 @@ mod gpu {
                 FusedVersion::V4,
                 llm4dsr_kernels::launch::FUSED4_SMEM as usize,
             ),
+            (
+                FusedVersion::V5,
+                llm4dsr_kernels::launch::FUSED5_SMEM as usize,
+            ),
         ] {
             match g.fused_function(version, FusedVariant::TensorCoreBf16) {
                 Some(f) => {
@@ -558,6 +562,7 @@ mod gpu {
                         FusedVersion::V3 | FusedVersion::V4 => {
                             llm4dsr_kernels::launch::FUSED3_THREADS
                         }
+                        FusedVersion::V5 => llm4dsr_kernels::launch::FUSED5_THREADS,
                     };
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
@@ -639,6 +644,8 @@ mod gpu {
             // v4 (opt-in, staggered warpgroups): timed where it loads; the GPU check turns it
             // off (LLM4DSR_FUSED_V4=off) when its layout test failed or hung.
             let v4 = time_version(FusedVersion::V4)?;
+            // v5 (opt-in, warp-specialised with TMA): likewise (LLM4DSR_FUSED_V5=off).
+            let v5 = time_version(FusedVersion::V5)?;
             // Diagnostic: v3 with its epilogue replaced by a sum of the accumulators (the main
             // loop's own speed; the outputs are not checked). The gap to the v3 row is what the
             // online log-sum-exp costs.
@@ -760,19 +767,24 @@ mod gpu {
                     ),
                 });
             }
-            if let (Some((ms4, tok4, grid)), Some((ms3, tok3, _))) = (&v4, &v3) {
-                let (r4, r3) = (tok4[0], tok3[0]);
-                rows.push(Row {
-                    case: "fused bf16 v4 (v3, warpgroups staggered)".into(),
-                    shape: shape.clone(),
-                    ms: *ms4,
-                    work: fused_work(s, 2.0, true),
-                    note: format!(
-                        "vs v3 {:.1e} (row 0: {r4:.6} vs {r3:.6}); x{:.2} v3; {grid}",
-                        rel_err(tok4, tok3),
-                        ms3 / ms4
-                    ),
-                });
+            for (case, other) in [
+                ("fused bf16 v4 (v3, warpgroups staggered)", &v4),
+                ("fused bf16 v5 (v3, warp-specialised, TMA)", &v5),
+            ] {
+                if let (Some((ms4, tok4, grid)), Some((ms3, tok3, _))) = (other, &v3) {
+                    let (r4, r3) = (tok4[0], tok3[0]);
+                    rows.push(Row {
+                        case: case.into(),
+                        shape: shape.clone(),
+                        ms: *ms4,
+                        work: fused_work(s, 2.0, true),
+                        note: format!(
+                            "vs v3 {:.1e} (row 0: {r4:.6} vs {r3:.6}); x{:.2} v3; {grid}",
+                            rel_err(tok4, tok3),
+                            ms3 / ms4
+                        ),
+                    });
+                }
             }
             rows.push(Row {
                 case: "materialise (v1 GEMM) + logits kernel".into(),

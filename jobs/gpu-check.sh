@@ -163,6 +163,9 @@ smoke "v3 layout smoke test" gpu_v3_logits_layout 60 v3-smoke.log LLM4DSR_FUSED_
 # v4 (opt-in: the staggered warpgroups, mbarriers; the newest and least proven kernel).
 smoke "v4 (opt-in) test" gpu_v4_matches_v3 60 v4-smoke.log LLM4DSR_FUSED_V4=off \
   '^test |test result|layout|panicked|SKIP|differs'
+# v5 (opt-in: warp-specialised, TMA tensor maps, setmaxnreg; written without a GPU).
+smoke "v5 (opt-in) test" gpu_v5_matches_v3 60 v5-smoke.log LLM4DSR_FUSED_V5=off \
+  '^test |test result|layout|panicked|SKIP|differs'
 smoke "tensor-core grounding with the v3 (wgmma) candidate kernel" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-smoke.log LLM4DSR_NEAREST_TC_CANDIDATES=v2 \
   '^test |test result|panicked|SKIP|GPU nearest tc V3'

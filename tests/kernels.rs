@@ -590,13 +590,21 @@ mod gpu {
                 "mbarrier.try_wait.parity.shared::cta.b64",
                 "cp.async.mbarrier.arrive.noinc.shared::cta.b64",
                 "mbarrier.arrive.shared::cta.b64",
+                // v5 (warp-specialised): TMA copies, transaction barriers, register moves.
+                ".entry item_loglik_fused_v5_bf16(",
+                ".entry item_loglik_fused_v5_f16(",
+                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+                "mbarrier.arrive.expect_tx.shared::cta.b64",
+                "fence.mbarrier_init.release.cluster",
+                "setmaxnreg.dec.sync.aligned.u32 40",
+                "setmaxnreg.inc.sync.aligned.u32 232",
             ] {
                 assert!(v3.contains(needle), "v3 PTX lacks {needle}");
             }
-            // 4 wgmma per stage in each of the 4 kernels (v3 and v4, bf16 and f16).
+            // 4 wgmma per stage in each of the 6 kernels (v3, v4, v5; bf16 and f16).
             assert_eq!(
                 v3.matches("wgmma.mma_async").count(),
-                4 * 4,
+                6 * 4,
                 "v3 wgmma count"
             );
             assert!(!v3.contains(".local"), "v3 uses local memory");
@@ -670,12 +678,13 @@ mod gpu {
         sm90a_expected(g, FusedVersion::V3)
     }
 
-    /// The same for an sm_90a version (v3, v4): turned off by the GPU check after a failed
-    /// smoke test (`LLM4DSR_FUSED_V3=off` / `LLM4DSR_FUSED_V4=off`) it is skipped.
+    /// The same for an sm_90a version (v3, v4, v5): turned off by the GPU check after a failed
+    /// smoke test (`LLM4DSR_FUSED_V3=off`, `..._V4=off`, `..._V5=off`) it is skipped.
     fn sm90a_expected(g: &CudaKernels, version: FusedVersion) -> bool {
         let why = g.fused_unavailable(version);
         if why == Some(llm4dsr_kernels::cuda::V3_DISABLED)
             || why == Some(llm4dsr_kernels::cuda::V4_DISABLED)
+            || why == Some(llm4dsr_kernels::cuda::V5_DISABLED)
         {
             eprintln!("SKIP: fused {version:?}: {}", why.unwrap_or(""));
             return false;
@@ -712,10 +721,25 @@ mod gpu {
     #[test]
     fn gpu_v4_matches_v3() {
         let Some(g) = gpu() else { return };
-        if !sm90a_expected(g, FusedVersion::V4) {
-            return;
+        if sm90a_expected(g, FusedVersion::V4) {
+            matches_v3(g, FusedVersion::V4);
         }
-        logits_layout(g, FusedVersion::V4);
+    }
+
+    /// v5 (warp-specialised: TMA producer, two consumer warpgroups; opt-in): the same checks as
+    /// v4's. Its tiles arrive through tensor maps (zero fill past the matrix instead of
+    /// cp.async's zero-size copies), so the partial tiles and d = 72 / 200 (depth past d in the
+    /// last box) test the maps' bounds; bit-equal to v3 (same products, same epilogue).
+    #[test]
+    fn gpu_v5_matches_v3() {
+        let Some(g) = gpu() else { return };
+        if sm90a_expected(g, FusedVersion::V5) {
+            matches_v3(g, FusedVersion::V5);
+        }
+    }
+
+    fn matches_v3(g: &CudaKernels, version: FusedVersion) {
+        logits_layout(g, version);
         for (case, (n, v, d)) in [
             (130usize, 5000usize, 576usize),
             (257, 4099, 200),
@@ -733,17 +757,22 @@ mod gpu {
                 g.item_loglik_version(&h, &w, &t, &o, ScoreMode::Fused, version)
                     .unwrap()
             };
-            let v4 = run(FusedVersion::V4);
-            check_loglik(&format!("GPU V4 bf16 n={n} v={v} d={d}"), &v4, &want, 2e-3);
-            assert_eq!(
-                v4,
-                run(FusedVersion::V3),
-                "v4 differs from v3 at n={n} v={v} d={d}"
+            let got = run(version);
+            check_loglik(
+                &format!("GPU {version:?} bf16 n={n} v={v} d={d}"),
+                &got,
+                &want,
+                2e-3,
             );
             assert_eq!(
-                v4,
-                run(FusedVersion::V4),
-                "v4 not repeatable at n={n} v={v} d={d}"
+                got,
+                run(FusedVersion::V3),
+                "{version:?} differs from v3 at n={n} v={v} d={d}"
+            );
+            assert_eq!(
+                got,
+                run(version),
+                "{version:?} not repeatable at n={n} v={v} d={d}"
             );
         }
     }

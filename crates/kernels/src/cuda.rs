@@ -16,7 +16,8 @@ pub use cudarc;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
@@ -40,6 +41,9 @@ pub const V3_DISABLED: &str = "disabled by LLM4DSR_FUSED_V3=off";
 /// Why v4 is unavailable when `LLM4DSR_FUSED_V4=off` (the GPU check sets it after a failed v4
 /// smoke test).
 pub const V4_DISABLED: &str = "disabled by LLM4DSR_FUSED_V4=off";
+/// Why v5 is unavailable when `LLM4DSR_FUSED_V5=off` (the GPU check sets it after a failed v5
+/// smoke test).
+pub const V5_DISABLED: &str = "disabled by LLM4DSR_FUSED_V5=off";
 /// Why the staggered grounding candidate kernel is unavailable when `LLM4DSR_NEAREST_TC_V4=off`.
 pub const TC_V4_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V4=off";
 
@@ -199,6 +203,15 @@ pub fn cfg(s: Shape) -> LaunchConfig {
     }
 }
 
+/// A driver tensor map (TMA descriptor, 128 opaque bytes), passed to a kernel by value
+/// (`const __grid_constant__ WgTensorMap` in wgmma_common.cuh).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte C struct, copied into the kernel's parameter space as it is.
+unsafe impl DeviceRepr for TensorMap {}
+
 /// A matrix in device memory, row-major [rows, cols]; 16-bit floats travel as raw bits.
 pub enum DeviceMatrix {
     Bf16(CudaSlice<u16>, usize, usize),
@@ -268,6 +281,9 @@ pub struct CudaKernels {
     fused_v3: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     /// v4 (opt-in) bf16 and f16 kernels, or why they are unavailable; on first use.
     fused_v4: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
+    /// v5 (opt-in, warp-specialised with TMA) bf16 and f16 kernels, or why they are
+    /// unavailable; on first use.
+    fused_v5: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -382,6 +398,7 @@ impl CudaKernels {
             fused_v2: OnceLock::new(),
             fused_v3: OnceLock::new(),
             fused_v4: OnceLock::new(),
+            fused_v5: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -581,6 +598,60 @@ impl CudaKernels {
         Ok(dst)
     }
 
+    /// A TMA descriptor of the 16-bit row-major matrix `m` [rows, d], read in boxes of 64
+    /// values (128 bytes) x `box_rows` rows with the 128-byte swizzle (the shared layout of
+    /// wgmma_common.cuh's tiles); elements past the matrix read as zeros. Needs d % 8 == 0
+    /// (row pitch a multiple of 16 bytes), which the tensor-core plans already require.
+    fn tensor_map_k_major(
+        &self,
+        m: &CudaSlice<u16>,
+        rows: usize,
+        d: usize,
+        box_rows: u32,
+        bf16: bool,
+    ) -> Result<TensorMap> {
+        if rows == 0 || d == 0 || !d.is_multiple_of(8) || m.len() < rows * d {
+            bail!(
+                "tensor map: {} values for [{rows}, {d}] (d must be a multiple of 8)",
+                m.len()
+            );
+        }
+        let (ptr, _sync) = m.device_ptr(&self.stream);
+        let dims: [u64; 2] = [d as u64, rows as u64];
+        let strides: [u64; 1] = [(d * 2) as u64];
+        let boxes: [u32; 2] = [launch::FUSED3_BK, box_rows];
+        let elem: [u32; 2] = [1, 1];
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: the pointers are to local arrays of the rank (2) the call declares; `ptr` is
+        // a live allocation of at least rows x d 16-bit values (checked above) that the launch
+        // using this map also takes as an argument, so it outlives the kernel.
+        let rc = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                if bf16 {
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                } else {
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                },
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            bail!("cuTensorMapEncodeTiled([{rows}, {d}], box 64 x {box_rows}): {rc:?}");
+        }
+        // SAFETY: initialised by the successful call above.
+        Ok(TensorMap(unsafe { map.assume_init() }))
+    }
+
     /// Which fused kernel serves an LM head of this dtype and hidden size.
     pub fn variant_for(dtype: DType, d: usize) -> FusedVariant {
         match dtype {
@@ -618,6 +689,7 @@ impl CudaKernels {
             FusedVersion::V2 => Some(self.fused_v2.get_or_init(|| self.load_fused_pair(version))),
             FusedVersion::V3 => Some(self.fused_v3.get_or_init(|| self.load_fused_pair(version))),
             FusedVersion::V4 => Some(self.fused_v4.get_or_init(|| self.load_fused_pair(version))),
+            FusedVersion::V5 => Some(self.fused_v5.get_or_init(|| self.load_fused_pair(version))),
         }
     }
 
@@ -672,6 +744,20 @@ impl CudaKernels {
                         &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                         &["item_loglik_fused_v4_bf16", "item_loglik_fused_v4_f16"],
                         launch::FUSED4_SMEM,
+                        &[],
+                    )?
+                }
+                FusedVersion::V5 => {
+                    self.sm90a_allowed()?;
+                    if std::env::var("LLM4DSR_FUSED_V5").is_ok_and(|x| x == "off") {
+                        bail!("{V5_DISABLED}");
+                    }
+                    self.load_with_smem(
+                        FUSED3_ARCH,
+                        "item_loglik_fused_v3.cu",
+                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
+                        &["item_loglik_fused_v5_bf16", "item_loglik_fused_v5_f16"],
+                        launch::FUSED5_SMEM,
                         &[],
                     )?
                 }
@@ -819,6 +905,25 @@ impl CudaKernels {
         self.stream
             .memcpy_htod(&vec![f32::NAN; n], &mut buf.tgt_logit)?;
         let null: u64 = 0;
+        // v5 reads hidden and head through TMA: one tensor map each (after the pointers).
+        let maps = match (plan.version, hidden, head) {
+            (
+                FusedVersion::V5,
+                DeviceMatrix::Bf16(h, ..) | DeviceMatrix::F16(h, ..),
+                DeviceMatrix::Bf16(w, ..) | DeviceMatrix::F16(w, ..),
+            ) => {
+                let bf16 = plan.variant == FusedVariant::TensorCoreBf16;
+                let (box_a, box_b) = launch::FUSED5_BOX_ROWS;
+                Some((
+                    self.tensor_map_k_major(h, n, d, box_a, bf16)
+                        .context("v5: the hidden states' tensor map")?,
+                    self.tensor_map_k_major(w, v, d, box_b, bf16)
+                        .context("v5: the LM head's tensor map")?,
+                ))
+            }
+            (FusedVersion::V5, ..) => bail!("score_device: v5 takes 16-bit hidden and head"),
+            _ => None,
+        };
         {
             let mut b = self.stream.launch_builder(func);
             match hidden {
@@ -837,10 +942,14 @@ impl CudaKernels {
                 Some(l) => b.arg(l),
                 None => b.arg(&null),
             };
-            // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu (v2:
-            // item_loglik_fused_v2.cu, the same signature); the buffers were sized by the same
-            // plan (partials slices x n, logits n x v); v2's dynamic shared memory (the plan's
-            // shared_bytes) was opted in at load.
+            if let Some((map_a, map_b)) = maps.as_ref() {
+                b.arg(map_a).arg(map_b);
+            }
+            // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu (v2,
+            // v3, v4: the same signature; v5: the same followed by the two tensor maps, which
+            // describe the hidden and head buffers passed above); the buffers were sized by
+            // the same plan (partials slices x n, logits n x v); the dynamic shared memory
+            // (the plan's shared_bytes) was opted in at load.
             unsafe { b.launch(cfg(plan.fused)) }
                 .context("launching the fused item_loglik kernel")?;
         }

@@ -76,6 +76,15 @@ const _: () = assert!(FUSED3_SMEM <= SMEM_OPTIN_MAX_SM90);
 pub const FUSED4_SMEM: u32 =
     5 * FUSED3_BN * FUSED3_BK * 2 + 2 * 4 * 64 * FUSED3_BK * 2 + 128 + 1024;
 const _: () = assert!(FUSED4_SMEM <= SMEM_OPTIN_MAX_SM90);
+/// v5 (v3's tile, warp-specialised: a TMA producer warpgroup and two consumer warpgroups,
+/// `wg5_produce` / `wg5_consume`): threads per block. Must equal `WG5_THREADS`.
+pub const FUSED5_THREADS: u32 = 384;
+/// v5 dynamic shared memory: a ring of 4 stages (A 128 x 128 B, B 256 x 128 B), 128 B of
+/// mbarriers and 1 KB of alignment slack. Must equal `WG5_SMEM` in `wgmma_common.cuh`.
+pub const FUSED5_SMEM: u32 = 4 * (FUSED3_BM + FUSED3_BN) * FUSED3_BK * 2 + 128 + 1024;
+const _: () = assert!(FUSED5_SMEM <= SMEM_OPTIN_MAX_SM90);
+/// v5: rows of the A (hidden) and B (head) boxes its tensor maps describe (64 deep each).
+pub const FUSED5_BOX_ROWS: (u32, u32) = (FUSED3_BM, FUSED3_BN);
 /// Shared memory a block may use without opting in (static or dynamic).
 pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
 /// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
@@ -307,9 +316,15 @@ pub enum FusedVersion {
     V3,
     /// v3's tile and epilogue with the two warpgroups staggered so that one's epilogue runs
     /// while the other's products do (mbarrier-guarded B ring; compute capability 9.0 only).
-    /// Opt-in (`LLM4DSR_FUSED_VERSION=v4`): written after the last GPU run of 2026-11-27, not
-    /// yet run on a GPU.
+    /// Opt-in (`LLM4DSR_FUSED_VERSION=v4`): bit-equal to v3 and 0.80-0.93x its speed on an
+    /// H200 (docs/kernels.md, section 8d).
     V4,
+    /// v3's tile and epilogue, warp-specialised: a producer warpgroup streams the tiles with
+    /// TMA (tensor maps, 128-byte swizzle) into an mbarrier ring, and two consumer warpgroups
+    /// multiply and run their epilogues independently, so one's epilogue overlaps the other's
+    /// products (compute capability 9.0 only). Opt-in (`LLM4DSR_FUSED_VERSION=v5`): written
+    /// on 2026-11-27 without a GPU, not yet run on one.
+    V5,
 }
 
 /// The environment variable that picks the fused kernel's version.
@@ -322,7 +337,8 @@ impl FusedVersion {
             "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
             "" | "v3" | "3" => Ok(FusedVersion::V3),
             "v4" | "4" => Ok(FusedVersion::V4),
-            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3 or v4"),
+            "v5" | "5" => Ok(FusedVersion::V5),
+            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3, v4 or v5"),
         }
     }
 
@@ -340,14 +356,16 @@ impl FusedVersion {
     pub fn supports(&self, variant: FusedVariant) -> bool {
         match self {
             FusedVersion::V1 => true,
-            FusedVersion::V2 | FusedVersion::V3 | FusedVersion::V4 => variant != FusedVariant::F32,
+            FusedVersion::V2 | FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => {
+                variant != FusedVariant::F32
+            }
         }
     }
 
     /// The version that serves when this one is unavailable on a device (v3 -> v2 -> v1).
     pub fn fallback(self) -> Self {
         match self {
-            FusedVersion::V4 => FusedVersion::V3,
+            FusedVersion::V4 | FusedVersion::V5 => FusedVersion::V3,
             FusedVersion::V3 => FusedVersion::V2,
             _ => FusedVersion::V1,
         }
@@ -373,6 +391,8 @@ impl FusedVersion {
             (FusedVersion::V3, FusedVariant::TensorCoreF16) => "item_loglik_fused_v3_f16",
             (FusedVersion::V4, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v4_bf16",
             (FusedVersion::V4, FusedVariant::TensorCoreF16) => "item_loglik_fused_v4_f16",
+            (FusedVersion::V5, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v5_bf16",
+            (FusedVersion::V5, FusedVariant::TensorCoreF16) => "item_loglik_fused_v5_f16",
             (v, FusedVariant::F32) => {
                 bail!("fused item_loglik {v:?} has no f32 kernel")
             }
@@ -384,7 +404,7 @@ impl FusedVersion {
         match self {
             FusedVersion::V1 => (FUSED_BM, FUSED_BN),
             FusedVersion::V2 => (FUSED2_BM, FUSED2_BN),
-            FusedVersion::V3 | FusedVersion::V4 => (FUSED3_BM, FUSED3_BN),
+            FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => (FUSED3_BM, FUSED3_BN),
         }
     }
 }
@@ -471,7 +491,7 @@ pub fn fused_plan_version(
             FUSED2_THREADS,
             FUSED2_SMEM,
         ),
-        FusedVersion::V3 | FusedVersion::V4 => (
+        FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => (
             TileSplit::balanced(
                 tiles,
                 row_blocks,
@@ -479,11 +499,14 @@ pub fn fused_plan_version(
                 (d as u32).div_ceil(FUSED3_BK),
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
-            FUSED3_THREADS,
-            if version == FusedVersion::V4 {
-                FUSED4_SMEM
-            } else {
-                FUSED3_SMEM
+            match version {
+                FusedVersion::V5 => FUSED5_THREADS,
+                _ => FUSED3_THREADS,
+            },
+            match version {
+                FusedVersion::V4 => FUSED4_SMEM,
+                FusedVersion::V5 => FUSED5_SMEM,
+                _ => FUSED3_SMEM,
             },
         ),
     };
@@ -497,7 +520,9 @@ pub fn fused_plan_version(
         fused: Shape {
             grid: match version {
                 // Row blocks fastest: the blocks running together share one head slice.
-                FusedVersion::V3 | FusedVersion::V4 => (row_blocks, split.slices, 1),
+                FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => {
+                    (row_blocks, split.slices, 1)
+                }
                 _ => (split.slices, row_blocks, 1),
             },
             block: (threads, 1, 1),
@@ -902,6 +927,19 @@ mod tests {
         assert_eq!((p4.fused.grid, p4.split), (p3.fused.grid, p3.split));
         assert_eq!(p4.fused.shared_bytes, FUSED4_SMEM);
         assert_eq!(FUSED4_SMEM, 5 * 32_768 + 8 * 8_192 + 128 + 1024);
+        // v5: v3's plan, 3 warpgroups, its own shared memory.
+        let p5 = fused_plan_version(
+            FusedVersion::V5,
+            FusedVariant::TensorCoreBf16,
+            5120,
+            49_152,
+            576,
+            132,
+        )
+        .unwrap();
+        assert_eq!((p5.fused.grid, p5.split), (p3.fused.grid, p3.split));
+        assert_eq!(p5.fused.block, (384, 1, 1));
+        assert_eq!(p5.fused.shared_bytes, 4 * 49_152 + 128 + 1024);
         let p = fused_plan_version(V3, FusedVariant::TensorCoreF16, 130, 300, 72, 4).unwrap();
         assert_eq!((p.row_blocks, p.split.tiles), (2, 2));
         assert!(fused_plan_version(V3, FusedVariant::F32, 10, 10, 16, 132).is_err());
@@ -936,8 +974,11 @@ mod tests {
         assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v4").unwrap(), FusedVersion::V4);
-        assert!(FusedVersion::parse("v5").is_err());
+        assert_eq!(FusedVersion::parse("5").unwrap(), FusedVersion::V5);
+        assert!(FusedVersion::parse("v6").is_err());
         assert_eq!(FusedVersion::V4.fallback(), FusedVersion::V3);
+        assert_eq!(FusedVersion::V5.fallback(), FusedVersion::V3);
+        assert_eq!(FusedVersion::V5.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V4.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V3.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V3.fallback(), FusedVersion::V2);

@@ -225,6 +225,23 @@ mod tests {
         ] {
             assert!(WGMMA_COMMON_CUH.contains(def), "{def}");
         }
+        // v5: threads and shared memory are launch.rs's FUSED5_THREADS / FUSED5_SMEM
+        // (4 stages of A + B, 128 B of mbarriers, 1 KB of slack); boxes 64 deep (BK).
+        assert!(src.contains("#define FUSED5_SMEM WG5_SMEM"));
+        assert!(src.contains("__launch_bounds__(WG5_THREADS, 1)"));
+        for def in [
+            format!("#define WG5_THREADS {}", crate::launch::FUSED5_THREADS),
+            "#define WG5_STAGES 4".to_string(),
+            "#define WG5_BAR_OFF (WG5_STAGES * WG_STAGE_BYTES)".to_string(),
+            "#define WG5_SMEM (WG5_BAR_OFF + 128 + 1024)".to_string(),
+            format!("#define WG_BK {}", crate::launch::FUSED3_BK),
+        ] {
+            assert!(WGMMA_COMMON_CUH.contains(&def), "{def}");
+        }
+        assert_eq!(
+            crate::launch::FUSED5_BOX_ROWS,
+            (crate::launch::FUSED3_BM, crate::launch::FUSED3_BN)
+        );
     }
 
     /// The v3 candidate kernel's shared-memory formula is launch.rs's.
