@@ -960,6 +960,14 @@ mod gpu {
                                 true,
                             ));
                         }
+                        if let Ok(f5) = g.nearest_tc_candidate_fn(TcCandidates::V5) {
+                            variants.push((
+                                "v5 candidates (warp-specialised, TMA, opt-in)".into(),
+                                TcCandidates::V5,
+                                f5.clone(),
+                                true,
+                            ));
+                        }
                         for (label, def, real) in [
                             (
                                 "v3 candidates, keys but no selection",
@@ -1028,12 +1036,17 @@ mod gpu {
                     if g.nearest_tc_v4_unavailable().is_none() {
                         cands.push(TcCandidates::V4);
                     }
+                    // v5 (opt-in, warp-specialised) likewise (LLM4DSR_NEAREST_TC_V5=off).
+                    if g.nearest_tc_v5_unavailable().is_none() {
+                        cands.push(TcCandidates::V5);
+                    }
                     let mut ms_v2 = None;
                     for cand in cands {
                         let label = match cand {
                             TcCandidates::V2 => "f16 mma.sync",
                             TcCandidates::V3 => "f16 wgmma, 128 x 256",
                             TcCandidates::V4 => "f16 wgmma, staggered warpgroups",
+                            TcCandidates::V5 => "f16 wgmma, warp-specialised (TMA)",
                         };
                         let mut pend = None;
                         let ms_kernels = event_ms(g, 1, 3, || {

@@ -173,6 +173,10 @@ smoke "tensor-core grounding with the v4 (staggered, opt-in) candidate kernel" \
   gpu_nearest_tc_v4_equals_f32_kernel 60 tc4-smoke.log LLM4DSR_NEAREST_TC_V4=off \
   '^test |test result|panicked|SKIP'
 
+smoke "tensor-core grounding with the v5 (warp-specialised, opt-in) candidate kernel" \
+  gpu_nearest_tc_v5_equals_f32_kernel 60 tc5-smoke.log LLM4DSR_NEAREST_TC_V5=off \
+  '^test |test result|panicked|SKIP'
+
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)
 timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1

@@ -29,6 +29,11 @@ static_assert(NTC_LIST == 32, "one list entry per lane");
 // -DWG4_NB=4 (a B ring of 4 slots, so that the lists still fit): its lists follow that ring.
 #define NT4_LIST_OFFSET WG4_SMEM
 #define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
+// v5 (opt-in, not yet run on a GPU): the same kernel warp-specialised (wg5_produce /
+// wg5_consume: a TMA producer warpgroup, two consumer warpgroups, each selecting while the
+// other's products run); its lists follow its ring.
+#define NT5_LIST_OFFSET WG5_SMEM
+#define NTC5_SMEM (NT5_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
 
 #define NT3_POS_INF __int_as_float(0x7f800000)
 #define NT3_NONE 0xffffffffu
@@ -77,33 +82,55 @@ __device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbas
     }
 }
 
-// STAGGERED: v4, the two warpgroups staggered (one's selection overlaps the other's products).
-template <bool STAGGERED>
+// The main loop: NT3_LOCKSTEP v3 (wg_main_loop), NT3_STAGGERED v4 (wg_main_loop_staggered),
+// NT3_SPECIALISED v5 (wg5_produce / wg5_consume; takes the tensor maps of the f16 queries
+// [b, d] (box 64 x 128) and catalogue [n, d] (box 64 x 256)).
+#define NT3_LOCKSTEP 0
+#define NT3_STAGGERED 1
+#define NT3_SPECIALISED 2
+template <int LOOP>
 __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                                                const u16 *__restrict__ c16,
                                                const NtInfo *__restrict__ qinfo,
                                                const NtInfo *__restrict__ cinfo, int b, int n,
                                                int d, int tiles_per_slice,
                                                float *__restrict__ out_key,
-                                               u32 *__restrict__ out_idx) {
+                                               u32 *__restrict__ out_idx,
+                                               const WgTensorMap *map_q = nullptr,
+                                               const WgTensorMap *map_c = nullptr) {
     extern __shared__ __align__(1024) unsigned char nt3_smem[];
     const u32 smem = (wg_smem_addr(nt3_smem) + 1023u) & ~1023u;
     float *lkeys = reinterpret_cast<float *>(
-        nt3_smem + (STAGGERED ? NT4_LIST_OFFSET : NT3_LIST_OFFSET));  // [BM][32]
-    u32 *lidx = reinterpret_cast<u32 *>(lkeys + WG_BM * NTC_LIST);         // [BM][32]
+        nt3_smem + (LOOP == NT3_SPECIALISED ? NT5_LIST_OFFSET
+                    : LOOP == NT3_STAGGERED ? NT4_LIST_OFFSET
+                                            : NT3_LIST_OFFSET));  // [BM][32]
+    u32 *lidx = reinterpret_cast<u32 *>(lkeys + WG_BM * NTC_LIST);  // [BM][32]
+    const int threads = LOOP == NT3_SPECIALISED ? WG5_THREADS : WG_THREADS;
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * WG_BM, slice = blockIdx.y;
     const int ctiles = (n + WG_BN - 1) / WG_BN;
     const int ct_begin = slice * tiles_per_slice;
     const int ct_end = min(ct_begin + tiles_per_slice, ctiles);
 
-    // Visible to every warp at the main loop's first __syncthreads, before any epilogue.
-    for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
+    // Visible to every warp at the main loop's first __syncthreads (v5: wg5_init's), before
+    // any epilogue.
+    for (int e = threadIdx.x; e < WG_BM * NTC_LIST; e += threads) {
         lkeys[e] = NT3_POS_INF;
         lidx[e] = NT3_NONE;
     }
+    if (LOOP == NT3_SPECIALISED) {
+        wg5_init(smem);
+        if (threadIdx.x < 128) {  // the producer warpgroup: one thread streams the tiles
+            wg_setmaxnreg_dec<WG5_PRODUCER_REGS>();
+            if (threadIdx.x == 0) wg5_produce(smem, map_q, map_c, d, row0, ct_begin, ct_end);
+            return;
+        }
+        wg_setmaxnreg_inc<WG5_CONSUMER_REGS>();
+    }
+    // Consumer-relative thread: warps 0-3 own query rows 0-63 of the tile, warps 4-7 64-127.
+    const int tid = LOOP == NT3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
 
     // This thread's 2 query rows (local warp * 16 + g + 8 h): Q and 2/s_q. Rows past b get
     // Q = 0, 2/s_q = 0: finite keys, lists never written out.
@@ -185,12 +212,20 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                 }
         }
     };
-    if (STAGGERED) {
-        wg_main_loop_staggered<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end, epilogue);
+    if (LOOP == NT3_SPECIALISED) {
+        wg5_consume<false>(smem, warp >> 2, d, ct_begin, ct_end, epilogue);
+        // Every consumer warp's last insertions done (the producer warpgroup has left: a
+        // named barrier over the 256 consumer threads).
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
     } else {
-        wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end, epilogue);
+        if (LOOP == NT3_STAGGERED) {
+            wg_main_loop_staggered<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end,
+                                          epilogue);
+        } else {
+            wg_main_loop<false>(smem, q16, c16, b, n, d, row0, ct_begin, ct_end, epilogue);
+        }
+        __syncthreads();  // every warp's last insertions done
     }
-    __syncthreads();  // every warp's last insertions done
     for (int e = tid; e < WG_BM * NTC_LIST; e += WG_THREADS) {
         const int q = row0 + e / NTC_LIST;
         if (q < b) {
@@ -206,7 +241,7 @@ nearest_tc_candidates_v3(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                          const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
                          int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
                          u32 *__restrict__ out_idx) {
-    nt3_candidates<false>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
+    nt3_candidates<NT3_LOCKSTEP>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
@@ -214,5 +249,18 @@ nearest_tc_candidates_v4(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                          const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
                          int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
                          u32 *__restrict__ out_idx) {
-    nt3_candidates<true>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
+    nt3_candidates<NT3_STAGGERED>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
+}
+
+// v5 (opt-in, LLM4DSR_NEAREST_TC_CANDIDATES=v5; not yet run on a GPU): WG5_THREADS threads,
+// NTC5_SMEM bytes of dynamic shared memory; v3's parameters (the f16 rows are read through the
+// maps) followed by the tensor maps of the queries and the catalogue.
+extern "C" __global__ void __launch_bounds__(WG5_THREADS, 1)
+nearest_tc_candidates_v5(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
+                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
+                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
+                         u32 *__restrict__ out_idx, const __grid_constant__ WgTensorMap map_q,
+                         const __grid_constant__ WgTensorMap map_c) {
+    nt3_candidates<NT3_SPECIALISED>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key,
+                                    out_idx, &map_q, &map_c);
 }

@@ -552,15 +552,19 @@ mod gpu {
             ] {
                 assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
             }
-            // 4 wgmma per stage in each of v3 and v4 (the staggered one, with its mbarriers).
+            // 4 wgmma per stage in each of v3, v4 (staggered, with its mbarriers) and v5
+            // (warp-specialised: TMA, transaction barriers).
             assert_eq!(
                 tc3.matches("wgmma.mma_async").count(),
-                2 * 4,
+                3 * 4,
                 "nearest_tc_v3 wgmma"
             );
             for needle in [
                 ".entry nearest_tc_candidates_v4(",
                 "mbarrier.try_wait.parity.shared::cta.b64",
+                ".entry nearest_tc_candidates_v5(",
+                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+                "bar.sync 1, 256",
             ] {
                 assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
             }
@@ -1008,6 +1012,21 @@ mod gpu_tc {
                 eprintln!("SKIP: nearest tc v4 candidates: {why}")
             }
             Some(why) => panic!("nearest tc v4 candidates did not load on an sm_90 card: {why}"),
+        }
+    }
+
+    /// The warp-specialised candidate kernel (v5, opt-in: TMA tensor maps over the f16 rows,
+    /// a named barrier over the consumers before the lists are written) through the same
+    /// cases: on compute capability 9.0 it must load unless the GPU check turned it off.
+    #[test]
+    fn gpu_nearest_tc_v5_equals_f32_kernel() {
+        let Some(g) = gpu() else { return };
+        match g.nearest_tc_v5_unavailable() {
+            None => tc_cases(g, &[TcCandidates::V5]),
+            Some(why) if g.cc != (9, 0) || why == llm4dsr_kernels::cuda::TC_V5_DISABLED => {
+                eprintln!("SKIP: nearest tc v5 candidates: {why}")
+            }
+            Some(why) => panic!("nearest tc v5 candidates did not load on an sm_90 card: {why}"),
         }
     }
 

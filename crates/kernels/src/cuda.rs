@@ -46,6 +46,9 @@ pub const V4_DISABLED: &str = "disabled by LLM4DSR_FUSED_V4=off";
 pub const V5_DISABLED: &str = "disabled by LLM4DSR_FUSED_V5=off";
 /// Why the staggered grounding candidate kernel is unavailable when `LLM4DSR_NEAREST_TC_V4=off`.
 pub const TC_V4_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V4=off";
+/// Why the warp-specialised grounding candidate kernel is unavailable when
+/// `LLM4DSR_NEAREST_TC_V5=off`.
+pub const TC_V5_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V5=off";
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
 /// log line) when the start fails: the callers then take the CPU path.
@@ -297,6 +300,8 @@ pub struct CudaKernels {
     nearest_tc_v3: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The staggered candidate kernel (opt-in), or why it is unavailable.
     nearest_tc_v4: OnceLock<std::result::Result<CudaFunction, String>>,
+    /// The warp-specialised candidate kernel (opt-in), or why it is unavailable.
+    nearest_tc_v5: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The last LM head `item_loglik` uploaded, kept on the device between calls.
     resident_head: Mutex<Option<(ResidentKey, Arc<DeviceMatrix>)>>,
 }
@@ -408,6 +413,7 @@ impl CudaKernels {
             nearest_tc: OnceLock::new(),
             nearest_tc_v3: OnceLock::new(),
             nearest_tc_v4: OnceLock::new(),
+            nearest_tc_v5: OnceLock::new(),
             resident_head: Mutex::new(None),
             ctx,
             stream,
@@ -1229,7 +1235,23 @@ impl CudaKernels {
             .map_err(|e| e.as_str())
     }
 
-    /// Compile and load an sm_90a candidate kernel (v3 or v4) of `nearest_tc_v3.cu`, or say
+    /// The warp-specialised candidate kernel (`nearest_tc_candidates_v5`, opt-in), compiled
+    /// with 24 producer / 240 consumer registers (the selection needs them: 40 B of spills
+    /// there against 68 B with the scoring kernel's 40 / 232); `LLM4DSR_NEAREST_TC_V5=off`
+    /// turns it off (the GPU check does after a failed test).
+    fn nearest_tc_v5_fn(&self) -> std::result::Result<&CudaFunction, &str> {
+        self.nearest_tc_v5
+            .get_or_init(|| self.load_tc_candidates(TcCandidates::V5))
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Why the warp-specialised candidate kernel is unavailable (None: loaded).
+    pub fn nearest_tc_v5_unavailable(&self) -> Option<&str> {
+        self.nearest_tc_v5_fn().err()
+    }
+
+    /// Compile and load an sm_90a candidate kernel (v3, v4 or v5) of `nearest_tc_v3.cu`, or say
     /// why it is unavailable (logged once; v2 serves).
     fn load_tc_candidates(&self, cand: TcCandidates) -> std::result::Result<CudaFunction, String> {
         let loaded = (|| -> Result<CudaFunction> {
@@ -1245,6 +1267,16 @@ impl CudaKernels {
                         "nearest_tc_candidates_v4",
                         launch::NTC4_SMEM,
                         &["-DWG4_NB=4"],
+                    )
+                }
+                TcCandidates::V5 => {
+                    if std::env::var("LLM4DSR_NEAREST_TC_V5").is_ok_and(|x| x == "off") {
+                        bail!("{TC_V5_DISABLED}");
+                    }
+                    (
+                        "nearest_tc_candidates_v5",
+                        launch::NTC5_SMEM,
+                        &["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"],
                     )
                 }
             };
@@ -1287,7 +1319,10 @@ impl CudaKernels {
             Ok("v2") => Ok(TcCandidates::V2),
             Ok("v3") => Ok(TcCandidates::V3),
             Ok("v4") => Ok(TcCandidates::V4),
-            Ok(other) => bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3 or v4"),
+            Ok("v5") => Ok(TcCandidates::V5),
+            Ok(other) => {
+                bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4 or v5")
+            }
             Err(_) => Ok(if self.nearest_tc_v3_fn().is_ok() {
                 TcCandidates::V3
             } else {
@@ -1389,6 +1424,9 @@ impl CudaKernels {
             TcCandidates::V4 => self
                 .nearest_tc_v4_fn()
                 .map_err(|e| anyhow!("nearest tc v4 candidates unavailable: {e}"))?,
+            TcCandidates::V5 => self
+                .nearest_tc_v5_fn()
+                .map_err(|e| anyhow!("nearest tc v5 candidates unavailable: {e}"))?,
         };
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count)?;
@@ -1400,14 +1438,18 @@ impl CudaKernels {
         let (bi, ni, di, ki) = (b as i32, n as i32, d as i32, k as i32);
         let per_slice = plan.split.per_slice as i32;
         let slices = plan.split.slices as i32;
+        let maps = self.tc_candidate_maps(cand, &q16, b, cat)?;
         {
             let mut lb = s.launch_builder(cand_fn);
             lb.arg(&q16).arg(&cat.c16).arg(&qinfo).arg(&cat.info);
             lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
             lb.arg(&mut cand_k).arg(&mut cand_i);
-            // SAFETY: arguments match nearest_tc_candidates (v3: nearest_tc_candidates_v3, the
-            // same signature); outputs sized by the plan; the dynamic shared memory (the plan's,
-            // NTC_SMEM or NTC3_SMEM) was opted in at load.
+            if let Some((map_q, map_c)) = maps.as_ref() {
+                lb.arg(map_q).arg(map_c);
+            }
+            // SAFETY: arguments match nearest_tc_candidates (v3, v4: the same signature; v5:
+            // the same followed by the tensor maps of q16 and c16, passed above); outputs sized
+            // by the plan; the dynamic shared memory (the plan's) was opted in at load.
             unsafe { lb.launch(cfg(plan.candidates)) }
                 .context("launching nearest_tc_candidates")?;
         }
@@ -1457,10 +1499,14 @@ impl CudaKernels {
         let plan = p.plan;
         let (bi, ni, di) = (plan.queries as i32, cat.n as i32, cat.d as i32);
         let per_slice = plan.split.per_slice as i32;
+        let maps = self.tc_candidate_maps(plan.cand, &p.q16, plan.queries as usize, cat)?;
         let mut lb = self.stream.launch_builder(func);
         lb.arg(&p.q16).arg(&cat.c16).arg(&p.qinfo).arg(&cat.info);
         lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
         lb.arg(&mut p.cand_k).arg(&mut p.cand_i);
+        if let Some((map_q, map_c)) = maps.as_ref() {
+            lb.arg(map_q).arg(map_c);
+        }
         // SAFETY: as in nearest_tc_launch_with: same arguments, buffers sized by the same plan.
         unsafe { lb.launch(cfg(plan.candidates)) }.context("launching a candidate kernel")?;
         Ok(())
@@ -1477,7 +1523,29 @@ impl CudaKernels {
             }
             TcCandidates::V3 => self.nearest_tc_v3_fn().map_err(|e| anyhow!("{e}"))?,
             TcCandidates::V4 => self.nearest_tc_v4_fn().map_err(|e| anyhow!("{e}"))?,
+            TcCandidates::V5 => self.nearest_tc_v5_fn().map_err(|e| anyhow!("{e}"))?,
         })
+    }
+
+    /// The tensor maps the v5 candidate kernel reads its f16 rows through (queries [b, d] in
+    /// boxes of 128 rows, the catalogue [n, d] in boxes of 256); None for the other kernels.
+    fn tc_candidate_maps(
+        &self,
+        cand: TcCandidates,
+        q16: &CudaSlice<u16>,
+        b: usize,
+        cat: &TcCatalog,
+    ) -> Result<Option<(TensorMap, TensorMap)>> {
+        if cand != TcCandidates::V5 {
+            return Ok(None);
+        }
+        let (box_q, box_c) = launch::FUSED5_BOX_ROWS;
+        Ok(Some((
+            self.tensor_map_k_major(q16, b, cat.d, box_q, false)
+                .context("nearest tc v5: the queries' tensor map")?,
+            self.tensor_map_k_major(&cat.c16, cat.n, cat.d, box_c, false)
+                .context("nearest tc v5: the catalogue's tensor map")?,
+        )))
     }
 
     /// Wait for a launched tensor-core search; for the queries the first level did not

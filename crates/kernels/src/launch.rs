@@ -142,6 +142,10 @@ pub const NTC4_SMEM: u32 = 4 * FUSED3_BN * FUSED3_BK * 2
     + 1024
     + 2 * NTC_BM * NTC_LIST * 4;
 const _: () = assert!(NTC4_SMEM <= SMEM_OPTIN_MAX_SM90);
+/// Candidate kernel v5 (v3 warp-specialised: `wg5_produce` / `wg5_consume`): v5's ring, then
+/// the lists. Must equal `NTC5_SMEM` in the `.cu`.
+pub const NTC5_SMEM: u32 = FUSED5_SMEM + 2 * NTC_BM * NTC_LIST * 4;
+const _: () = assert!(NTC5_SMEM <= SMEM_OPTIN_MAX_SM90);
 
 /// Which candidate kernel the tensor-core grounding runs (the re-rank, certificate and
 /// fallback are the same for both).
@@ -152,8 +156,11 @@ pub enum TcCandidates {
     /// `nearest_tc_candidates_v3` (`nearest_tc_v3.cu`): wgmma, 128 x 256 tiles; sm_90 only.
     V3,
     /// `nearest_tc_candidates_v4`: v3 with the two warpgroups staggered (one's selection
-    /// overlaps the other's products); opt-in, not yet run on a GPU.
+    /// overlaps the other's products); opt-in, correct and no faster than v3 on an H200.
     V4,
+    /// `nearest_tc_candidates_v5`: v3 warp-specialised (a TMA producer warpgroup, two consumer
+    /// warpgroups selecting independently); opt-in, not yet run on a GPU.
+    V5,
 }
 
 impl TcCandidates {
@@ -171,6 +178,12 @@ impl TcCandidates {
                 NTC3_BN,
                 FUSED3_THREADS,
                 NTC4_SMEM,
+                FUSED3_BLOCK_OVERHEAD_STEPS,
+            ),
+            TcCandidates::V5 => (
+                NTC3_BN,
+                FUSED5_THREADS,
+                NTC5_SMEM,
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
         }
@@ -1060,6 +1073,18 @@ mod tests {
             assert_eq!(p.candidates.shared_bytes, NTC3_SMEM);
             assert_eq!(p.candidates_len, p.split.slices as usize * 1024 * 32);
         }
+        // v5: v3's plan, 3 warpgroups, its ring then the lists.
+        assert_eq!(NTC5_SMEM, 4 * 49_152 + 128 + 1024 + 32_768);
+        let p3 = nearest_tc_plan_with(TcCandidates::V3, 1024, 1_000_000, 4096, 10, 132).unwrap();
+        let p5 = nearest_tc_plan_with(TcCandidates::V5, 1024, 1_000_000, 4096, 10, 132).unwrap();
+        assert_eq!(
+            (p5.split, p5.candidates.grid),
+            (p3.split, p3.candidates.grid)
+        );
+        assert_eq!(
+            (p5.candidates.block.0, p5.candidates.shared_bytes),
+            (384, NTC5_SMEM)
+        );
         assert_eq!(gather_shape(0).grid.0, 1);
         assert_eq!(gather_shape(1 << 30).grid.0, 132 * 8);
     }

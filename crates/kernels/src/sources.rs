@@ -252,6 +252,9 @@ mod tests {
         assert!(src.contains("#define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
         assert!(src.contains("#define NT4_LIST_OFFSET WG4_SMEM"));
         assert!(src.contains("#define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(src.contains("#define NT5_LIST_OFFSET WG5_SMEM"));
+        assert!(src.contains("#define NTC5_SMEM (NT5_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(src.contains("__launch_bounds__(WG5_THREADS, 1)"));
         assert!(WGMMA_COMMON_CUH.contains("#ifndef WG4_NB"));
         assert!(src.contains("__launch_bounds__(WG_THREADS, 1)"));
         // The record layout is nearest_tc.cu's (the prep kernel writes it).
