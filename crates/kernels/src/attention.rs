@@ -102,26 +102,21 @@ impl MaskedSoftmax {
 
     /// One row on the CPU, in f32 (`buf` holds the row's shifted values).
     fn row_cpu(&self, x: impl Fn(usize) -> f32, mk: &[f32], buf: &mut [f32]) -> f32 {
-        let mut m = f32::NEG_INFINITY;
-        for (c, v) in buf.iter_mut().enumerate() {
-            *v = x(c) * self.scale + mk[c];
-            m = m.max(*v);
+        for ((c, v), &k) in buf.iter_mut().enumerate().zip(mk) {
+            *v = x(c) * self.scale + k;
         }
+        let m = crate::cpu_math::max(buf);
         if m == f32::NEG_INFINITY {
             buf.fill(0.0);
             return 0.0;
         }
-        // Masked cells (about half of a causal mask) cost no exp().
-        let mut sum = 0f32;
+        // Vectorised exp over the whole row (masked cells: e^-inf = exactly 0): cheaper than
+        // skipping them with a scalar libm exp() per live cell.
         for v in buf.iter_mut() {
-            *v = if *v == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (*v - m).exp()
-            };
-            sum += *v;
+            *v -= m;
         }
-        1.0 / sum
+        crate::cpu_math::exp_in_place(buf);
+        1.0 / crate::cpu_math::sum(buf)
     }
 
     fn cpu<T: Copy + Send + Sync>(

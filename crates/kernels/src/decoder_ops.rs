@@ -283,13 +283,25 @@ fn swiglu_cpu<T: Copy + Send + Sync + Default>(
     store: impl Fn(f32) -> T + Sync,
 ) -> Vec<T> {
     use rayon::prelude::*;
-    g.par_iter()
-        .zip(u.par_iter())
-        .map(|(&g, &u)| {
-            let g = load(g);
-            store(g / (1.0 + (-g).exp()) * load(u))
-        })
-        .collect()
+    // In chunks, so that e^-g runs through the vectorised exp (crate::cpu_math).
+    const CHUNK: usize = 4096;
+    let mut out = vec![T::default(); g.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each_init(
+            || vec![0f32; CHUNK],
+            |buf, (o, (g, u))| {
+                let e = &mut buf[..g.len()];
+                for (e, &g) in e.iter_mut().zip(g) {
+                    *e = -load(g);
+                }
+                crate::cpu_math::exp_in_place(e);
+                for ((o, &e), (&g, &u)) in o.iter_mut().zip(e.iter()).zip(g.iter().zip(u)) {
+                    *o = store(load(g) / (1.0 + e) * load(u));
+                }
+            },
+        );
+    out
 }
 
 impl CustomOp2 for Swiglu {

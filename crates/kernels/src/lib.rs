@@ -12,6 +12,7 @@ pub mod attention;
 pub mod backend;
 #[cfg(feature = "candle-cuda")]
 mod candle_cuda;
+pub mod cpu_math;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod decoder_ops;
