@@ -25,7 +25,7 @@ fn exp_lane(x: f32) -> f32 {
     // Round to nearest by the 1.5 * 2^23 trick: branch-free, and exact for |n| < 2^22.
     const ROUND: f32 = 12_582_912.0;
     // (No float -> int conversion anywhere: Rust's saturating `as i32` does not vectorise.)
-    let xc = x.max(MIN_X).min(MAX_X);
+    let xc = x.clamp(MIN_X, MAX_X);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
@@ -34,7 +34,7 @@ fn exp_lane(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
     let y = p * (r * r) + r + 1.0;
     // 2^n for n in [-126, 127]: n is t's low mantissa bits (t = 1.5 * 2^23 + n), so the
     // biased exponent is (bits(t) - bits(1.5 * 2^23) + 127) << 23, in wrapping u32 arithmetic.
