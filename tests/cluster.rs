@@ -766,7 +766,9 @@ fn llm_detectors_score_through_the_sharded_stage() {
     test.write_parquet(&data.join("windows/test.parquet"))
         .unwrap();
     let d = data.to_str().unwrap();
-    let mut first: Option<HashMap<(u32, u32), (Vec<u32>, Vec<f32>)>> = None;
+    // (user, window) -> (items, scores) of the first run.
+    type Scores = HashMap<(u32, u32), (Vec<u32>, Vec<f32>)>;
+    let mut first: Option<Scores> = None;
     for (method, shards, per_batch) in [
         ("llm-first-token", "1", "8"),
         ("llm-first-token", "3", "8"),

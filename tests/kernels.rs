@@ -1147,6 +1147,28 @@ mod gpu_tc {
             s.search(&q, 10).unwrap(),
             g.nearest_items_f32(&q, &cat, d, 10, &exclude).unwrap()
         );
+        // Queries are validated on the device (from their norms): a non-finite value is named
+        // by query and dim, a squared norm past f32 by query; neither falls back to the CPU.
+        let dc = g
+            .device_catalog(&cat, d, &exclude, NearestVersion::Tc)
+            .unwrap();
+        let mut bad = q.clone();
+        bad[2 * d + 5] = f32::NAN;
+        for e in [
+            g.nearest_in(&dc, &bad, 10).unwrap_err(),
+            s.search(&bad, 10).unwrap_err(),
+        ] {
+            assert!(
+                e.downcast_ref::<llm4dsr_kernels::BadQuery>().is_some(),
+                "{e:#}"
+            );
+            let e = e.to_string();
+            assert!(e.contains("query 2") && e.contains("dim 5"), "{e}");
+        }
+        let mut huge = q.clone();
+        huge[d] = 3e19;
+        let e = g.nearest_in(&dc, &huge, 10).unwrap_err().to_string();
+        assert!(e.contains("query 1") && e.contains("overflows"), "{e}");
     }
 }
 

@@ -26,7 +26,10 @@ use crate::item_loglik::{check_args, ItemLogLik};
 use crate::launch::{
     self, FusedPlan, FusedVariant, FusedVersion, NearestPlan, NearestTcPlan, Shape, TcCandidates,
 };
-use crate::nearest::{check_nearest_args, effective_k, excluded_rows, merge_candidates, Nearest};
+use crate::nearest::{
+    check_nearest_args, check_nearest_lengths, effective_k, excluded_rows, merge_candidates,
+    BadQuery, Nearest,
+};
 use crate::nearest_tc::{tc_bound, NearestVersion, TcStats, TC_KMAX};
 use crate::resident::ResidentKey;
 use crate::sources::{
@@ -1786,12 +1789,18 @@ impl CudaKernels {
     /// Top-k of `queries` [b, d] in an uploaded catalogue: the tensor-core search when the
     /// catalogue was prepared for it and k <= 16, else the f32 kernel. Equal to
     /// [`crate::nearest_items`] on the same rows (both paths return the f32 kernel's top-k).
+    ///
+    /// The queries are validated on the device, from the norms the search needs anyway (one
+    /// download of b floats), not by a host pass over b x d values: a query with a
+    /// non-finite value, or whose squared norm overflows f32, is refused with a [`BadQuery`]
+    /// naming it.
     pub fn nearest_in(&self, cat: &DeviceCatalog, queries: &[f32], k: usize) -> Result<Nearest> {
         let (n, d) = (cat.n, cat.d);
-        check_nearest_args(queries, &[], d)?;
+        check_nearest_lengths(queries, &[], d)?;
         let b = queries.len() / d;
         let k = effective_k(k, n, &cat.exclude);
         if k == 0 || b == 0 {
+            check_nearest_args(queries, &[], d)?;
             return Ok(Nearest {
                 k,
                 index: vec![],
@@ -1799,6 +1808,22 @@ impl CudaKernels {
             });
         }
         let q = self.stream.clone_htod(queries)?;
+        let qn = self.row_norms(&q, b, d)?;
+        let norms = self.stream.clone_dtoh(&qn)?;
+        if let Some(i) = norms.iter().position(|x| !x.is_finite()) {
+            let row = &queries[i * d..(i + 1) * d];
+            return Err(match row.iter().position(|x| !x.is_finite()) {
+                Some(j) => BadQuery(format!(
+                    "nearest_items: query {i} has a non-finite value at dim {j}"
+                )),
+                None => BadQuery(format!(
+                    "nearest_items: query {i}: its squared norm overflows f32 (largest |value| \
+                     {:e})",
+                    row.iter().fold(0f32, |m, x| m.max(x.abs()))
+                )),
+            }
+            .into());
+        }
         if let Some(tc) = cat.tc.as_ref().filter(|_| k <= TC_KMAX) {
             let cand = self.tc_candidates()?;
             match launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count) {
@@ -1817,7 +1842,6 @@ impl CudaKernels {
                 Err(e) => tracing::debug!("nearest tc refused ({e:#}); f32 kernel"),
             }
         }
-        let qn = self.row_norms(&q, b, d)?;
         let (od, oi, plan) = self.nearest_device(&q, &qn, &cat.rows, &cat.cnorm, b, n, d, k)?;
         self.stream.synchronize().context("nearest kernels")?;
         let dist = self.stream.clone_dtoh(&od)?;
