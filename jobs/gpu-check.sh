@@ -146,7 +146,7 @@ else
 # The sm_90a kernels first, each test in its own process with its own timeout: a fault poisons
 # the CUDA context and a hang would eat the lease, so a failure (or a timeout, exit 124) turns
 # that kernel off for the rest of the check (the environment setting named) and fails it.
-#   smoke TITLE TEST SECONDS LOG OFF_SETTING GREP_PATTERN
+#   smoke TITLE TEST SECONDS LOG OFF_SETTING GREP_PATTERN [wg5: rerun a hang with bounded waits]
 smoke() {
   echo "== $1 (separate process)"
   timeout "$3" "$BIN/kernels-test" --test-threads=1 --nocapture "$2" > "$OUT/$4" 2>&1
@@ -154,6 +154,14 @@ smoke() {
   grep -E "$6" "$OUT/$4" | head -40
   if [ $rc -ne 0 ]; then
     echo "FAILED: $2 (exit $rc; 124 = timed out, a hang); the rest runs with $5"
+    # A v5 kernel that hung: once more with bounded barrier waits that print where they
+    # were stuck (which barrier, step, block, warpgroup).
+    if [ $rc -eq 124 ] && [ "${7:-}" = wg5 ]; then
+      echo "== $2 again with LLM4DSR_WG5_HANG_CHECK=1 (where v5 waits)"
+      LLM4DSR_WG5_HANG_CHECK=1 timeout "$3" "$BIN/kernels-test" --test-threads=1 --nocapture "$2" \
+        > "$OUT/${4%.log}-hang.log" 2>&1
+      grep -E "wg5 hang" "$OUT/${4%.log}-hang.log" | sort | uniq -c | sort -rn | head -20
+    fi
     export "${5?}"
     status=1
   fi
@@ -165,7 +173,7 @@ smoke "v4 (opt-in) test" gpu_v4_matches_v3 60 v4-smoke.log LLM4DSR_FUSED_V4=off 
   '^test |test result|layout|panicked|SKIP|differs'
 # v5 (opt-in: warp-specialised, TMA tensor maps, setmaxnreg; written without a GPU).
 smoke "v5 (opt-in) test" gpu_v5_matches_v3 60 v5-smoke.log LLM4DSR_FUSED_V5=off \
-  '^test |test result|layout|panicked|SKIP|differs'
+  '^test |test result|layout|panicked|SKIP|differs' wg5
 smoke "tensor-core grounding with the v3 (wgmma) candidate kernel" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-smoke.log LLM4DSR_NEAREST_TC_CANDIDATES=v2 \
   '^test |test result|panicked|SKIP|GPU nearest tc V3'
@@ -175,7 +183,7 @@ smoke "tensor-core grounding with the v4 (staggered, opt-in) candidate kernel" \
 
 smoke "tensor-core grounding with the v5 (warp-specialised, opt-in) candidate kernel" \
   gpu_nearest_tc_v5_equals_f32_kernel 60 tc5-smoke.log LLM4DSR_NEAREST_TC_V5=off \
-  '^test |test result|panicked|SKIP'
+  '^test |test result|panicked|SKIP' wg5
 
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)

@@ -450,6 +450,34 @@ __device__ __forceinline__ void wg_setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N));
 }
 
+#ifndef WG5_HANG_SPINS
+#define WG5_HANG_SPINS (1u << 22)
+#endif
+__device__ __forceinline__ bool wg_mbar_try_wait(u32 addr, u32 parity) {
+    u32 ok;
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(ok) : "r"(addr), "r"(parity) : "memory");
+    return ok != 0;
+}
+// v5's barrier wait. With -DWG5_HANG_CHECK (LLM4DSR_WG5_HANG_CHECK=1: how the GPU check
+// diagnoses a v5 that hung) a wait gives up after WG5_HANG_SPINS tries and prints which
+// barrier, step and thread it was (the results are then wrong, but the kernel ends and the
+// lines reach stdout at the next synchronisation).
+__device__ __forceinline__ void wg5_wait(u32 addr, u32 parity, const char *who, int step) {
+#ifdef WG5_HANG_CHECK
+    for (u32 i = 0; i < WG5_HANG_SPINS; ++i)
+        if (wg_mbar_try_wait(addr, parity)) return;
+    if ((threadIdx.x & 127) == 0)  // one line per warpgroup
+        printf("wg5 hang: block (%u, %u) thread %u: %s barrier at smem 0x%x, parity %u, step %d\n",
+               blockIdx.x, blockIdx.y, threadIdx.x, who, addr, parity, step);
+#else
+    (void)who;
+    (void)step;
+    wg_mbar_wait(addr, parity);
+#endif
+}
+
 // All 384 threads: initialise the ring's barriers (before any role runs).
 __device__ __forceinline__ void wg5_init(u32 smem) {
     const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
@@ -476,7 +504,7 @@ __device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
     int kt = 0, tile = t_begin, slot = 0;
     u32 round = 0;
     for (int s = 0; s < total; ++s) {
-        wg_mbar_wait(empty0 + 8 * slot, (round & 1) ^ 1);
+        wg5_wait(empty0 + 8 * slot, (round & 1) ^ 1, "producer: empty", s);
         const u32 stage = smem + slot * WG_STAGE_BYTES, full = full0 + 8 * slot;
         wg_mbar_expect_tx(full, WG_STAGE_BYTES);
         wg_tma_load_2d(stage, map_a, kt * WG_BK, row0, full);
@@ -510,7 +538,7 @@ __device__ __forceinline__ void wg5_consume(u32 smem, int cw, int d, int t_begin
     int tile = t_begin, kt = 0, slot = 0, prev = WG5_STAGES - 1;
     u32 round = 0;
     for (int s = 0; s < total; ++s) {
-        wg_mbar_wait(full0 + 8 * slot, round & 1);
+        wg5_wait(full0 + 8 * slot, round & 1, "consumer: full", s);
         const u32 stage = smem + slot * WG_STAGE_BYTES;
         wg_mma_fence();
 #pragma unroll

@@ -612,6 +612,26 @@ mod gpu {
                 "v3 wgmma count"
             );
             assert!(!v3.contains(".local"), "v3 uses local memory");
+            // v5's hang diagnosis (LLM4DSR_WG5_HANG_CHECK=1 in the GPU check) compiles: bounded
+            // waits with a printf naming the barrier.
+            for (file, extra) in [
+                ("item_loglik_fused_v3.cu", &["-DWG5_HANG_CHECK"][..]),
+                (
+                    "nearest_tc_v3.cu",
+                    &[
+                        "-DWG5_HANG_CHECK",
+                        "-DWG5_PRODUCER_REGS=24",
+                        "-DWG5_CONSUMER_REGS=240",
+                    ][..],
+                ),
+            ] {
+                let ptx = llm4dsr_kernels::cuda::compile_sm90a_variant(file, extra).unwrap();
+                assert!(
+                    ptx.contains("vprintf"),
+                    "{file}: no printf in the hang check"
+                );
+                assert!(ptx.contains("setmaxnreg"), "{file}");
+            }
         }
     }
 

@@ -147,6 +147,33 @@ pub fn compile_and_load_with(
 /// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
 /// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs. The v3 source targets
 /// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
+/// PTX of one sm_90a file (`item_loglik_fused_v3.cu` or `nearest_tc_v3.cu`, after
+/// `wgmma_common.cuh`) with extra `-D` options: the NVRTC check of opt-in variants (e.g.
+/// `-DWG5_HANG_CHECK`) without a GPU.
+pub fn compile_sm90a_variant(file: &str, extra: &[&str]) -> Result<String> {
+    let src = match file {
+        "item_loglik_fused_v3.cu" => sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
+        "nearest_tc_v3.cu" => sm90a_source(NEAREST_TC_V3_CU),
+        other => bail!("{other} is not an sm_90a kernel file"),
+    };
+    let mut options = nvrtc_defines();
+    options.extend(extra.iter().map(|d| d.to_string()));
+    let ptx = std::panic::catch_unwind(|| {
+        compile_ptx_with_opts(
+            &src,
+            CompileOptions {
+                arch: Some(FUSED3_ARCH),
+                options,
+                name: Some(file.to_string()),
+                ..Default::default()
+            },
+        )
+    })
+    .map_err(|p| anyhow!("NVRTC panicked: {}", panic_text(&p)))?
+    .map_err(|e| anyhow!("NVRTC compile of kernels/{file} {extra:?} failed: {e}"))?;
+    Ok(ptx.to_src())
+}
+
 pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
     let plain = |src: &str| src.to_string();
@@ -207,6 +234,18 @@ pub fn cfg(s: Shape) -> LaunchConfig {
         block_dim: s.block,
         shared_mem_bytes: s.shared_bytes,
     }
+}
+
+/// The `-D` options of a v5 (warp-specialised) kernel: `base`, plus `-DWG5_HANG_CHECK` when
+/// `LLM4DSR_WG5_HANG_CHECK=1` (its barrier waits give up after a bounded spin and print where
+/// they were stuck: how the GPU check diagnoses a v5 that hung).
+fn wg5_defines(base: &[&'static str]) -> Vec<&'static str> {
+    let mut d = base.to_vec();
+    if std::env::var("LLM4DSR_WG5_HANG_CHECK").is_ok_and(|x| x == "1") {
+        tracing::warn!("kernels: v5 compiled with WG5_HANG_CHECK (diagnosis only)");
+        d.push("-DWG5_HANG_CHECK");
+    }
+    d
 }
 
 /// A driver tensor map (TMA descriptor, 128 opaque bytes), passed to a kernel by value
@@ -767,7 +806,7 @@ impl CudaKernels {
                         &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                         &["item_loglik_fused_v5_bf16", "item_loglik_fused_v5_f16"],
                         launch::FUSED5_SMEM,
-                        &[],
+                        &wg5_defines(&[]),
                     )?
                 }
             };
@@ -1279,7 +1318,7 @@ impl CudaKernels {
                     (
                         "nearest_tc_candidates_v5",
                         launch::NTC5_SMEM,
-                        &["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"],
+                        &wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]),
                     )
                 }
             };
