@@ -136,15 +136,10 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
     const int vtiles = (v + FUSED3_BN - 1) / FUSED3_BN;
     const int vt_begin = slice * tiles_per_slice;
     const int vt_end = min(vt_begin + tiles_per_slice, vtiles);
-    if (LOOP == F3_SPECIALISED) {
-        wg5_init(smem);
-        if (threadIdx.x < 128) {  // the producer warpgroup: one thread streams the tiles
-            wg_setmaxnreg_dec<WG5_PRODUCER_REGS>();
-            if (threadIdx.x == 0) wg5_produce(smem, map_a, map_b, d, row0, vt_begin, vt_end);
-            return;
-        }
-        wg_setmaxnreg_inc<WG5_CONSUMER_REGS>();
-    }
+    // v5: the producer warpgroup streams the tiles and leaves; the consumers go on.
+    if (LOOP == F3_SPECIALISED &&
+        !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS>(smem, map_a, map_b, d, row0, vt_begin, vt_end))
+        return;
     // Consumer-relative thread: warps 0-3 own rows 0-63 of the tile, warps 4-7 rows 64-127.
     const int tid = LOOP == F3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;

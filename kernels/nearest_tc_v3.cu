@@ -118,15 +118,10 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
         lkeys[e] = NT3_POS_INF;
         lidx[e] = NT3_NONE;
     }
-    if (LOOP == NT3_SPECIALISED) {
-        wg5_init(smem);
-        if (threadIdx.x < 128) {  // the producer warpgroup: one thread streams the tiles
-            wg_setmaxnreg_dec<WG5_PRODUCER_REGS>();
-            if (threadIdx.x == 0) wg5_produce(smem, map_q, map_c, d, row0, ct_begin, ct_end);
-            return;
-        }
-        wg_setmaxnreg_inc<WG5_CONSUMER_REGS>();
-    }
+    // v5: the producer warpgroup streams the tiles and leaves; the consumers go on.
+    if (LOOP == NT3_SPECIALISED &&
+        !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS>(smem, map_q, map_c, d, row0, ct_begin, ct_end))
+        return;
     // Consumer-relative thread: warps 0-3 own query rows 0-63 of the tile, warps 4-7 64-127.
     const int tid = LOOP == NT3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;

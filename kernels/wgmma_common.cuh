@@ -491,6 +491,15 @@ __device__ __forceinline__ void wg5_init(u32 smem) {
     __syncthreads();
 }
 
+// The roles of a v5 block (all 384 threads call it, after any shared-memory setup of their
+// own): initialise the ring, move registers, and run the producer in thread 0 of warpgroup 0.
+// Returns true in the two consumer warpgroups (threads 128-383), which go on to
+// wg5_consume; false in the producer warpgroup, whose threads then return.
+template <int PRODUCER_REGS, int CONSUMER_REGS>
+__device__ __forceinline__ bool wg5_roles(u32 smem, const WgTensorMap *map_a,
+                                          const WgTensorMap *map_b, int d, int row0,
+                                          int t_begin, int t_end);
+
 // The producer (one thread): step s's A box (64 deep x 128 rows from row0) and B box (64 deep
 // x 256 rows of tile t) into slot s % WG5_STAGES, once both consumers released the slot's
 // previous step. A fresh barrier counts as having completed the phase before its first, so
@@ -518,6 +527,20 @@ __device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
             ++round;
         }
     }
+}
+
+template <int PRODUCER_REGS, int CONSUMER_REGS>
+__device__ __forceinline__ bool wg5_roles(u32 smem, const WgTensorMap *map_a,
+                                          const WgTensorMap *map_b, int d, int row0,
+                                          int t_begin, int t_end) {
+    wg5_init(smem);
+    if (threadIdx.x < 128) {
+        wg_setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x == 0) wg5_produce(smem, map_a, map_b, d, row0, t_begin, t_end);
+        return false;
+    }
+    wg_setmaxnreg_inc<CONSUMER_REGS>();
+    return true;
 }
 
 // Consumer warpgroup `cw` (0 or 1): v3's products for its 64 rows, calling epi(acc, tile)

@@ -1026,13 +1026,7 @@ mod gpu_tc {
     #[test]
     fn gpu_nearest_tc_v4_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
-        match g.nearest_tc_v4_unavailable() {
-            None => tc_cases(g, &[TcCandidates::V4]),
-            Some(why) if g.cc != (9, 0) || why == llm4dsr_kernels::cuda::TC_V4_DISABLED => {
-                eprintln!("SKIP: nearest tc v4 candidates: {why}")
-            }
-            Some(why) => panic!("nearest tc v4 candidates did not load on an sm_90 card: {why}"),
-        }
+        opt_in_tc_cases(g, TcCandidates::V4, g.nearest_tc_v4_unavailable());
     }
 
     /// The warp-specialised candidate kernel (v5, opt-in: TMA tensor maps over the f16 rows,
@@ -1041,12 +1035,28 @@ mod gpu_tc {
     #[test]
     fn gpu_nearest_tc_v5_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
-        match g.nearest_tc_v5_unavailable() {
-            None => tc_cases(g, &[TcCandidates::V5]),
-            Some(why) if g.cc != (9, 0) || why == llm4dsr_kernels::cuda::TC_V5_DISABLED => {
-                eprintln!("SKIP: nearest tc v5 candidates: {why}")
+        opt_in_tc_cases(g, TcCandidates::V5, g.nearest_tc_v5_unavailable());
+    }
+
+    /// [`tc_cases`] for an opt-in candidate kernel that is unavailable for `why`: skipped off
+    /// sm_90 or when the GPU check turned it off, a failure on an sm_90 card otherwise.
+    fn opt_in_tc_cases(
+        g: &llm4dsr_kernels::cuda::CudaKernels,
+        cand: TcCandidates,
+        why: Option<&str>,
+    ) {
+        let disabled = [
+            llm4dsr_kernels::cuda::TC_V4_DISABLED,
+            llm4dsr_kernels::cuda::TC_V5_DISABLED,
+        ];
+        match why {
+            None => tc_cases(g, &[cand]),
+            Some(why) if g.cc != (9, 0) || disabled.contains(&why) => {
+                eprintln!("SKIP: nearest tc {cand:?} candidates: {why}")
             }
-            Some(why) => panic!("nearest tc v5 candidates did not load on an sm_90 card: {why}"),
+            Some(why) => {
+                panic!("nearest tc {cand:?} candidates did not load on an sm_90 card: {why}")
+            }
         }
     }
 
