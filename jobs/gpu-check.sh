@@ -44,8 +44,8 @@ cd "$(dirname "$0")/.."
 BIN=target-gpu/bin
 # Fingerprint of the sources the binaries are built from: a stale target-gpu/bin (built before
 # a kernel changed) must not pass for a check of the current kernels.
-src_hash() { cat kernels/*.cu crates/kernels/src/*.rs tests/kernels.rs benches/kernels.rs | sha256sum | cut -c1-16; }
-candle_hash() { cat kernels/*.cu crates/kernels/src/*.rs crates/llm/src/*.rs crates/llm/src/models/*.rs benches/scoring_e2e.rs | sha256sum | cut -c1-16; }
+src_hash() { cat kernels/*.cu kernels/*.cuh crates/kernels/src/*.rs tests/kernels.rs benches/kernels.rs | sha256sum | cut -c1-16; }
+candle_hash() { cat kernels/*.cu kernels/*.cuh crates/kernels/src/*.rs crates/llm/src/*.rs crates/llm/src/models/*.rs benches/scoring_e2e.rs | sha256sum | cut -c1-16; }
 mode=${1:-run}
 shift || true
 
