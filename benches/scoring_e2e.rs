@@ -308,8 +308,8 @@ fn main() -> Result<()> {
         let gate: Vec<f32> = (0..4 * 1536).map(|_| (r.normal() * 3.0) as f32).collect();
         let up: Vec<f32> = (0..4 * 1536).map(|_| r.normal() as f32).collect();
         for dt in [DType::BF16, DType::F16, DType::F32] {
-            let mut worst = [0f32; 3];
-            let on = |dev: &candle_core::Device| -> Result<[Vec<f32>; 3]> {
+            let mut worst = [0f32; 5];
+            let on = |dev: &candle_core::Device| -> Result<[Vec<f32>; 5]> {
                 let src = Tensor::from_vec(x.clone(), (p, heads, hd), dev)?.to_dtype(dt)?;
                 use llm4dsr_kernels::decoder_ops::{
                     gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
@@ -321,13 +321,16 @@ fn main() -> Result<()> {
                 let g = Tensor::from_vec(gate.clone(), (4, 1536), dev)?.to_dtype(dt)?;
                 let u = Tensor::from_vec(up.clone(), (4, 1536), dev)?.to_dtype(dt)?;
                 let sw = swiglu_with(&g, &u, Impl::Kernel)?;
+                // The residual add + RMSNorm (rows of 1,536: several words per lane).
+                let w = u.get(0)?;
+                let (sum, normed) = llm4dsr_kernels::add_rms_norm(&g, &u, &w, 1e-5)?;
                 let v = |t: Tensor| -> Result<Vec<f32>> {
                     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
                 };
-                Ok([v(hf)?, v(tm)?, v(sw)?])
+                Ok([v(hf)?, v(tm)?, v(sw)?, v(sum)?, v(normed)?])
             };
             let (a, c) = (on(&device)?, on(&cpu)?);
-            for k in 0..3 {
+            for k in 0..5 {
                 worst[k] = a[k]
                     .iter()
                     .zip(&c[k])
@@ -341,14 +344,16 @@ fn main() -> Result<()> {
                     .fold(0f32, f32::max);
             }
             eprintln!(
-                "decoder ops on {:?}, {dt:?}: gather heads-first / token-major max diff {:.1e} / {:.1e}, swiglu max rel diff {:.2e}",
+                "decoder ops on {:?}, {dt:?}: gather heads-first / token-major max diff {:.1e} / {:.1e}, swiglu max rel diff {:.2e}, add + rms norm max rel diff {:.2e} / {:.2e}",
                 device.location(),
                 worst[0],
                 worst[1],
-                worst[2]
+                worst[2],
+                worst[3],
+                worst[4]
             );
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
-            if worst[0] != 0.0 || worst[1] != 0.0 || worst[2] > tol {
+            if worst[0] != 0.0 || worst[1] != 0.0 || worst[2..].iter().any(|&w| w > tol) {
                 bail!("decoder ops on the device differ from the CPU ({dt:?}): {worst:?}");
             }
         }

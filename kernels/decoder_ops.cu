@@ -10,6 +10,7 @@
 //   Both move 32-bit words (W = head_dim x element size / 4), one word per thread.
 // swiglu_{f32,bf16,f16}: out = silu(gate) * up, the SwiGLU MLP's middle, in f32 arithmetic.
 //   Replaces candle's silu + mul (two passes over the [T, intermediate] activations).
+// add_rms_norm_{f32,bf16,f16}: the residual add and the next RMSNorm in one pass (below).
 //
 // Compiled at run time by NVRTC (no headers) after kernels/float16.cuh (u16/u32/u64, the
 // 16-bit float conversions).
@@ -73,3 +74,64 @@ extern "C" __global__ void swiglu_f32(const float *__restrict__ gate, const floa
 
 SWIGLU_16(swiglu_bf16, ld_bf16, st_bf16)
 SWIGLU_16(swiglu_f16, ld_f16, st_f16)
+
+// add_rms_norm_{f32,bf16,f16}: the residual add and the next RMSNorm in one pass. Row r of
+// x, delta [rows, d]: s = x + delta (rounded to the dtype, as candle's add), then
+// n = s * rsqrt(mean(s^2) + eps) * w (f32 arithmetic on the rounded s, one rounding, as
+// candle's rmsnorm kernel). out [2, rows, d]: s, then n. One warp per row, 8 rows a block; the
+// second pass reads back the s this lane wrote. Replaces candle's add + rmsnorm (two launches,
+// three passes over the rows).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void add_rms_norm_f32(const float *__restrict__ x,
+                                            const float *__restrict__ delta,
+                                            const float *__restrict__ w, float *__restrict__ out,
+                                            u32 rows, u32 d, float eps) {
+    const u32 row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;  // whole warps
+    const u64 base = (u64)row * d;
+    float *s_out = out + base, *n_out = out + (u64)rows * d + base;
+    float acc = 0.f;
+    for (u32 i = lane; i < d; i += 32) {
+        const float s = x[base + i] + delta[base + i];
+        s_out[i] = s;
+        acc += s * s;
+    }
+    const float scale = rsqrtf(warp_sum(acc) / (float)d + eps);
+    for (u32 i = lane; i < d; i += 32) n_out[i] = scale * s_out[i] * w[i];
+}
+
+// 16-bit types: two values per lane and step through 32-bit words (d even; the wrapper checks).
+#define ADD_RMS_NORM_16(NAME, LD, ST)                                                           \
+    extern "C" __global__ void NAME(const u32 *__restrict__ x, const u32 *__restrict__ delta,   \
+                                    const u32 *__restrict__ w, u32 *__restrict__ out, u32 rows, \
+                                    u32 d, float eps) {                                         \
+        const u32 row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31; \
+        if (row >= rows) return;                                                                \
+        const u32 words = d / 2;                                                                \
+        const u64 base = (u64)row * words;                                                      \
+        u32 *s_out = out + base, *n_out = out + (u64)rows * words + base;                       \
+        float acc = 0.f;                                                                        \
+        for (u32 i = lane; i < words; i += 32) {                                                \
+            const u32 a = x[base + i], b = delta[base + i];                                     \
+            const u16 lo = ST(LD((u16)(a & 0xffff)) + LD((u16)(b & 0xffff)));                   \
+            const u16 hi = ST(LD((u16)(a >> 16)) + LD((u16)(b >> 16)));                         \
+            s_out[i] = (u32)lo | ((u32)hi << 16);                                               \
+            const float fl = LD(lo), fh = LD(hi);                                               \
+            acc += fl * fl + fh * fh;                                                           \
+        }                                                                                       \
+        const float scale = rsqrtf(warp_sum(acc) / (float)d + eps);                             \
+        for (u32 i = lane; i < words; i += 32) {                                                \
+            const u32 s = s_out[i], ww = w[i];                                                  \
+            const u16 lo = ST(scale * LD((u16)(s & 0xffff)) * LD((u16)(ww & 0xffff)));          \
+            const u16 hi = ST(scale * LD((u16)(s >> 16)) * LD((u16)(ww >> 16)));                \
+            n_out[i] = (u32)lo | ((u32)hi << 16);                                               \
+        }                                                                                       \
+    }
+
+ADD_RMS_NORM_16(add_rms_norm_bf16, ld_bf16, st_bf16)
+ADD_RMS_NORM_16(add_rms_norm_f16, ld_f16, st_f16)

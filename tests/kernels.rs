@@ -378,6 +378,54 @@ fn cpu_decoder_ops_match_candle_ops() {
             );
         }
         assert!(swiglu(&g, &u.narrow(1, 0, 5).unwrap()).is_err());
+        // The residual add fused with the next RMSNorm, against candle's add and candle-nn's
+        // rms_norm: bit for bit in f32 (same expressions in the same order), within a unit of
+        // the last place or two for 16-bit types (one rounding here, several in candle's CPU
+        // path); rows of an odd width take the core-ops fallback.
+        for (rows, d) in [(7usize, 64usize), (40, 576), (3, 9)] {
+            let x = randn(11, rows, d, 2.0, dtype);
+            let delta = randn(12, rows, d, 1.0, dtype);
+            let w = randn(13, 1, d, 1.0, dtype).reshape(d).unwrap();
+            let eps = 1e-5f32;
+            let (s, n) = llm4dsr_kernels::add_rms_norm(&x, &delta, &w, eps).unwrap();
+            let want_s = (&x + &delta).unwrap();
+            let want_n = if dtype == DType::F64 {
+                // candle-nn's rms_norm has no f64 kernel: the formula in f64.
+                let ms = (want_s.sqr().unwrap().mean_keepdim(1).unwrap() + eps as f64)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap();
+                want_s
+                    .broadcast_div(&ms)
+                    .unwrap()
+                    .broadcast_mul(&w)
+                    .unwrap()
+            } else {
+                llm4dsr_llm::candle_nn::ops::rms_norm(&want_s, &w, eps).unwrap()
+            };
+            assert_eq!((s.dims(), n.dims()), (x.dims(), x.dims()));
+            assert_eq!(f64s(&s), f64s(&want_s), "{dtype:?} {rows}x{d}: the sum");
+            let tol = match dtype {
+                DType::BF16 => 2e-2,
+                DType::F16 => 3e-3,
+                DType::F64 => 1e-6,
+                _ => 0.0,
+            };
+            for (i, (a, c)) in f64s(&n).iter().zip(&f64s(&want_n)).enumerate() {
+                assert!(
+                    (a - c).abs() <= tol * c.abs().max(1.0),
+                    "{dtype:?} {rows}x{d} add_rms_norm cell {i}: {a} vs candle {c}"
+                );
+            }
+        }
+        let x = randn(11, 2, 8, 1.0, dtype);
+        assert!(llm4dsr_kernels::add_rms_norm(
+            &x,
+            &x,
+            &randn(1, 1, 7, 1.0, dtype).reshape(7).unwrap(),
+            1e-5
+        )
+        .is_err());
     }
 }
 

@@ -8,18 +8,21 @@
 //!   contiguous);
 //! - [`gather_token_major`]: the inverse, `[b, heads, n, hd]` back to `[t, heads, hd]` rows in
 //!   packed order (was transpose + reshape + index_select);
-//! - [`swiglu`]: `silu(gate) * up` in one pass (was silu, then mul).
+//! - [`swiglu`]: `silu(gate) * up` in one pass (was silu, then mul);
+//! - [`add_rms_norm`]: the residual add and the next RMSNorm in one pass (was add, then
+//!   candle-nn's rms_norm: two launches, three passes over the rows).
 //!
 //! Each has a plain reference in the tests (`tests/kernels.rs`: candle's own ops).
 //!
 //! The kernels serve every device by default (H200, 2026-11-27: exact gathers, SwiGLU equal to
-//! the CPU's, the SmolLM2 forward 1.31x faster than with candle's ops; docs/kernels.md 8d).
+//! the CPU's, the SmolLM2 forward 1.31x faster than with candle's ops; docs/kernels.md 8d;
+//! `add_rms_norm` was written after that run and has not run on a GPU yet).
 //! `LLM4DSR_DECODER_OPS=candle` gives a CUDA tensor candle's own ops instead
 //! ([`Impl::CandleOps`], the chain the kernels replace), for comparison.
 //! `benches/scoring_e2e.rs` checks the kernels against the CPU before timing.
 
 use anyhow::{ensure, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use half::{bf16, f16};
 
 /// Which implementation serves a decoder op.
@@ -149,6 +152,176 @@ pub fn swiglu_with(gate: &Tensor, up: &Tensor, imp: Impl) -> Result<Tensor> {
     Ok(gate
         .contiguous()?
         .apply_op2_no_bwd(&up.contiguous()?, &Swiglu)?)
+}
+
+/// The residual add and the RMSNorm after it, in one pass over the rows: `s = x + delta` (in
+/// the dtype, as candle's add) and `n = s / sqrt(mean(s^2) + eps) * weight` over the last dim.
+/// Returns `(s, n)`, each shaped like `x` (views of one `[2, ..]` buffer). `weight` is `[d]`.
+/// On the CPU in f32 the values are bit for bit those of `x + delta` followed by candle-nn's
+/// `rms_norm` (same expressions, same order); the CUDA kernel computes in f32 with one rounding
+/// (as candle's rmsnorm kernel does), summing in another order.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let d = x.dim(D::Minus1)?;
+    ensure!(
+        x.dims() == delta.dims() && x.dtype() == delta.dtype() && x.dtype() == weight.dtype(),
+        "add_rms_norm: x {:?} {:?}, delta {:?} {:?} and weight {:?} must share dtype (and x, delta the shape)",
+        x.dtype(),
+        x.dims(),
+        delta.dtype(),
+        delta.dims(),
+        weight.dtype()
+    );
+    ensure!(
+        weight.dims() == [d],
+        "add_rms_norm: weight {:?} for rows of {d}",
+        weight.dims()
+    );
+    if !words_ok(x, d) || !words_ok(delta, d) || !words_ok(weight, d) {
+        // A 16-bit view the word kernels cannot take (never made by the decoder): core ops.
+        let s = (x + delta)?;
+        let s32 = s.to_dtype(DType::F32)?;
+        let ms = (s32.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?;
+        let n = s32
+            .broadcast_div(&ms)?
+            .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())?;
+        return Ok((s, n));
+    }
+    let out = x.contiguous()?.apply_op3_no_bwd(
+        &delta.contiguous()?,
+        &weight.contiguous()?,
+        &AddRmsNorm { d, eps },
+    )?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+struct AddRmsNorm {
+    d: usize,
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    fn cpu<T: Copy + Send + Sync>(
+        &self,
+        x: &[T],
+        delta: &[T],
+        w: &[T],
+        load: impl Fn(T) -> f32 + Sync,
+        store: impl Fn(f32) -> T + Sync,
+        zero: T,
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let d = self.d;
+        let mut out = vec![zero; 2 * x.len()];
+        let (sums, norms) = out.split_at_mut(x.len());
+        sums.par_chunks_mut(d)
+            .zip(norms.par_chunks_mut(d))
+            .zip(x.par_chunks(d).zip(delta.par_chunks(d)))
+            .for_each(|((so, no), (xr, dr))| {
+                // candle-nn's CPU rms_norm, expression for expression: a left-to-right f32
+                // sum of squares, m = sqrt(sum / d + eps), s / m * w.
+                let mut sum2 = 0f32;
+                for ((o, &a), &b) in so.iter_mut().zip(xr).zip(dr) {
+                    *o = store(load(a) + load(b));
+                    let v = load(*o);
+                    sum2 += v * v;
+                }
+                let m = (sum2 / d as f32 + self.eps).sqrt();
+                for ((o, &s), &a) in no.iter_mut().zip(so.iter()).zip(w) {
+                    *o = store(load(s) / m * load(a));
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "llm4dsr-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(w)) => {
+                CpuStorage::F32(self.cpu(
+                    contiguous(x, l1)?,
+                    contiguous(y, l2)?,
+                    contiguous(w, l3)?,
+                    |v| v,
+                    |v| v,
+                    0f32,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(w)) => {
+                // In f64 throughout (tests and references).
+                let (x, y, w) = (contiguous(x, l1)?, contiguous(y, l2)?, contiguous(w, l3)?);
+                let d = self.d;
+                let s: Vec<f64> = x.iter().zip(y).map(|(a, b)| a + b).collect();
+                let mut out = s.clone();
+                for r in s.chunks(d) {
+                    let m =
+                        (r.iter().map(|v| v * v).sum::<f64>() / d as f64 + self.eps as f64).sqrt();
+                    out.extend(r.iter().zip(w).map(|(v, a)| v / m * a));
+                }
+                CpuStorage::F64(out)
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(y), CpuStorage::BF16(w)) => {
+                CpuStorage::BF16(self.cpu(
+                    contiguous(x, l1)?,
+                    contiguous(y, l2)?,
+                    contiguous(w, l3)?,
+                    bf16::to_f32,
+                    bf16::from_f32,
+                    bf16::ZERO,
+                ))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(y), CpuStorage::F16(w)) => {
+                CpuStorage::F16(self.cpu(
+                    contiguous(x, l1)?,
+                    contiguous(y, l2)?,
+                    contiguous(w, l3)?,
+                    f16::to_f32,
+                    f16::from_f32,
+                    f16::ZERO,
+                ))
+            }
+            _ => candle_core::bail!("add_rms_norm: x, delta and weight must share a float dtype"),
+        };
+        Ok((out, two_of(l1.shape())))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::add_rms_norm(self.d, self.eps, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// `[2, dims..]`: the two results of [`add_rms_norm`] in one buffer.
+fn two_of(shape: &Shape) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(shape.dims());
+    dims.into()
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -476,6 +649,80 @@ mod cuda {
         // SAFETY: arguments match kernels/decoder_ops.cu.
         unsafe { bld.launch(grid_stride(count)) }.w()?;
         Ok((T::wrap_cuda_slice(dst, dev.clone()), l1.shape().clone()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
+        name: &str,
+        d: usize,
+        eps: f32,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let per_word = 4 / std::mem::size_of::<T>().min(4);
+        if d % per_word != 0 {
+            candle_core::bail!("add_rms_norm: rows of {d} values are not whole 32-bit words");
+        }
+        let (a, b) = offsets(l1, per_word)?;
+        let (c, e) = offsets(l2, per_word)?;
+        let (f, g) = offsets(l3, per_word)?;
+        let (x, y, w) = (
+            T::as_cuda_slice(s1)?.slice(a..b),
+            T::as_cuda_slice(s2)?.slice(c..e),
+            T::as_cuda_slice(s3)?.slice(f..g),
+        );
+        let numel = b - a;
+        let rows = (numel / d) as u32;
+        let func = func(dev, FILE, DECODER_OPS_CU, name)?;
+        // SAFETY: the kernel writes every value of both halves of the output.
+        let dst = unsafe { dev.alloc::<T>(2 * numel)? };
+        let di = d as u32;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&x);
+        bld.arg(&y);
+        bld.arg(&w);
+        bld.arg(&dst);
+        bld.arg(&rows);
+        bld.arg(&di);
+        bld.arg(&eps);
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (rows.div_ceil(8).max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match kernels/decoder_ops.cu (one warp per row, 8 rows a block).
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((
+            T::wrap_cuda_slice(dst, dev.clone()),
+            super::two_of(l1.shape()),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_rms_norm(
+        d: usize,
+        eps: f32,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => add_rms_norm_t::<f32>("add_rms_norm_f32", d, eps, s1, l1, s2, l2, s3, l3),
+            DType::BF16 => {
+                add_rms_norm_t::<bf16>("add_rms_norm_bf16", d, eps, s1, l1, s2, l2, s3, l3)
+            }
+            DType::F16 => add_rms_norm_t::<f16>("add_rms_norm_f16", d, eps, s1, l1, s2, l2, s3, l3),
+            other => candle_core::bail!("add_rms_norm: dtype {other:?} on CUDA"),
+        }
     }
 
     pub(super) fn swiglu(

@@ -26,6 +26,6 @@ pub mod sources;
 
 pub use attention::{masked_softmax, masked_softmax_reference};
 pub use backend::{backend, Backend};
-pub use decoder_ops::{gather_heads_first, gather_token_major, swiglu};
+pub use decoder_ops::{add_rms_norm, gather_heads_first, gather_token_major, swiglu};
 pub use item_loglik::{item_loglik, item_loglik_cpu, ItemLogLik};
 pub use nearest::{nearest_items, nearest_items_cpu, BadQuery, CatalogSearch, Nearest};

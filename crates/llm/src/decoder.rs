@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
 use llm4dsr_kernels::decoder_ops::{
-    gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
+    add_rms_norm, gather_heads_first_with, gather_token_major_with, swiglu_with, Impl,
 };
 use llm4dsr_kernels::masked_softmax;
 use std::sync::Arc;
@@ -545,10 +545,12 @@ impl Decoder {
         let (cos, sin) = self.rope.gather(&pos)?;
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?; // [T, d]
+                                                              // h: the input of the next block (its input_layernorm of x); after the last block, the
+                                                              // final norm of x: each residual add is fused with the norm after it.
+        let mut h = self.layers[0].input_layernorm.forward(&x)?;
         let mut new_kv: Vec<(Tensor, Tensor)> = Vec::new();
         for (li, block) in self.layers.iter().enumerate() {
             let a = &block.self_attn;
-            let h = block.input_layernorm.forward(&x)?;
             let (q, k, v) = a.qkv_tokens(&h, t, &cos, &sin)?; // [T, heads, hd]
             let (pool_k, pool_v) = if chunks.is_empty() {
                 (k.clone(), v.clone())
@@ -568,14 +570,14 @@ impl Decoder {
                 (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
             };
             let o = plan.attend(a, &q, &pool_k, &pool_v, self.ops)?; // [T, heads * hd]
-            x = (x + a.o_proj.forward(&o)?)?;
-            let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + block.mlp.forward(&h, self.ops)?)?;
+            let (x1, h1) =
+                self.add_norm(&x, &a.o_proj.forward(&o)?, &block.post_attention_layernorm)?;
+            (x, h) = self.add_norm(&x1, &block.mlp.forward(&h1, self.ops)?, self.norm_after(li))?;
             if want_cache {
                 new_kv.push((k, v));
             }
         }
-        let hidden = self.norm.forward(&x)?;
+        let hidden = h;
         let mut out_caches = Vec::new();
         if want_cache {
             let shared = Arc::new(new_kv);
@@ -661,19 +663,39 @@ impl Decoder {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, self.cfg.hidden_size))?;
-        for block in &self.layers {
+        let mut h = self.layers[0].input_layernorm.forward(&x)?;
+        for (li, block) in self.layers.iter().enumerate() {
             let a = &block.self_attn;
-            let h = block.input_layernorm.forward(&x)?;
             let (q, k, v) = a.qkv(&h, b, l, &cos, &sin)?;
             let o = a.attend(&q, &k, &v, &mask)?; // [b, heads, l, hd]
             let o = o
                 .transpose(1, 2)?
                 .reshape((b, l, a.num_heads * a.head_dim))?;
-            x = (x + a.o_proj.forward(&o)?)?;
-            let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + block.mlp.forward(&h, self.ops)?)?;
+            let (x1, h1) =
+                self.add_norm(&x, &a.o_proj.forward(&o)?, &block.post_attention_layernorm)?;
+            (x, h) = self.add_norm(&x1, &block.mlp.forward(&h1, self.ops)?, self.norm_after(li))?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(h)
+    }
+
+    /// The norm applied to the residual stream after block `li`: the next block's input norm,
+    /// or the final norm after the last block.
+    fn norm_after(&self, li: usize) -> &RmsNorm {
+        match self.layers.get(li + 1) {
+            Some(next) => &next.input_layernorm,
+            None => &self.norm,
+        }
+    }
+
+    /// `x + delta` and `norm` of it: one fused op where the decoder's ops are the kernels
+    /// ([`add_rms_norm`]), candle's add and RmsNorm otherwise. Returns (sum, normed).
+    fn add_norm(&self, x: &Tensor, delta: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
+        if self.ops == Impl::Kernel {
+            return add_rms_norm(x, delta, norm.weight(), self.cfg.rms_norm_eps as f32);
+        }
+        let s = (x + delta)?;
+        let n = norm.forward(&s)?;
+        Ok((s, n))
     }
 
     /// Hidden states `[n, hidden]` of the given packed rows.
