@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Emulate kernels/decoder_ops.cu's gathers and kernels/attention_softmax.cu's row mapping
+"""Emulate kernels/decoder_ops.cu's gathers, its add + RMS norm's warp-per-row mapping and
+kernels/attention_softmax.cu's row mapping
 thread by thread in plain Python (the grid-stride loops, the 32-bit word addressing of 16-bit
 values, the row -> mask-row mapping), and compare with the layouts the decoder expects, built
 directly. Written because the decoder gathers had not yet run on a GPU. No GPU needed.
@@ -89,7 +90,42 @@ def mask_rows(b, heads, n, mask_batches):
     assert out == want, "mask rows"
 
 
+def add_rms_norm_16(x_words, delta_words, w_words, rows, d, blocks, block=256):
+    """add_rms_norm_{bf16,f16}: warp (global thread / 32) = row, lane strides over the row's
+    d / 2 words; out = [s of every row, then n of every row], word-addressed. Returns which
+    (row, value) each output word slot holds and which lanes wrote it."""
+    words = d // 2
+    out = [None] * (2 * rows * words)
+    for blk in range(blocks):
+        for th in range(block):
+            gt = blk * block + th
+            row, lane = gt >> 5, th & 31
+            if row >= rows:
+                continue
+            base = row * words
+            for i in range(lane, words, 32):
+                a, b = x_words[base + i], delta_words[base + i]
+                out[base + i] = ("s", a, b)
+            for i in range(lane, words, 32):
+                out[rows * words + base + i] = ("n", out[base + i], w_words[i])
+    return out
+
+
+def check_add_rms(rows, d, seed):
+    words = d // 2
+    x = [("x", r, k) for r in range(rows) for k in range(words)]
+    dl = [("dl", r, k) for r in range(rows) for k in range(words)]
+    w = [("w", k) for k in range(words)]
+    blocks = max(1, -(-rows // 8))  # decoder_ops.rs: rows.div_ceil(8) blocks of 256 threads
+    got = add_rms_norm_16(x, dl, w, rows, d, blocks)
+    want = [("s", ("x", r, k), ("dl", r, k)) for r in range(rows) for k in range(words)]
+    want += [("n", ("s", ("x", r, k), ("dl", r, k)), ("w", k)) for r in range(rows) for k in range(words)]
+    assert got == want, f"add_rms_norm rows={rows} d={d}"
+
+
 if __name__ == "__main__":
+    for seed, (rows, d) in enumerate([(1, 2), (7, 64), (9, 576), (17, 130), (3, 4096)]):
+        check_add_rms(rows, d, seed)
     cases = 0
     for seed, (p, heads, hd, b, n) in enumerate(
             [(5, 1, 2, 1, 1), (23, 3, 8, 4, 5), (40, 9, 64, 3, 7), (13, 2, 6, 2, 3)]):
@@ -98,4 +134,5 @@ if __name__ == "__main__":
             cases += 1
         for mb in (1, b):
             mask_rows(b, heads, n, mb)
-    print(f"decoder_ops: {cases} gather cases and the softmax mask rows match the direct layouts")
+    print(f"decoder_ops: {cases} gather cases, the softmax mask rows and the add + RMS norm "
+          "rows x words match the direct layouts")
