@@ -92,6 +92,42 @@ pub fn default_dtype(device: &Device) -> DType {
     }
 }
 
+/// The environment variable that overrides [`default_dtype`] (`f32`, `bf16` or `f16`): e.g.
+/// f32 on a GPU, to compare its scores with the CPU's value for value.
+pub const DTYPE_ENV: &str = "LLM4DSR_LLM_DTYPE";
+
+/// The dtype [`Llm::load`] uses on `device`: `LLM4DSR_LLM_DTYPE` when set, else
+/// [`default_dtype`]. An unknown value is an error naming the variable.
+pub fn runtime_dtype(device: &Device) -> Result<DType> {
+    match std::env::var(DTYPE_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(default_dtype(device)),
+        Err(e) => bail!("{DTYPE_ENV}: {e}"),
+        Ok(v) => dtype_setting(&v, device),
+    }
+}
+
+/// The dtype a `LLM4DSR_LLM_DTYPE` value names (empty: the device's default).
+pub fn dtype_setting(value: &str, device: &Device) -> Result<DType> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" => Ok(default_dtype(device)),
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => bail!("{DTYPE_ENV}={other:?}: expected f32, bf16 or f16"),
+    }
+}
+
+/// What a stage's fingerprint records of where its LLM ran: the device (`cpu`, `cuda`), and the
+/// dtype when it is not that device's default (scores in f32 and bf16 differ, so outputs of the
+/// two are never mixed).
+pub fn run_tag(device: &Device, dtype: DType) -> String {
+    if dtype == default_dtype(device) {
+        device_tag(device).to_string()
+    } else {
+        format!("{}/{}", device_tag(device), dtype.as_str())
+    }
+}
+
 /// The `.safetensors` files of an HF directory: the shards of `model.safetensors.index.json`,
 /// else `model.safetensors`, else every `*.safetensors`.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -151,9 +187,10 @@ pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 impl Llm {
-    /// Load `path`: a directory (HF layout) or a `.gguf` file, in the device's default dtype.
+    /// Load `path`: a directory (HF layout) or a `.gguf` file, in [`runtime_dtype`] (the
+    /// device's default unless `LLM4DSR_LLM_DTYPE` says otherwise).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::load_with_dtype(path, device, default_dtype(device))
+        Self::load_with_dtype(path, device, runtime_dtype(device)?)
     }
 
     pub fn load_with_dtype(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
@@ -272,5 +309,23 @@ impl Llm {
             .map(|p| p.pad_id)
             .or_else(|| self.decoder.cfg.eos_token_ids.first().copied())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_setting_and_run_tag() {
+        let cpu = Device::Cpu;
+        assert_eq!(dtype_setting("", &cpu).unwrap(), DType::F32);
+        assert_eq!(dtype_setting(" BF16 ", &cpu).unwrap(), DType::BF16);
+        assert_eq!(dtype_setting("f16", &cpu).unwrap(), DType::F16);
+        let e = dtype_setting("f8", &cpu).unwrap_err().to_string();
+        assert!(e.contains(DTYPE_ENV) && e.contains("f8"), "{e}");
+        // The default dtype leaves the tag (and so existing fingerprints) as it was.
+        assert_eq!(run_tag(&cpu, DType::F32), "cpu");
+        assert_eq!(run_tag(&cpu, DType::BF16), "cpu/bf16");
     }
 }

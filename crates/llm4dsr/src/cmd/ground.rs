@@ -297,7 +297,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         "catalog": catalog_sha,
         "embedder": embedder.name(),
         "model": model_sha,
-        "device": llm4dsr_llm::load::device_tag(&device),
+        "device": llm4dsr_llm::load::run_tag(&device, llm4dsr_llm::load::runtime_dtype(&device)?),
         "batch": args.batch,
         "block": block,
     }))?;

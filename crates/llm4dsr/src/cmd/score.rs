@@ -225,7 +225,10 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             let device = llm4dsr_llm::llm_device(args.device)?;
             let llm = llm4dsr_llm::Llm::load(&model, &device)?;
             // Scores in f32 on the CPU and bf16 on a GPU differ: never mix them in one output.
-            let sha = format!("{sha}/{}", llm4dsr_llm::load::device_tag(&device));
+            let sha = format!(
+                "{sha}/{}",
+                llm4dsr_llm::load::run_tag(&device, llm.decoder.dtype())
+            );
             windows_per_batch =
                 Some(
                     args.windows_per_batch
