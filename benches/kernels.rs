@@ -598,6 +598,25 @@ mod gpu {
         } else {
             None
         };
+        // The same diagnostic for v5 (warp-specialised, TMA): its main loop's own speed, next to
+        // v3's, says whether the TMA producer feeds the tensor cores as fast as v3's copies.
+        let diag_v5 = if g.fused_unavailable(FusedVersion::V5).is_none() {
+            match g.load_sm90a_variant(
+                "item_loglik_fused_v3.cu",
+                llm4dsr_kernels::sources::ITEM_LOGLIK_FUSED_V3_CU,
+                &["item_loglik_fused_v5_bf16"],
+                &["-DF3_DIAG_NO_EPILOGUE"],
+                llm4dsr_kernels::launch::FUSED5_SMEM,
+            ) {
+                Ok(f) => Some(f[0].clone()),
+                Err(e) => {
+                    eprintln!("v5 diagnostic variant not loaded: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let shapes: Vec<ScoringShape> = if quick {
             SCORING[..1].to_vec()
         } else {
@@ -662,6 +681,22 @@ mod gpu {
                     note: format!(
                         "the log-sum-exp epilogue costs {:.0}% of the v3 time",
                         v3.as_ref().map(|x| 100.0 * (1.0 - ms / x.0)).unwrap_or(0.0)
+                    ),
+                });
+            }
+            if let (Some(f), Some(_)) = (&diag_v5, &v5) {
+                let mut b5 = buffers(FusedVersion::V5, ScoreMode::Fused)?;
+                let ms = event_ms(g, 2, reps, || {
+                    g.score_device_with(&h, &w, &t, &o, &mut b5, Some(f))
+                })?;
+                diag_rows.push(Row {
+                    case: "diagnostic: v5 main loop only (epilogue = sum)".into(),
+                    shape: shape.clone(),
+                    ms,
+                    work: fused_work(s, 2.0, true),
+                    note: format!(
+                        "the epilogue costs {:.0}% of the v5 time (overlapped: near 0)",
+                        v5.as_ref().map(|x| 100.0 * (1.0 - ms / x.0)).unwrap_or(0.0)
                     ),
                 });
             }
