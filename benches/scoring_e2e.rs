@@ -354,7 +354,18 @@ fn main() -> Result<()> {
             );
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
             if worst[0] != 0.0 || worst[1] != 0.0 || worst[2..].iter().any(|&w| w > tol) {
-                bail!("decoder ops on the device differ from the CPU ({dt:?}): {worst:?}");
+                // Fatal only where the forward uses them: with candle's ops the run still
+                // gives the baseline figures.
+                if llm4dsr_kernels::decoder_ops::Impl::for_device(&device)
+                    == llm4dsr_kernels::decoder_ops::Impl::CandleOps
+                {
+                    eprintln!(
+                        "WARNING: decoder ops on the device differ from the CPU ({dt:?}): \
+                         {worst:?}; this run uses candle's ops (LLM4DSR_DECODER_OPS=candle)"
+                    );
+                } else {
+                    bail!("decoder ops on the device differ from the CPU ({dt:?}): {worst:?}");
+                }
             }
         }
     }
