@@ -254,8 +254,8 @@ item_loglik_fused_v3_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                               tgt_logit, logits_out);
 }
 
-// v4 (opt-in, LLM4DSR_FUSED_VERSION=v4; correct and slower than v3 on an H200): the same kernel on the staggered
-// main loop. Dynamic shared memory FUSED4_SMEM (= WG4_SMEM).
+// v4 (opt-in, LLM4DSR_FUSED_VERSION=v4; correct and slower than v3 on an H200): the same
+// kernel on the staggered main loop. Dynamic shared memory FUSED4_SMEM (= WG4_SMEM).
 #define FUSED4_SMEM WG4_SMEM
 
 extern "C" __global__ void __launch_bounds__(FUSED3_THREADS, 1)

@@ -25,8 +25,9 @@ static_assert(NTC_LIST == 32, "one list entry per lane");
 // the candidate lists (keys, then rows) of the block's 128 queries.
 #define NT3_LIST_OFFSET WG_RING_BYTES
 #define NTC3_SMEM (NT3_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
-// v4 (opt-in, not yet run on a GPU): the same kernel on wg_main_loop_staggered, compiled with
-// -DWG4_NB=4 (a B ring of 4 slots, so that the lists still fit): its lists follow that ring.
+// v4 (opt-in; correct, no faster than v3 on an H200): the same kernel on
+// wg_main_loop_staggered, compiled with -DWG4_NB=4 (a B ring of 4 slots, so that the lists
+// still fit): its lists follow that ring.
 #define NT4_LIST_OFFSET WG4_SMEM
 #define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
 // v5 (opt-in, not yet run on a GPU): the same kernel warp-specialised (wg5_produce /

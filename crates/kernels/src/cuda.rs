@@ -590,7 +590,7 @@ impl CudaKernels {
     /// stream, waited for (so the candle buffer may go right after). Both sides open the GPU
     /// through cudarc's `CudaContext::new`, i.e. its primary context, so candle's pointers are
     /// valid here. None (host path) when `t` is not on CUDA or on another GPU than ours.
-    /// Written without a GPU (type-checked against candle's CUDA backend, not yet run).
+    /// Checked against the CPU path in every end-to-end GPU run (H200, docs/kernels.md 8d).
     #[cfg(feature = "candle-cuda")]
     fn upload_from_candle(&self, t: &Tensor, dtype: DType) -> Result<Option<DeviceMatrix>> {
         use candle_core::{DeviceLocation, Storage};
