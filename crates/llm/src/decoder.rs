@@ -544,9 +544,10 @@ impl Decoder {
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let (cos, sin) = self.rope.gather(&pos)?;
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?; // [T, d]
-                                                              // h: the input of the next block (its input_layernorm of x); after the last block, the
-                                                              // final norm of x: each residual add is fused with the norm after it.
+        // x: the residual stream [T, d]; h: the next block's input (its input_layernorm of x),
+        // after the last block the final norm of x. Each residual add is fused with the norm
+        // after it (`add_norm`).
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let mut h = self.layers[0].input_layernorm.forward(&x)?;
         let mut new_kv: Vec<(Tensor, Tensor)> = Vec::new();
         for (li, block) in self.layers.iter().enumerate() {
