@@ -69,7 +69,7 @@ impl CatalogSearch {
     /// Refused: a length that is not a multiple of d, a non-finite value (named by row and dim).
     pub fn new(rows: Vec<f32>, d: usize, exclude: &[u32]) -> Result<Self> {
         check_nearest_args(&[], &rows, d)?;
-        if let Some(p) = rows.iter().position(|x| !x.is_finite()) {
+        if let Some(p) = first_non_finite(&rows) {
             bail!(
                 "nearest_items: catalogue row {} has a non-finite value at dim {}",
                 p / d,
