@@ -182,6 +182,7 @@ fn nearest_work(s: &NearestShape, tc: bool) -> Work {
 /// The tensor-core search's work: the same FLOPs on tensor cores; the f16 catalogue copy and its
 /// 16-byte row records read once, queries in f32 (and their f16 copy), candidates written and
 /// read (slices x 32 x 8 B per query, about 1 KB: negligible), the re-rank's 32 f32 rows.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn nearest_tc_work(s: &NearestShape) -> Work {
     let (b, n, d, k) = (s.b as f64, s.n as f64, s.d as f64, s.k as f64);
     Work {
@@ -581,42 +582,37 @@ mod gpu {
         }
         let mut rows = Vec::new();
         let mut diag_rows = Vec::new();
-        let diag_v3 = if g.fused_unavailable(FusedVersion::V3).is_none() {
+        // Diagnostic variants: a version's kernel with its epilogue replaced by a sum of the
+        // accumulators (-DF3_DIAG_NO_EPILOGUE), i.e. its main loop's own speed. For v5 next to
+        // v3's, it says whether the TMA producer feeds the tensor cores as fast as v3's copies.
+        let diag_variant = |version: FusedVersion, name: &str, smem: u32| {
+            if g.fused_unavailable(version).is_some() {
+                return None;
+            }
             match g.load_sm90a_variant(
                 "item_loglik_fused_v3.cu",
                 llm4dsr_kernels::sources::ITEM_LOGLIK_FUSED_V3_CU,
-                &["item_loglik_fused_v3_bf16"],
+                &[name],
                 &["-DF3_DIAG_NO_EPILOGUE"],
-                llm4dsr_kernels::launch::FUSED3_SMEM,
+                smem,
             ) {
                 Ok(f) => Some(f[0].clone()),
                 Err(e) => {
-                    eprintln!("v3 diagnostic variant not loaded: {e:#}");
+                    eprintln!("{version:?} diagnostic variant not loaded: {e:#}");
                     None
                 }
             }
-        } else {
-            None
         };
-        // The same diagnostic for v5 (warp-specialised, TMA): its main loop's own speed, next to
-        // v3's, says whether the TMA producer feeds the tensor cores as fast as v3's copies.
-        let diag_v5 = if g.fused_unavailable(FusedVersion::V5).is_none() {
-            match g.load_sm90a_variant(
-                "item_loglik_fused_v3.cu",
-                llm4dsr_kernels::sources::ITEM_LOGLIK_FUSED_V3_CU,
-                &["item_loglik_fused_v5_bf16"],
-                &["-DF3_DIAG_NO_EPILOGUE"],
-                llm4dsr_kernels::launch::FUSED5_SMEM,
-            ) {
-                Ok(f) => Some(f[0].clone()),
-                Err(e) => {
-                    eprintln!("v5 diagnostic variant not loaded: {e:#}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
+        let diag_v3 = diag_variant(
+            FusedVersion::V3,
+            "item_loglik_fused_v3_bf16",
+            llm4dsr_kernels::launch::FUSED3_SMEM,
+        );
+        let diag_v5 = diag_variant(
+            FusedVersion::V5,
+            "item_loglik_fused_v5_bf16",
+            llm4dsr_kernels::launch::FUSED5_SMEM,
+        );
         let shapes: Vec<ScoringShape> = if quick {
             SCORING[..1].to_vec()
         } else {
@@ -668,37 +664,29 @@ mod gpu {
             // Diagnostic: v3 with its epilogue replaced by a sum of the accumulators (the main
             // loop's own speed; the outputs are not checked). The gap to the v3 row is what the
             // online log-sum-exp costs.
-            if let (Some(f), Some(_)) = (&diag_v3, &v3) {
-                let mut b3 = buffers(FusedVersion::V3, ScoreMode::Fused)?;
-                let ms = event_ms(g, 2, reps, || {
-                    g.score_device_with(&h, &w, &t, &o, &mut b3, Some(f))
-                })?;
-                diag_rows.push(Row {
-                    case: "diagnostic: v3 main loop only (epilogue = sum)".into(),
-                    shape: shape.clone(),
-                    ms,
-                    work: fused_work(s, 2.0, true),
-                    note: format!(
-                        "the log-sum-exp epilogue costs {:.0}% of the v3 time",
-                        v3.as_ref().map(|x| 100.0 * (1.0 - ms / x.0)).unwrap_or(0.0)
-                    ),
-                });
-            }
-            if let (Some(f), Some(_)) = (&diag_v5, &v5) {
-                let mut b5 = buffers(FusedVersion::V5, ScoreMode::Fused)?;
-                let ms = event_ms(g, 2, reps, || {
-                    g.score_device_with(&h, &w, &t, &o, &mut b5, Some(f))
-                })?;
-                diag_rows.push(Row {
-                    case: "diagnostic: v5 main loop only (epilogue = sum)".into(),
-                    shape: shape.clone(),
-                    ms,
-                    work: fused_work(s, 2.0, true),
-                    note: format!(
-                        "the epilogue costs {:.0}% of the v5 time (overlapped: near 0)",
-                        v5.as_ref().map(|x| 100.0 * (1.0 - ms / x.0)).unwrap_or(0.0)
-                    ),
-                });
+            // The diagnostics' rows: the gap to the full kernel is what its epilogue costs
+            // (v3: the log-sum-exp in series; v5: overlapped, so near 0 if the schedule works).
+            for (version, diag, full) in [
+                (FusedVersion::V3, &diag_v3, &v3),
+                (FusedVersion::V5, &diag_v5, &v5),
+            ] {
+                if let (Some(f), Some((ms_full, ..))) = (diag, full) {
+                    let mut b = buffers(version, ScoreMode::Fused)?;
+                    let ms = event_ms(g, 2, reps, || {
+                        g.score_device_with(&h, &w, &t, &o, &mut b, Some(f))
+                    })?;
+                    let v = format!("{version:?}").to_lowercase();
+                    diag_rows.push(Row {
+                        case: format!("diagnostic: {v} main loop only (epilogue = sum)"),
+                        shape: shape.clone(),
+                        ms,
+                        work: fused_work(s, 2.0, true),
+                        note: format!(
+                            "the epilogue costs {:.0}% of the {v} time",
+                            100.0 * (1.0 - ms / ms_full)
+                        ),
+                    });
+                }
             }
             let mut mat = buffers(FusedVersion::V1, ScoreMode::Materialised)?;
             let ms_mat = event_ms(g, 1, reps.min(5), || {
