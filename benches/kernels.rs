@@ -874,6 +874,7 @@ mod gpu {
 
         let mut rows = Vec::new();
         let mut diag_rows = Vec::new();
+        let mut sweep_rows = Vec::new();
         let nshapes: Vec<NearestShape> = if quick {
             NEAREST[1..].to_vec()
         } else {
@@ -1123,6 +1124,76 @@ mod gpu {
                             ),
                         });
                     }
+                    // The split: the plan counts the selection (every slice's lists fill from
+                    // empty) and picks one wave of 16 slices at these shapes where the products
+                    // alone would take two of 33; time the neighbours (each row also checks
+                    // the top-k against the f32 kernel's).
+                    let chosen = g.nearest_tc_launch_with(&q, b, &c, &cat, k, TcCandidates::V3);
+                    let chosen = chosen.map(|p| p.plan.split.slices).unwrap_or(0);
+                    let mut sweep = vec![TcCandidates::V3];
+                    if g.nearest_tc_v5_unavailable().is_none() {
+                        sweep.push(TcCandidates::V5);
+                    }
+                    for cand in sweep {
+                        if g.nearest_tc_candidate_fn(cand).is_err() {
+                            continue;
+                        }
+                        for slices in [8u32, 16, 24, 33, 66] {
+                            let mut plan = None;
+                            let ms_s = event_ms(g, 1, 3, || {
+                                let p = g.nearest_tc_launch_sliced(
+                                    &q,
+                                    b,
+                                    &c,
+                                    &cat,
+                                    k,
+                                    cand,
+                                    Some(slices),
+                                )?;
+                                plan = Some(p.plan);
+                                Ok(())
+                            })?;
+                            let p = g.nearest_tc_launch_sliced(
+                                &q,
+                                b,
+                                &c,
+                                &cat,
+                                k,
+                                cand,
+                                Some(slices),
+                            )?;
+                            let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
+                            let plan = plan.context("no sliced launch")?;
+                            let blocks = plan.candidates.blocks();
+                            sweep_rows.push(Row {
+                                case: format!(
+                                    "{cand:?} candidates + re-rank, {} slices{}",
+                                    plan.split.slices,
+                                    if plan.split.slices == chosen && cand == TcCandidates::V3 {
+                                        " (the plan's choice)"
+                                    } else {
+                                        ""
+                                    }
+                                ),
+                                shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                                ms: ms_s,
+                                work: nearest_tc_work(s),
+                                note: format!(
+                                    "{blocks} blocks ({:.2} waves), {} tiles each; {:.0} expected \
+                                     list insertions per query and slice; equals the f32 \
+                                     kernel: {}; {} certified",
+                                    blocks as f64 / g.sm_count as f64,
+                                    plan.split.per_slice,
+                                    llm4dsr_kernels::launch::expected_list_insertions(
+                                        plan.split.per_slice as u64
+                                            * llm4dsr_kernels::launch::NTC3_BN as u64
+                                    ),
+                                    res == merged,
+                                    st.certified
+                                ),
+                            });
+                        }
+                    }
                     // What the ground stage pays per batch: host queries in, top-k out, the
                     // catalogue resident and prepared once (CatalogSearch on the GPU).
                     let qh = g.stream.clone_dtoh(&q)?;
@@ -1157,6 +1228,13 @@ mod gpu {
                 "Diagnostics: the grounding candidate kernels alone (median of events)",
                 Some(&card),
                 &diag_rows,
+            );
+        }
+        if !sweep_rows.is_empty() {
+            print_table(
+                "Grounding: catalogue slices (query prep + candidates + re-rank, median of events)",
+                Some(&card),
+                &sweep_rows,
             );
         }
         Ok(())

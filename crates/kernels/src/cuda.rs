@@ -1457,6 +1457,23 @@ impl CudaKernels {
         k: usize,
         cand: TcCandidates,
     ) -> Result<TcPending> {
+        let slices = crate::nearest_tc::tc_slices_from_env()?;
+        self.nearest_tc_launch_sliced(queries, b, catalog, cat, k, cand, slices)
+    }
+
+    /// [`Self::nearest_tc_launch_with`] with the catalogue cut into `slices` slices (None: the
+    /// plan's choice; the benchmark sweeps it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn nearest_tc_launch_sliced(
+        &self,
+        queries: &CudaSlice<f32>,
+        b: usize,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        k: usize,
+        cand: TcCandidates,
+        slices: Option<u32>,
+    ) -> Result<TcPending> {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
         let cand_fn = match cand {
             TcCandidates::V2 => &f.candidates,
@@ -1471,7 +1488,7 @@ impl CudaKernels {
                 .map_err(|e| anyhow!("nearest tc v5 candidates unavailable: {e}"))?,
         };
         let (n, d) = (cat.n, cat.d);
-        let plan = launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count)?;
+        let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
         let qnorm = self.row_norms(queries, b, d)?;
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
         let s = &self.stream;

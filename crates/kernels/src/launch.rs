@@ -122,6 +122,17 @@ pub const NTC_RERANK_WARPS: u32 = 8;
 pub const NTC_SMEM: u32 = NTC_STAGES * (NTC_BM + NTC_BN) * NTC_BK * 2 + 2 * NTC_BM * NTC_LIST * 4;
 /// Tensor-core grounding: a block's fixed cost in k-steps for the split (prologue, list writes).
 pub const NTC_BLOCK_OVERHEAD_STEPS: u32 = 4;
+/// Tensor-core grounding: the time of one insertion into a query's 32-entry candidate list, in
+/// k-steps of a 256-row tile (v3's 128 x 256 x 64 products), for the split
+/// ([`ntc_block_cost`]). From the H200 runs of 2026-11-27 (docs/kernels.md, section 8d):
+/// at 100k x 384 the selection added 1.15 ms to 0.197 for 2,862 insertions per warp and
+/// block (about 0.2 step each, a step taking ~1 us); at 1M x 4096, 3.2-5.0 ms for 3,998
+/// (0.4-0.6 step each, where the lockstep warpgroups also wait for the slowest warp). The
+/// lower end, so that the split leans towards the main loop's balance when unsure.
+pub const NTC_SELECT_STEPS_PER_INSERT: f64 = 0.25;
+/// Tensor-core grounding: query rows whose lists one warp keeps (v3-v5: 16 of a block's 128;
+/// v2a's pairs of column warps, 32 rows per pair, take about as long).
+pub const NTC_ROWS_PER_WARP: u32 = 16;
 // 128 KB: within sm_90's 227 KB and sm_80's 163 KB opt-in limits; one block per SM
 // (`__launch_bounds__(256, 1)`).
 const _: () = assert!(NTC_SMEM <= SMEM_OPTIN_MAX_SM90);
@@ -251,16 +262,38 @@ impl TileSplit {
         steps_per_tile: u32,
         overhead_steps: u32,
     ) -> Self {
+        Self::balanced_by(tiles, row_blocks, sm_count, |per_slice| {
+            (per_slice as u64 * steps_per_tile.max(1) as u64 + overhead_steps as u64) as f64
+        })
+    }
+
+    /// [`Self::balanced`] with any per-block cost: `block_cost(per_slice)` is the time of a
+    /// block that sweeps `per_slice` tiles (one block per SM, so the busiest SM pays
+    /// ceil(blocks / SMs) of them). The grounding candidate kernels add their top-32
+    /// selection, whose cost grows with the number of slices (every slice's lists fill from
+    /// empty): [`ntc_block_cost`].
+    pub fn balanced_by(
+        tiles: u32,
+        row_blocks: u32,
+        sm_count: u32,
+        block_cost: impl Fn(u32) -> f64,
+    ) -> Self {
         let tiles = tiles.max(1);
-        let mut best: Option<(u64, TileSplit)> = None;
+        let mut best: Option<(f64, TileSplit)> = None;
         for per_slice in 1..=tiles {
             let cand = TileSplit {
                 tiles,
                 slices: tiles.div_ceil(per_slice),
                 per_slice,
             };
-            let cost = cand.busiest_sm_cost(row_blocks, sm_count, steps_per_tile, overhead_steps);
-            if best.is_none_or(|(c, b)| (cost, cand.slices) < (c, b.slices)) {
+            let waves = (row_blocks.max(1) as u64 * cand.slices as u64)
+                .div_ceil(sm_count.max(1) as u64);
+            let cost = waves as f64 * block_cost(per_slice);
+            let better = match best {
+                None => true,
+                Some((c, b)) => cost < c || (cost == c && cand.slices < b.slices),
+            };
+            if better {
                 best = Some((cost, cand));
             }
         }
@@ -648,6 +681,32 @@ pub fn nearest_tc_plan(
     nearest_tc_plan_with(TcCandidates::V2, b, n, d, k, sm_count)
 }
 
+/// Expected insertions into a sorted list of the 32 smallest keys over `r` keys in random
+/// order: the t-th key enters when it is among the 32 smallest so far, with probability
+/// min(1, 32 / t), so 32 + 32 (H(r) - H(32)) ~ 32 + 32 ln(r / 32) for r > 32 (the selection
+/// costs of a slice: its lists fill from empty).
+pub fn expected_list_insertions(r: u64) -> f64 {
+    let l = NTC_LIST as f64;
+    if r as f64 <= l {
+        r as f64
+    } else {
+        l + l * (r as f64 / l).ln()
+    }
+}
+
+/// A grounding candidate block's time in k-steps when it sweeps `per_slice` tiles of `bn`
+/// catalogue rows, `steps_per_tile` deep: its products, its fixed cost, and its selection
+/// (each warp inserts into 16 lists, one insertion at a time). More slices fill more lists
+/// from empty: at 1,024 queries on 132 SMs this chooses one wave of 16 slices over two waves
+/// of 33 (docs/kernels.md, section 3e).
+pub fn ntc_block_cost(per_slice: u32, bn: u32, steps_per_tile: u32, overhead_steps: u32) -> f64 {
+    let per_insert = NTC_SELECT_STEPS_PER_INSERT * FUSED3_BN as f64 / bn.max(1) as f64;
+    let insertions = expected_list_insertions(per_slice as u64 * bn as u64);
+    per_slice as f64 * steps_per_tile as f64
+        + overhead_steps as f64
+        + per_insert * NTC_ROWS_PER_WARP as f64 * insertions
+}
+
 /// [`nearest_tc_plan`] for the candidate kernel `cand`.
 pub fn nearest_tc_plan_with(
     cand: TcCandidates,
@@ -656,6 +715,21 @@ pub fn nearest_tc_plan_with(
     d: usize,
     k: usize,
     sm_count: u32,
+) -> Result<NearestTcPlan> {
+    nearest_tc_plan_sliced(cand, b, n, d, k, sm_count, None)
+}
+
+/// [`nearest_tc_plan_with`], with the catalogue cut into `slices` equal slices when given
+/// (`LLM4DSR_NEAREST_TC_SLICES`, and the benchmark's sweep) instead of the split that
+/// [`ntc_block_cost`] predicts fastest. Refused: zero slices.
+pub fn nearest_tc_plan_sliced(
+    cand: TcCandidates,
+    b: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+    sm_count: u32,
+    slices: Option<u32>,
 ) -> Result<NearestTcPlan> {
     use crate::nearest_tc::{tc_depth_ok, TC_KMAX};
     let (bn, threads, smem, overhead) = cand.shape();
@@ -673,13 +747,21 @@ pub fn nearest_tc_plan_with(
     }
     let query_blocks = (b as u32).div_ceil(NTC_BM);
     let tiles = (n as u32).div_ceil(bn);
-    let split = TileSplit::balanced(
-        tiles,
-        query_blocks,
-        sm_count.max(1),
-        (d as u32).div_ceil(NTC_BK),
-        overhead,
-    );
+    let steps = (d as u32).div_ceil(NTC_BK);
+    let split = match slices {
+        Some(0) => bail!("nearest tc: 0 catalogue slices asked for"),
+        Some(s) => {
+            let per_slice = tiles.div_ceil(s.min(tiles));
+            TileSplit {
+                tiles,
+                slices: tiles.div_ceil(per_slice),
+                per_slice,
+            }
+        }
+        None => TileSplit::balanced_by(tiles, query_blocks, sm_count.max(1), |per_slice| {
+            ntc_block_cost(per_slice, bn, steps, overhead)
+        }),
+    };
     if split.slices > GRID_YZ_MAX {
         bail!("nearest tc: {} slices > {GRID_YZ_MAX}", split.slices);
     }
@@ -1087,6 +1169,74 @@ mod tests {
         );
         assert_eq!(gather_shape(0).grid.0, 1);
         assert_eq!(gather_shape(1 << 30).grid.0, 132 * 8);
+    }
+
+    /// The split of the wgmma candidate kernels counts the selection: at the benchmark shapes
+    /// one wave of 16 slices (128 blocks on 132 SMs), where the products alone would take two
+    /// waves of 33 (every slice's lists fill from empty: ~8% fewer insertions at 1M x 4096,
+    /// 45% at 100k x 384). An explicit slice count overrides it.
+    #[test]
+    fn nearest_tc_split_counts_the_selection() {
+        for cand in [TcCandidates::V3, TcCandidates::V5] {
+            for (n, d) in [(1_000_000usize, 4096usize), (100_000, 384)] {
+                let p = nearest_tc_plan_with(cand, 1024, n, d, 10, 132).unwrap();
+                assert_eq!((p.split.slices, p.candidates.grid), (16, (8, 16, 1)), "{n}x{d}");
+                assert_covers(&p.split);
+                // The products alone: two waves of 33 slices (the split before 2026-11-27).
+                let steps = d.div_ceil(64) as u32;
+                let tiles = n.div_ceil(256) as u32;
+                let bare = TileSplit::balanced(tiles, 8, 132, steps, FUSED3_BLOCK_OVERHEAD_STEPS);
+                assert_eq!(bare.slices, 33, "{n}x{d}");
+                let cost = |s: &TileSplit| {
+                    (8 * s.slices as u64).div_ceil(132) as f64
+                        * ntc_block_cost(s.per_slice, 256, steps, FUSED3_BLOCK_OVERHEAD_STEPS)
+                };
+                assert!(cost(&p.split) < cost(&bare));
+                let sliced = |s| nearest_tc_plan_sliced(cand, 1024, n, d, 10, 132, Some(s));
+                for s in [1u32, 7, 33, 66] {
+                    let q = sliced(s).unwrap();
+                    assert_eq!(q.split.slices, s, "{n}x{d}");
+                    assert_covers(&q.split);
+                    assert_eq!(q.candidates_len, s as usize * 1024 * 32);
+                }
+                // More slices than tiles: one tile each.
+                assert_eq!(sliced(1 << 20).unwrap().split.slices, tiles);
+                assert!(sliced(0).is_err());
+            }
+        }
+        // A catalogue too small to fill the chip: one tile per slice, as before.
+        let p = nearest_tc_plan_with(TcCandidates::V3, 1024, 2048, 384, 10, 132).unwrap();
+        assert_eq!(p.split.slices, 8);
+    }
+
+    /// expected_list_insertions against a count: 64 lists of the 32 smallest of r
+    /// pseudo-random keys, each key inserted when it beats the list's 32nd.
+    #[test]
+    fn list_insertions_match_a_count() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for r in [10u64, 32, 300, 3_072, 30_464] {
+            let mut total = 0u64;
+            for _ in 0..64 {
+                let mut list: Vec<u64> = Vec::with_capacity(33);
+                for _ in 0..r {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if list.len() < 32 || x < list[31] {
+                        let at = list.partition_point(|&v| v < x);
+                        list.insert(at, x);
+                        list.truncate(32);
+                        total += 1;
+                    }
+                }
+            }
+            let counted = total as f64 / 64.0;
+            let model = expected_list_insertions(r);
+            assert!(
+                (counted - model).abs() <= 0.03 * model + 1.0,
+                "r={r}: counted {counted:.1}, model {model:.1}"
+            );
+        }
     }
 
     #[test]

@@ -79,6 +79,32 @@ impl NearestVersion {
     }
 }
 
+/// The environment variable that fixes the number of catalogue slices of the tensor-core
+/// search (the grid's second dimension) instead of the plan's choice
+/// ([`crate::launch::ntc_block_cost`]): for tuning on a new card.
+pub const NEAREST_TC_SLICES_ENV: &str = "LLM4DSR_NEAREST_TC_SLICES";
+
+/// Parse a slice count for [`NEAREST_TC_SLICES_ENV`] (empty: the plan's choice).
+pub fn parse_tc_slices(s: &str) -> Result<Option<u32>> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => bail!("{NEAREST_TC_SLICES_ENV}={s:?}: expected a positive number of slices"),
+    }
+}
+
+/// The slice count asked for in the environment (None: the plan's choice).
+pub fn tc_slices_from_env() -> Result<Option<u32>> {
+    match std::env::var(NEAREST_TC_SLICES_ENV) {
+        Ok(s) => parse_tc_slices(&s),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("{NEAREST_TC_SLICES_ENV}: {e}"),
+    }
+}
+
 /// The per-row coefficients of the bound for depth `d` (module doc): `coef_q` multiplies
 /// sqrt(|q|^2) into Q, `coef_c` multiplies sqrt(|c|^2) into e_c. Rounded up to f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -380,6 +406,16 @@ mod tests {
         rows_per_slice: 128,
         bound_scale: 1.0,
     };
+
+    #[test]
+    fn slice_counts_parse_or_are_refused() {
+        assert_eq!(parse_tc_slices("").unwrap(), None);
+        assert_eq!(parse_tc_slices(" 16 ").unwrap(), Some(16));
+        for bad in ["0", "-3", "many", "1.5"] {
+            let e = parse_tc_slices(bad).unwrap_err().to_string();
+            assert!(e.contains(NEAREST_TC_SLICES_ENV) && e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn bound_coefficients() {
