@@ -554,6 +554,10 @@ mod gpu {
                 FusedVersion::V5,
                 llm4dsr_kernels::launch::FUSED5_SMEM as usize,
             ),
+            (
+                FusedVersion::V6,
+                llm4dsr_kernels::launch::FUSED5_SMEM as usize,
+            ),
         ] {
             match g.fused_function(version, FusedVariant::TensorCoreBf16) {
                 Some(f) => {
@@ -563,7 +567,9 @@ mod gpu {
                         FusedVersion::V3 | FusedVersion::V4 => {
                             llm4dsr_kernels::launch::FUSED3_THREADS
                         }
-                        FusedVersion::V5 => llm4dsr_kernels::launch::FUSED5_THREADS,
+                        FusedVersion::V5 | FusedVersion::V6 => {
+                            llm4dsr_kernels::launch::FUSED5_THREADS
+                        }
                     };
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
@@ -611,6 +617,11 @@ mod gpu {
         let diag_v5 = diag_variant(
             FusedVersion::V5,
             "item_loglik_fused_v5_bf16",
+            llm4dsr_kernels::launch::FUSED5_SMEM,
+        );
+        let diag_v6 = diag_variant(
+            FusedVersion::V6,
+            "item_loglik_fused_v6_bf16",
             llm4dsr_kernels::launch::FUSED5_SMEM,
         );
         let shapes: Vec<ScoringShape> = if quick {
@@ -661,6 +672,9 @@ mod gpu {
             let v4 = time_version(FusedVersion::V4)?;
             // v5 (opt-in, warp-specialised with TMA): likewise (LLM4DSR_FUSED_V5=off).
             let v5 = time_version(FusedVersion::V5)?;
+            // v6 (opt-in, v5 on clusters of two blocks, the head tile multicast): likewise
+            // (LLM4DSR_FUSED_V6=off).
+            let v6 = time_version(FusedVersion::V6)?;
             // Diagnostic: v3 with its epilogue replaced by a sum of the accumulators (the main
             // loop's own speed; the outputs are not checked). The gap to the v3 row is what the
             // online log-sum-exp costs.
@@ -669,6 +683,7 @@ mod gpu {
             for (version, diag, full) in [
                 (FusedVersion::V3, &diag_v3, &v3),
                 (FusedVersion::V5, &diag_v5, &v5),
+                (FusedVersion::V6, &diag_v6, &v6),
             ] {
                 if let (Some(f), Some((ms_full, ..))) = (diag, full) {
                     let mut b = buffers(version, ScoreMode::Fused)?;
@@ -793,6 +808,10 @@ mod gpu {
             for (case, other) in [
                 ("fused bf16 v4 (v3, warpgroups staggered)", &v4),
                 ("fused bf16 v5 (v3, warp-specialised, TMA)", &v5),
+                (
+                    "fused bf16 v6 (v5 on 2-block clusters, head multicast)",
+                    &v6,
+                ),
             ] {
                 if let (Some((ms4, tok4, grid)), Some((ms3, tok3, _))) = (other, &v3) {
                     let (r4, r3) = (tok4[0], tok3[0]);
@@ -992,6 +1011,14 @@ mod gpu {
                                 true,
                             ));
                         }
+                        if let Ok(f6) = g.nearest_tc_candidate_fn(TcCandidates::V6) {
+                            variants.push((
+                                "v6 candidates (v5 on 2-block clusters, multicast, opt-in)".into(),
+                                TcCandidates::V6,
+                                f6.clone(),
+                                true,
+                            ));
+                        }
                         for (label, def, real) in [
                             (
                                 "v3 candidates, keys but no selection",
@@ -1060,9 +1087,13 @@ mod gpu {
                     if g.nearest_tc_v4_unavailable().is_none() {
                         cands.push(TcCandidates::V4);
                     }
-                    // v5 (opt-in, warp-specialised) likewise (LLM4DSR_NEAREST_TC_V5=off).
+                    // v5 (opt-in, warp-specialised) likewise (LLM4DSR_NEAREST_TC_V5=off), and v6
+                    // (v5 on 2-block clusters, the catalogue tile multicast; ..._V6=off).
                     if g.nearest_tc_v5_unavailable().is_none() {
                         cands.push(TcCandidates::V5);
+                    }
+                    if g.nearest_tc_v6_unavailable().is_none() {
+                        cands.push(TcCandidates::V6);
                     }
                     let mut ms_v2 = None;
                     for cand in cands {
@@ -1071,6 +1102,7 @@ mod gpu {
                             TcCandidates::V3 => "f16 wgmma, 128 x 256",
                             TcCandidates::V4 => "f16 wgmma, staggered warpgroups",
                             TcCandidates::V5 => "f16 wgmma, warp-specialised (TMA)",
+                            TcCandidates::V6 => "f16 wgmma, warp-specialised, 2-block clusters",
                         };
                         let mut pend = None;
                         let ms_kernels = event_ms(g, 1, 3, || {
@@ -1134,6 +1166,9 @@ mod gpu {
                     if g.nearest_tc_v5_unavailable().is_none() {
                         sweep.push(TcCandidates::V5);
                     }
+                    if g.nearest_tc_v6_unavailable().is_none() {
+                        sweep.push(TcCandidates::V6);
+                    }
                     for cand in sweep {
                         if g.nearest_tc_candidate_fn(cand).is_err() {
                             continue;
@@ -1153,15 +1188,8 @@ mod gpu {
                                 plan = Some(p.plan);
                                 Ok(())
                             })?;
-                            let p = g.nearest_tc_launch_sliced(
-                                &q,
-                                b,
-                                &c,
-                                &cat,
-                                k,
-                                cand,
-                                Some(slices),
-                            )?;
+                            let p =
+                                g.nearest_tc_launch_sliced(&q, b, &c, &cat, k, cand, Some(slices))?;
                             let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
                             let plan = plan.context("no sliced launch")?;
                             let blocks = plan.candidates.blocks();

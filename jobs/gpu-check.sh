@@ -154,8 +154,8 @@ smoke() {
   grep -E "$6" "$OUT/$4" | head -40
   if [ $rc -ne 0 ]; then
     echo "FAILED: $2 (exit $rc; 124 = timed out, a hang); the rest runs with $5"
-    # A v5 kernel that hung: once more with bounded barrier waits that print where they
-    # were stuck (which barrier, step, block, warpgroup).
+    # A v5 / v6 kernel that hung: once more with bounded barrier waits that print where
+    # they were stuck (which barrier, step, block, warpgroup).
     if [ $rc -eq 124 ] && [ "${7:-}" = wg5 ]; then
       echo "== $2 again with LLM4DSR_WG5_HANG_CHECK=1 (where v5 waits)"
       LLM4DSR_WG5_HANG_CHECK=1 timeout "$3" "$BIN/kernels-test" --test-threads=1 --nocapture "$2" \
@@ -174,6 +174,14 @@ smoke "v4 (opt-in) test" gpu_v4_matches_v3 60 v4-smoke.log LLM4DSR_FUSED_V4=off 
 # v5 (opt-in: warp-specialised, TMA tensor maps, setmaxnreg; written without a GPU).
 smoke "v5 (opt-in) test" gpu_v5_matches_v3 60 v5-smoke.log LLM4DSR_FUSED_V5=off \
   '^test |test result|layout|panicked|SKIP|differs' wg5
+# v6 (opt-in: v5 on clusters of two blocks, the head tile multicast; written without a GPU):
+# only where v5 passed (it is v5's protocol with a peer block), else off without a try.
+if [ "${LLM4DSR_FUSED_V5:-}" = off ]; then
+  echo "SKIP: v6 (v5 failed; v6 is v5 on clusters)"; export LLM4DSR_FUSED_V6=off
+else
+  smoke "v6 (opt-in) test" gpu_v6_matches_v3 60 v6-smoke.log LLM4DSR_FUSED_V6=off \
+    '^test |test result|layout|panicked|SKIP|differs' wg5
+fi
 smoke "tensor-core grounding with the v3 (wgmma) candidate kernel" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-smoke.log LLM4DSR_NEAREST_TC_CANDIDATES=v2 \
   '^test |test result|panicked|SKIP|GPU nearest tc V3'
@@ -184,6 +192,13 @@ smoke "tensor-core grounding with the v4 (staggered, opt-in) candidate kernel" \
 smoke "tensor-core grounding with the v5 (warp-specialised, opt-in) candidate kernel" \
   gpu_nearest_tc_v5_equals_f32_kernel 60 tc5-smoke.log LLM4DSR_NEAREST_TC_V5=off \
   '^test |test result|panicked|SKIP' wg5
+if [ "${LLM4DSR_NEAREST_TC_V5:-}" = off ]; then
+  echo "SKIP: v6 candidates (v5 failed)"; export LLM4DSR_NEAREST_TC_V6=off
+else
+  smoke "tensor-core grounding with the v6 (2-block clusters, multicast, opt-in) candidate kernel" \
+    gpu_nearest_tc_v6_equals_f32_kernel 60 tc6-smoke.log LLM4DSR_NEAREST_TC_V6=off \
+    '^test |test result|panicked|SKIP' wg5
+fi
 
 echo "== GPU tests (tests/kernels.rs)"
 t0=$(date +%s)

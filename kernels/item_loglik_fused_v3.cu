@@ -118,6 +118,9 @@ __device__ __forceinline__ void f3_fold(float (&m)[2], float (&s)[2], const floa
 #define F3_LOCKSTEP 0
 #define F3_STAGGERED 1
 #define F3_SPECIALISED 2
+// v6: v5 on a pair of blocks (the two row blocks of one vocabulary slice) with the head tile
+// multicast (wgmma_common.cuh, WG6_CLUSTER).
+#define F3_CLUSTERED 3
 template <bool BF16, int LOOP>
 __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                                             const u16 *__restrict__ head,
@@ -131,17 +134,19 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                                             const WgTensorMap *map_b = nullptr) {
     extern __shared__ __align__(1024) unsigned char f3_smem[];
     const u32 smem = (wg_smem_addr(f3_smem) + 1023u) & ~1023u;
+    constexpr bool WS = LOOP == F3_SPECIALISED || LOOP == F3_CLUSTERED;  // warp-specialised
+    constexpr int CL = LOOP == F3_CLUSTERED ? WG6_CLUSTER : 1;           // blocks per cluster
 
     const int row0 = blockIdx.x * FUSED3_BM, slice = blockIdx.y;
     const int vtiles = (v + FUSED3_BN - 1) / FUSED3_BN;
     const int vt_begin = slice * tiles_per_slice;
     const int vt_end = min(vt_begin + tiles_per_slice, vtiles);
-    // v5: the producer warpgroup streams the tiles and leaves; the consumers go on.
-    if (LOOP == F3_SPECIALISED &&
-        !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS>(smem, map_a, map_b, d, row0, vt_begin, vt_end))
+    // v5, v6: the producer warpgroup streams the tiles and leaves; the consumers go on.
+    if (WS && !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS, CL>(smem, map_a, map_b, d, row0,
+                                                                  vt_begin, vt_end))
         return;
     // Consumer-relative thread: warps 0-3 own rows 0-63 of the tile, warps 4-7 rows 64-127.
-    const int tid = LOOP == F3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
+    const int tid = WS ? (int)threadIdx.x - 128 : (int)threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
 
@@ -207,8 +212,8 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
                     }
         }
     };
-    if (LOOP == F3_SPECIALISED) {
-        wg5_consume<BF16>(smem, warp >> 2, d, vt_begin, vt_end, epilogue);
+    if (WS) {
+        wg5_consume<BF16, CL>(smem, warp >> 2, d, vt_begin, vt_end, epilogue);
     } else if (LOOP == F3_STAGGERED) {
         wg_main_loop_staggered<BF16>(smem, hidden, head, n, v, d, row0, vt_begin, vt_end,
                                      epilogue);
@@ -231,6 +236,7 @@ __device__ __forceinline__ void fused_tc_v3(const u16 *__restrict__ hidden,
             part_s[(u64)slice * n + row] = run_s[h];
         }
     }
+    if (WS) wg5_finish<CL>();
 }
 
 // Same signature as v1's and v2a's tensor-core kernels; the partials go to item_loglik_combine.
@@ -304,4 +310,30 @@ item_loglik_fused_v5_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                          const __grid_constant__ WgTensorMap map_b) {
     fused_tc_v3<false, F3_SPECIALISED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m,
                                        part_s, tgt_logit, logits_out, &map_a, &map_b);
+}
+
+// v6 (opt-in, LLM4DSR_FUSED_VERSION=v6; not yet run on a GPU): v5 on clusters of two blocks
+// along x (two row blocks of one vocabulary slice; the plan pads the row blocks to an even
+// count), the head tile multicast. v5's parameters; the head's tensor map has boxes of 64 x
+// 128 (each block copies one half of the 256-row tile).
+extern "C" __global__ void __cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)
+item_loglik_fused_v6_bf16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                          const u32 *__restrict__ targets, int n, int v, int d,
+                          int tiles_per_slice, float *__restrict__ part_m,
+                          float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                          float *__restrict__ logits_out, const __grid_constant__ WgTensorMap map_a,
+                          const __grid_constant__ WgTensorMap map_b) {
+    fused_tc_v3<true, F3_CLUSTERED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m,
+                                    part_s, tgt_logit, logits_out, &map_a, &map_b);
+}
+
+extern "C" __global__ void __cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)
+item_loglik_fused_v6_f16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,
+                         const u32 *__restrict__ targets, int n, int v, int d,
+                         int tiles_per_slice, float *__restrict__ part_m,
+                         float *__restrict__ part_s, float *__restrict__ tgt_logit,
+                         float *__restrict__ logits_out, const __grid_constant__ WgTensorMap map_a,
+                         const __grid_constant__ WgTensorMap map_b) {
+    fused_tc_v3<false, F3_CLUSTERED>(hidden, head, targets, n, v, d, tiles_per_slice, part_m,
+                                     part_s, tgt_logit, logits_out, &map_a, &map_b);
 }

@@ -89,6 +89,9 @@ __device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbas
 #define NT3_LOCKSTEP 0
 #define NT3_STAGGERED 1
 #define NT3_SPECIALISED 2
+// v6: v5 on a pair of blocks (the two query blocks of one catalogue slice), the catalogue
+// tile multicast (wgmma_common.cuh, WG6_CLUSTER); v5's shared memory layout.
+#define NT3_CLUSTERED 3
 template <int LOOP>
 __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                                                const u16 *__restrict__ c16,
@@ -101,12 +104,14 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                                                const WgTensorMap *map_c = nullptr) {
     extern __shared__ __align__(1024) unsigned char nt3_smem[];
     const u32 smem = (wg_smem_addr(nt3_smem) + 1023u) & ~1023u;
+    constexpr bool WS = LOOP == NT3_SPECIALISED || LOOP == NT3_CLUSTERED;  // warp-specialised
+    constexpr int CL = LOOP == NT3_CLUSTERED ? WG6_CLUSTER : 1;            // blocks per cluster
     float *lkeys = reinterpret_cast<float *>(
-        nt3_smem + (LOOP == NT3_SPECIALISED ? NT5_LIST_OFFSET
+        nt3_smem + (WS ? NT5_LIST_OFFSET
                     : LOOP == NT3_STAGGERED ? NT4_LIST_OFFSET
                                             : NT3_LIST_OFFSET));  // [BM][32]
     u32 *lidx = reinterpret_cast<u32 *>(lkeys + WG_BM * NTC_LIST);  // [BM][32]
-    const int threads = LOOP == NT3_SPECIALISED ? WG5_THREADS : WG_THREADS;
+    const int threads = WS ? WG5_THREADS : WG_THREADS;
 
     const int row0 = blockIdx.x * WG_BM, slice = blockIdx.y;
     const int ctiles = (n + WG_BN - 1) / WG_BN;
@@ -119,12 +124,12 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
         lkeys[e] = NT3_POS_INF;
         lidx[e] = NT3_NONE;
     }
-    // v5: the producer warpgroup streams the tiles and leaves; the consumers go on.
-    if (LOOP == NT3_SPECIALISED &&
-        !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS>(smem, map_q, map_c, d, row0, ct_begin, ct_end))
+    // v5, v6: the producer warpgroup streams the tiles and leaves; the consumers go on.
+    if (WS && !wg5_roles<WG5_PRODUCER_REGS, WG5_CONSUMER_REGS, CL>(smem, map_q, map_c, d, row0,
+                                                                  ct_begin, ct_end))
         return;
     // Consumer-relative thread: warps 0-3 own query rows 0-63 of the tile, warps 4-7 64-127.
-    const int tid = LOOP == NT3_SPECIALISED ? (int)threadIdx.x - 128 : (int)threadIdx.x;
+    const int tid = WS ? (int)threadIdx.x - 128 : (int)threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
 
@@ -208,8 +213,8 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                 }
         }
     };
-    if (LOOP == NT3_SPECIALISED) {
-        wg5_consume<false>(smem, warp >> 2, d, ct_begin, ct_end, epilogue);
+    if (WS) {
+        wg5_consume<false, CL>(smem, warp >> 2, d, ct_begin, ct_end, epilogue);
         // Every consumer warp's last insertions done (the producer warpgroup has left: a
         // named barrier over the 256 consumer threads).
         asm volatile("bar.sync 1, 256;\n" ::: "memory");
@@ -230,6 +235,7 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
             out_idx[o] = lidx[e];
         }
     }
+    if (WS) wg5_finish<CL>();
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
@@ -259,4 +265,18 @@ nearest_tc_candidates_v5(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                          const __grid_constant__ WgTensorMap map_c) {
     nt3_candidates<NT3_SPECIALISED>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key,
                                     out_idx, &map_q, &map_c);
+}
+
+// v6 (opt-in, LLM4DSR_NEAREST_TC_CANDIDATES=v6; not yet run on a GPU): v5 on clusters of two
+// blocks along x (two query blocks of one catalogue slice; the plan pads the query blocks to
+// an even count), the catalogue tile multicast. v5's parameters; the catalogue's tensor map
+// has boxes of 64 x 128 (each block copies one half of the 256-row tile).
+extern "C" __global__ void __cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)
+nearest_tc_candidates_v6(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
+                         const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
+                         int b, int n, int d, int tiles_per_slice, float *__restrict__ out_key,
+                         u32 *__restrict__ out_idx, const __grid_constant__ WgTensorMap map_q,
+                         const __grid_constant__ WgTensorMap map_c) {
+    nt3_candidates<NT3_CLUSTERED>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key,
+                                  out_idx, &map_q, &map_c);
 }

@@ -478,46 +478,115 @@ __device__ __forceinline__ void wg5_wait(u32 addr, u32 parity, const char *who, 
 #endif
 }
 
-// All 384 threads: initialise the ring's barriers (before any role runs).
+// ---- v6: v5 on a cluster of WG6_CLUSTER = 2 blocks (adjacent along the grid's x: the two
+// row / query blocks of one slice) with the B tile multicast. In v5 every block copies its
+// own 48 KB per step from L2; at ~80% of the tensor-core floor that is ~7 TB/s over 132 SMs,
+// where the L2 serves about that much. Here both blocks of a cluster need the same B tile:
+// block r of the pair copies rows [128 r, 128 r + 128) of it (16 KB) with
+// `.multicast::cluster` into the same offset of both blocks' slot, completing the
+// transaction on both blocks' `full` barrier (same offset too), so each block still
+// receives 48 KB per step (A 16 KB of its own, B from itself and its peer) while reading
+// 32 KB from L2. A slot may be refilled only when BOTH blocks' consumers released it (the
+// peer writes into it): `empty` counts 8 x WG6_CLUSTER warps, and each consumer warp
+// arrives on its own block's and its peer's barrier (`mapa` + a remote
+// `mbarrier.arrive.release.cluster`). The barriers are initialised and fenced before a
+// cluster-wide barrier, and no thread of either block exits before a last cluster-wide
+// barrier (a peer may still multicast into, or arrive on, this block's shared memory until
+// then). The kernels carry `__cluster_dims__(2, 1, 1)`, so a plain launch forms the pairs;
+// the plans pad the grid's x to an even count (the padding block's rows lie past the
+// problem: zeros from the tensor map's bounds, no output). The protocol is modelled in
+// jobs/sim/ws_ring.py (--cluster 2).
+#define WG6_CLUSTER 2
+
+__device__ __forceinline__ u32 wg_cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// Every thread of the cluster's blocks (release / acquire: shared memory writes and
+// barrier operations before it are visible to the cluster after it).
+__device__ __forceinline__ void wg_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Arrive on the mbarrier at shared offset `addr` of block `rank` of the cluster. The default
+// semantics (release at CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id): what it
+// orders is this warp's wgmma reads of the slot, already retired by wgmma.wait_group, before
+// the peer's copy into it. An explicit `.release.cluster` costs a MEMBAR.ALL.GPU per
+// arrival in the SASS (twice per step and warp here).
+__device__ __forceinline__ void wg_mbar_arrive_cluster(u32 addr, u32 rank) {
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n"
+                 :: "r"(addr), "r"(rank) : "memory");
+}
+// The 2-d box at (c0, c1) of `map` into shared `dst` of every block in `mask` (the same
+// offset in each), completing the transaction of the mbarrier at offset `mbar` in each.
+__device__ __forceinline__ void wg_tma_load_2d_multicast(u32 dst, const WgTensorMap *map, int c0,
+                                                         int c1, u32 mbar, unsigned short mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n"
+        :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(mbar), "h"(mask)
+        : "memory");
+}
+
+// All 384 threads: initialise the ring's barriers (before any role runs). CL blocks per
+// cluster (1: v5, 2: v6): `empty` counts the consumer warps of all of them, and the barriers
+// are visible to the peer before anyone copies into or arrives on them.
+template <int CL = 1>
 __device__ __forceinline__ void wg5_init(u32 smem) {
     const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
     if (threadIdx.x == 0) {
         for (int s = 0; s < WG5_STAGES; ++s) {
-            wg_mbar_init(full0 + 8 * s, 1);   // the producer's arrive.expect_tx
-            wg_mbar_init(empty0 + 8 * s, 8);  // lane 0 of each of the 8 consumer warps
+            wg_mbar_init(full0 + 8 * s, 1);        // the producer's arrive.expect_tx
+            wg_mbar_init(empty0 + 8 * s, 8 * CL);  // lane 0 of each consumer warp of the cluster
         }
         wg_fence_mbar_init();
     }
-    __syncthreads();
+    if (CL > 1) {
+        wg_cluster_sync();
+    } else {
+        __syncthreads();
+    }
 }
 
-// The roles of a v5 block (all 384 threads call it, after any shared-memory setup of their
-// own): initialise the ring, move registers, and run the producer in thread 0 of warpgroup 0.
-// Returns true in the two consumer warpgroups (threads 128-383), which go on to
-// wg5_consume; false in the producer warpgroup, whose threads then return.
-template <int PRODUCER_REGS, int CONSUMER_REGS>
+// The roles of a v5 / v6 block (all 384 threads call it, after any shared-memory setup of
+// their own): initialise the ring, move registers, and run the producer in thread 0 of
+// warpgroup 0. Returns true in the two consumer warpgroups (threads 128-383), which go on to
+// wg5_consume and end with wg5_finish; false in the producer warpgroup, whose threads then
+// return (v6: after the last cluster-wide barrier).
+template <int PRODUCER_REGS, int CONSUMER_REGS, int CL = 1>
 __device__ __forceinline__ bool wg5_roles(u32 smem, const WgTensorMap *map_a,
                                           const WgTensorMap *map_b, int d, int row0,
                                           int t_begin, int t_end);
 
 // The producer (one thread): step s's A box (64 deep x 128 rows from row0) and B box (64 deep
-// x 256 rows of tile t) into slot s % WG5_STAGES, once both consumers released the slot's
-// previous step. A fresh barrier counts as having completed the phase before its first, so
-// the first round's waits (parity 1) pass at once.
+// x 256 rows of tile t; v6: this block's 128-row half, multicast to the pair) into slot
+// s % WG5_STAGES, once the consumers (v6: of both blocks) released the slot's previous step.
+// A fresh barrier counts as having completed the phase before its first, so the first
+// round's waits (parity 1) pass at once.
+template <int CL = 1>
 __device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
                                             const WgTensorMap *map_b, int d, int row0,
                                             int t_begin, int t_end) {
     const int ksteps = (d + WG_BK - 1) / WG_BK;
     const int total = (t_end - t_begin) * ksteps;
     const u32 full0 = smem + WG5_BAR_OFF, empty0 = full0 + 8 * WG5_STAGES;
+    const u32 rank = CL > 1 ? wg_cluster_rank() : 0u;
     int kt = 0, tile = t_begin, slot = 0;
     u32 round = 0;
     for (int s = 0; s < total; ++s) {
         wg5_wait(empty0 + 8 * slot, (round & 1) ^ 1, "producer: empty", s);
         const u32 stage = smem + slot * WG_STAGE_BYTES, full = full0 + 8 * slot;
-        wg_mbar_expect_tx(full, WG_STAGE_BYTES);
+        wg_mbar_expect_tx(full, WG_STAGE_BYTES);  // v6 too: A, and B from both blocks
         wg_tma_load_2d(stage, map_a, kt * WG_BK, row0, full);
-        wg_tma_load_2d(stage + WG_A_BYTES, map_b, kt * WG_BK, tile * WG_BN, full);
+        if (CL > 1) {
+            const u32 half = rank * (WG_B_BYTES / CL);
+            wg_tma_load_2d_multicast(stage + WG_A_BYTES + half, map_b, kt * WG_BK,
+                                     tile * WG_BN + (int)rank * (WG_BN / CL), full,
+                                     (unsigned short)((1u << CL) - 1u));
+        } else {
+            wg_tma_load_2d(stage + WG_A_BYTES, map_b, kt * WG_BK, tile * WG_BN, full);
+        }
         if (++kt == ksteps) {
             kt = 0;
             ++tile;
@@ -529,25 +598,46 @@ __device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
     }
 }
 
-template <int PRODUCER_REGS, int CONSUMER_REGS>
+// The end of a v6 block's threads (the consumers after their last output, the producer
+// warpgroup after its copies): no block leaves while its peer may still use its shared
+// memory. Nothing for v5.
+template <int CL = 1>
+__device__ __forceinline__ void wg5_finish() {
+    if (CL > 1) wg_cluster_sync();
+}
+
+template <int PRODUCER_REGS, int CONSUMER_REGS, int CL>
 __device__ __forceinline__ bool wg5_roles(u32 smem, const WgTensorMap *map_a,
                                           const WgTensorMap *map_b, int d, int row0,
                                           int t_begin, int t_end) {
-    wg5_init(smem);
+    wg5_init<CL>(smem);
     if (threadIdx.x < 128) {
         wg_setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x == 0) wg5_produce(smem, map_a, map_b, d, row0, t_begin, t_end);
+        if (threadIdx.x == 0) wg5_produce<CL>(smem, map_a, map_b, d, row0, t_begin, t_end);
+        wg5_finish<CL>();
         return false;
     }
     wg_setmaxnreg_inc<CONSUMER_REGS>();
     return true;
 }
 
+// Release slot `addr`'s step: v5 on this block's barrier; v6 on both blocks' (the peer's
+// producer multicasts into this block's slot too).
+template <int CL>
+__device__ __forceinline__ void wg5_release(u32 addr) {
+    if (CL > 1) {
+#pragma unroll
+        for (u32 r = 0; r < (u32)CL; ++r) wg_mbar_arrive_cluster(addr, r);
+    } else {
+        wg_mbar_arrive(addr);
+    }
+}
+
 // Consumer warpgroup `cw` (0 or 1): v3's products for its 64 rows, calling epi(acc, tile)
 // after each tile's last step, as wg_main_loop does. Step s - 1 is released once step s's
 // wait_group 1 retired it; a tile's last step right after its wait_group 0 (before the
 // epilogue, so the producer refills while the epilogue runs).
-template <bool BF16, typename Epi>
+template <bool BF16, int CL = 1, typename Epi>
 __device__ __forceinline__ void wg5_consume(u32 smem, int cw, int d, int t_begin, int t_end,
                                             Epi &&epi) {
     const int ksteps = (d + WG_BK - 1) / WG_BK;
@@ -570,7 +660,7 @@ __device__ __forceinline__ void wg5_consume(u32 smem, int cw, int d, int t_begin
                          wg_desc(stage + WG_A_BYTES + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
         wg_mma_commit();
         wg_mma_wait<1>();
-        if (kt > 0 && leader) wg_mbar_arrive(empty0 + 8 * prev);  // step s - 1, same tile
+        if (kt > 0 && leader) wg5_release<CL>(empty0 + 8 * prev);  // step s - 1, same tile
         prev = slot;
         if (++slot == WG5_STAGES) {
             slot = 0;
@@ -578,7 +668,7 @@ __device__ __forceinline__ void wg5_consume(u32 smem, int cw, int d, int t_begin
         }
         if (++kt == ksteps) {
             wg_mma_wait<0>();
-            if (leader) wg_mbar_arrive(empty0 + 8 * prev);  // this step
+            if (leader) wg5_release<CL>(empty0 + 8 * prev);  // this step
             wg_fence_acc(acc);
             epi(acc, tile);
             kt = 0;

@@ -600,11 +600,11 @@ mod gpu {
             ] {
                 assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
             }
-            // 4 wgmma per stage in each of v3, v4 (staggered, with its mbarriers) and v5
-            // (warp-specialised: TMA, transaction barriers).
+            // 4 wgmma per stage in each of v3, v4 (staggered, with its mbarriers), v5
+            // (warp-specialised: TMA, transaction barriers) and v6 (v5 on clusters of 2).
             assert_eq!(
                 tc3.matches("wgmma.mma_async").count(),
-                3 * 4,
+                4 * 4,
                 "nearest_tc_v3 wgmma"
             );
             for needle in [
@@ -613,6 +613,11 @@ mod gpu {
                 ".entry nearest_tc_candidates_v5(",
                 "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
                 "bar.sync 1, 256",
+                ".entry nearest_tc_candidates_v6(",
+                ".reqnctapercluster 2, 1, 1",
+                ".multicast::cluster",
+                "mapa.shared::cluster.u32",
+                "barrier.cluster.wait.acquire",
             ] {
                 assert!(tc3.contains(needle), "nearest_tc_v3 PTX lacks {needle}");
             }
@@ -650,14 +655,32 @@ mod gpu {
                 "fence.mbarrier_init.release.cluster",
                 "setmaxnreg.dec.sync.aligned.u32 40",
                 "setmaxnreg.inc.sync.aligned.u32 232",
+                // v6 (v5 on clusters of two blocks): the cluster shape, the multicast head
+                // copy, the remote releases, the cluster barriers at the start and the end.
+                ".entry item_loglik_fused_v6_bf16(",
+                ".entry item_loglik_fused_v6_f16(",
+                ".explicitcluster",
+                ".reqnctapercluster 2, 1, 1",
+                "mbarrier::complete_tx::bytes.multicast::cluster",
+                "mapa.shared::cluster.u32",
+                "mbarrier.arrive.shared::cluster.b64",
+                "%cluster_ctarank",
+                "barrier.cluster.arrive.release",
+                "barrier.cluster.wait.acquire",
             ] {
                 assert!(v3.contains(needle), "v3 PTX lacks {needle}");
             }
-            // 4 wgmma per stage in each of the 6 kernels (v3, v4, v5; bf16 and f16).
+            // 4 wgmma per stage in each of the 8 kernels (v3, v4, v5, v6; bf16 and f16).
             assert_eq!(
                 v3.matches("wgmma.mma_async").count(),
-                6 * 4,
+                8 * 4,
                 "v3 wgmma count"
+            );
+            // The remote releases carry no cluster-scope fence (a MEMBAR.ALL.GPU per step):
+            // the default semantics, as CUTLASS's ClusterBarrier::arrive.
+            assert!(
+                !v3.contains("mbarrier.arrive.release.cluster"),
+                "v6's releases should not fence at cluster scope"
             );
             assert!(!v3.contains(".local"), "v3 uses local memory");
             // v5's hang diagnosis (LLM4DSR_WG5_HANG_CHECK=1 in the GPU check) compiles: bounded
@@ -750,13 +773,14 @@ mod gpu {
         sm90a_expected(g, FusedVersion::V3)
     }
 
-    /// The same for an sm_90a version (v3, v4, v5): turned off by the GPU check after a failed
-    /// smoke test (`LLM4DSR_FUSED_V3=off`, `..._V4=off`, `..._V5=off`) it is skipped.
+    /// The same for an sm_90a version (v3, v4, v5, v6): turned off by the GPU check after a
+    /// failed smoke test (`LLM4DSR_FUSED_V3=off`, `..._V4=off`, ...) it is skipped.
     fn sm90a_expected(g: &CudaKernels, version: FusedVersion) -> bool {
         let why = g.fused_unavailable(version);
         if why == Some(llm4dsr_kernels::cuda::V3_DISABLED)
             || why == Some(llm4dsr_kernels::cuda::V4_DISABLED)
             || why == Some(llm4dsr_kernels::cuda::V5_DISABLED)
+            || why == Some(llm4dsr_kernels::cuda::V6_DISABLED)
         {
             eprintln!("SKIP: fused {version:?}: {}", why.unwrap_or(""));
             return false;
@@ -807,6 +831,17 @@ mod gpu {
         let Some(g) = gpu() else { return };
         if sm90a_expected(g, FusedVersion::V5) {
             matches_v3(g, FusedVersion::V5);
+        }
+    }
+
+    /// v6 (v5 on clusters of two row blocks, the head tile multicast; opt-in): the same checks.
+    /// The odd row-block counts (257 rows: 3 blocks, padded to 4; the layout shapes' single
+    /// block, padded to 2) run a padding block whose rows all lie past n; bit-equal to v3.
+    #[test]
+    fn gpu_v6_matches_v3() {
+        let Some(g) = gpu() else { return };
+        if sm90a_expected(g, FusedVersion::V6) {
+            matches_v3(g, FusedVersion::V6);
         }
     }
 
@@ -1086,6 +1121,14 @@ mod gpu_tc {
         opt_in_tc_cases(g, TcCandidates::V5, g.nearest_tc_v5_unavailable());
     }
 
+    /// The clustered candidate kernel (v6, opt-in: v5 on pairs of query blocks, the catalogue
+    /// tile multicast; odd query-block counts padded) through the same cases.
+    #[test]
+    fn gpu_nearest_tc_v6_equals_f32_kernel() {
+        let Some(g) = gpu() else { return };
+        opt_in_tc_cases(g, TcCandidates::V6, g.nearest_tc_v6_unavailable());
+    }
+
     /// [`tc_cases`] for an opt-in candidate kernel that is unavailable for `why`: skipped off
     /// sm_90 or when the GPU check turned it off, a failure on an sm_90 card otherwise.
     fn opt_in_tc_cases(
@@ -1096,6 +1139,7 @@ mod gpu_tc {
         let disabled = [
             llm4dsr_kernels::cuda::TC_V4_DISABLED,
             llm4dsr_kernels::cuda::TC_V5_DISABLED,
+            llm4dsr_kernels::cuda::TC_V6_DISABLED,
         ];
         match why {
             None => tc_cases(g, &[cand]),

@@ -47,11 +47,17 @@ pub const V4_DISABLED: &str = "disabled by LLM4DSR_FUSED_V4=off";
 /// Why v5 is unavailable when `LLM4DSR_FUSED_V5=off` (the GPU check sets it after a failed v5
 /// smoke test).
 pub const V5_DISABLED: &str = "disabled by LLM4DSR_FUSED_V5=off";
+/// Why v6 is unavailable when `LLM4DSR_FUSED_V6=off` (the GPU check sets it after a failed v6
+/// smoke test).
+pub const V6_DISABLED: &str = "disabled by LLM4DSR_FUSED_V6=off";
 /// Why the staggered grounding candidate kernel is unavailable when `LLM4DSR_NEAREST_TC_V4=off`.
 pub const TC_V4_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V4=off";
 /// Why the warp-specialised grounding candidate kernel is unavailable when
 /// `LLM4DSR_NEAREST_TC_V5=off`.
 pub const TC_V5_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V5=off";
+/// Why the clustered (multicast) grounding candidate kernel is unavailable when
+/// `LLM4DSR_NEAREST_TC_V6=off`.
+pub const TC_V6_DISABLED: &str = "disabled by LLM4DSR_NEAREST_TC_V6=off";
 
 /// The process-wide kernels, started on first use when [`backend`] says CUDA. None (and one
 /// log line) when the start fails: the callers then take the CPU path.
@@ -329,6 +335,9 @@ pub struct CudaKernels {
     /// v5 (opt-in, warp-specialised with TMA) bf16 and f16 kernels, or why they are
     /// unavailable; on first use.
     fused_v5: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
+    /// v6 (opt-in, v5 on clusters of two blocks with the head tile multicast) bf16 and f16
+    /// kernels, or why they are unavailable; on first use.
+    fused_v6: OnceLock<std::result::Result<(CudaFunction, CudaFunction), String>>,
     combine: CudaFunction,
     logits: CudaFunction,
     segment_sum: CudaFunction,
@@ -344,6 +353,8 @@ pub struct CudaKernels {
     nearest_tc_v4: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The warp-specialised candidate kernel (opt-in), or why it is unavailable.
     nearest_tc_v5: OnceLock<std::result::Result<CudaFunction, String>>,
+    /// The clustered (multicast) candidate kernel (opt-in), or why it is unavailable.
+    nearest_tc_v6: OnceLock<std::result::Result<CudaFunction, String>>,
     /// The last LM head `item_loglik` uploaded, kept on the device between calls.
     resident_head: Mutex<Option<(ResidentKey, Arc<DeviceMatrix>)>>,
 }
@@ -446,6 +457,7 @@ impl CudaKernels {
             fused_v3: OnceLock::new(),
             fused_v4: OnceLock::new(),
             fused_v5: OnceLock::new(),
+            fused_v6: OnceLock::new(),
             combine: next(&mut fused),
             logits: next(&mut logits),
             segment_sum: next(&mut logits),
@@ -456,6 +468,7 @@ impl CudaKernels {
             nearest_tc_v3: OnceLock::new(),
             nearest_tc_v4: OnceLock::new(),
             nearest_tc_v5: OnceLock::new(),
+            nearest_tc_v6: OnceLock::new(),
             resident_head: Mutex::new(None),
             ctx,
             stream,
@@ -738,6 +751,7 @@ impl CudaKernels {
             FusedVersion::V3 => Some(self.fused_v3.get_or_init(|| self.load_fused_pair(version))),
             FusedVersion::V4 => Some(self.fused_v4.get_or_init(|| self.load_fused_pair(version))),
             FusedVersion::V5 => Some(self.fused_v5.get_or_init(|| self.load_fused_pair(version))),
+            FusedVersion::V6 => Some(self.fused_v6.get_or_init(|| self.load_fused_pair(version))),
         }
     }
 
@@ -805,6 +819,20 @@ impl CudaKernels {
                         "item_loglik_fused_v3.cu",
                         &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
                         &["item_loglik_fused_v5_bf16", "item_loglik_fused_v5_f16"],
+                        launch::FUSED5_SMEM,
+                        &wg5_defines(&[]),
+                    )?
+                }
+                FusedVersion::V6 => {
+                    self.sm90a_allowed()?;
+                    if std::env::var("LLM4DSR_FUSED_V6").is_ok_and(|x| x == "off") {
+                        bail!("{V6_DISABLED}");
+                    }
+                    self.load_with_smem(
+                        FUSED3_ARCH,
+                        "item_loglik_fused_v3.cu",
+                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
+                        &["item_loglik_fused_v6_bf16", "item_loglik_fused_v6_f16"],
                         launch::FUSED5_SMEM,
                         &wg5_defines(&[]),
                     )?
@@ -953,23 +981,29 @@ impl CudaKernels {
         self.stream
             .memcpy_htod(&vec![f32::NAN; n], &mut buf.tgt_logit)?;
         let null: u64 = 0;
-        // v5 reads hidden and head through TMA: one tensor map each (after the pointers).
+        // v5, v6 read hidden and head through TMA: one tensor map each (after the pointers);
+        // v6's head boxes are half tiles (each block of a pair copies one half, multicast).
         let maps = match (plan.version, hidden, head) {
             (
-                FusedVersion::V5,
+                version @ (FusedVersion::V5 | FusedVersion::V6),
                 DeviceMatrix::Bf16(h, ..) | DeviceMatrix::F16(h, ..),
                 DeviceMatrix::Bf16(w, ..) | DeviceMatrix::F16(w, ..),
             ) => {
                 let bf16 = plan.variant == FusedVariant::TensorCoreBf16;
-                let (box_a, box_b) = launch::FUSED5_BOX_ROWS;
+                let (box_a, box_b) = match version {
+                    FusedVersion::V6 => launch::FUSED6_BOX_ROWS,
+                    _ => launch::FUSED5_BOX_ROWS,
+                };
                 Some((
                     self.tensor_map_k_major(h, n, d, box_a, bf16)
-                        .context("v5: the hidden states' tensor map")?,
+                        .with_context(|| format!("{version:?}: the hidden states' tensor map"))?,
                     self.tensor_map_k_major(w, v, d, box_b, bf16)
-                        .context("v5: the LM head's tensor map")?,
+                        .with_context(|| format!("{version:?}: the LM head's tensor map"))?,
                 ))
             }
-            (FusedVersion::V5, ..) => bail!("score_device: v5 takes 16-bit hidden and head"),
+            (version @ (FusedVersion::V5 | FusedVersion::V6), ..) => {
+                bail!("score_device: {version:?} takes 16-bit hidden and head")
+            }
             _ => None,
         };
         {
@@ -994,7 +1028,7 @@ impl CudaKernels {
                 b.arg(map_a).arg(map_b);
             }
             // SAFETY: argument list matches the kernel signature in item_loglik_fused.cu (v2,
-            // v3, v4: the same signature; v5: the same followed by the two tensor maps, which
+            // v3, v4: the same signature; v5, v6: the same followed by the two tensor maps, which
             // describe the hidden and head buffers passed above); the buffers were sized by
             // the same plan (partials slices x n, logits n x v); the dynamic shared memory
             // (the plan's shared_bytes) was opted in at load.
@@ -1293,7 +1327,22 @@ impl CudaKernels {
         self.nearest_tc_v5_fn().err()
     }
 
-    /// Compile and load an sm_90a candidate kernel (v3, v4 or v5) of `nearest_tc_v3.cu`, or say
+    /// The clustered candidate kernel (`nearest_tc_candidates_v6`, opt-in: v5 on pairs of
+    /// blocks with the catalogue tile multicast), compiled with v5's registers;
+    /// `LLM4DSR_NEAREST_TC_V6=off` turns it off (the GPU check does after a failed test).
+    fn nearest_tc_v6_fn(&self) -> std::result::Result<&CudaFunction, &str> {
+        self.nearest_tc_v6
+            .get_or_init(|| self.load_tc_candidates(TcCandidates::V6))
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+
+    /// Why the clustered candidate kernel is unavailable (None: loaded).
+    pub fn nearest_tc_v6_unavailable(&self) -> Option<&str> {
+        self.nearest_tc_v6_fn().err()
+    }
+
+    /// Compile and load an sm_90a candidate kernel (v3, v4, v5 or v6) of `nearest_tc_v3.cu`, or say
     /// why it is unavailable (logged once; v2 serves).
     fn load_tc_candidates(&self, cand: TcCandidates) -> std::result::Result<CudaFunction, String> {
         let loaded = (|| -> Result<CudaFunction> {
@@ -1317,6 +1366,16 @@ impl CudaKernels {
                     }
                     (
                         "nearest_tc_candidates_v5",
+                        launch::NTC5_SMEM,
+                        &wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]),
+                    )
+                }
+                TcCandidates::V6 => {
+                    if std::env::var("LLM4DSR_NEAREST_TC_V6").is_ok_and(|x| x == "off") {
+                        bail!("{TC_V6_DISABLED}");
+                    }
+                    (
+                        "nearest_tc_candidates_v6",
                         launch::NTC5_SMEM,
                         &wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]),
                     )
@@ -1362,8 +1421,9 @@ impl CudaKernels {
             Ok("v3") => Ok(TcCandidates::V3),
             Ok("v4") => Ok(TcCandidates::V4),
             Ok("v5") => Ok(TcCandidates::V5),
+            Ok("v6") => Ok(TcCandidates::V6),
             Ok(other) => {
-                bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4 or v5")
+                bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4, v5 or v6")
             }
             Err(_) => Ok(if self.nearest_tc_v3_fn().is_ok() {
                 TcCandidates::V3
@@ -1486,6 +1546,9 @@ impl CudaKernels {
             TcCandidates::V5 => self
                 .nearest_tc_v5_fn()
                 .map_err(|e| anyhow!("nearest tc v5 candidates unavailable: {e}"))?,
+            TcCandidates::V6 => self
+                .nearest_tc_v6_fn()
+                .map_err(|e| anyhow!("nearest tc v6 candidates unavailable: {e}"))?,
         };
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
@@ -1506,7 +1569,7 @@ impl CudaKernels {
             if let Some((map_q, map_c)) = maps.as_ref() {
                 lb.arg(map_q).arg(map_c);
             }
-            // SAFETY: arguments match nearest_tc_candidates (v3, v4: the same signature; v5:
+            // SAFETY: arguments match nearest_tc_candidates (v3, v4: the same signature; v5, v6:
             // the same followed by the tensor maps of q16 and c16, passed above); outputs sized
             // by the plan; the dynamic shared memory (the plan's) was opted in at load.
             unsafe { lb.launch(cfg(plan.candidates)) }
@@ -1583,11 +1646,13 @@ impl CudaKernels {
             TcCandidates::V3 => self.nearest_tc_v3_fn().map_err(|e| anyhow!("{e}"))?,
             TcCandidates::V4 => self.nearest_tc_v4_fn().map_err(|e| anyhow!("{e}"))?,
             TcCandidates::V5 => self.nearest_tc_v5_fn().map_err(|e| anyhow!("{e}"))?,
+            TcCandidates::V6 => self.nearest_tc_v6_fn().map_err(|e| anyhow!("{e}"))?,
         })
     }
 
-    /// The tensor maps the v5 candidate kernel reads its f16 rows through (queries [b, d] in
-    /// boxes of 128 rows, the catalogue [n, d] in boxes of 256); None for the other kernels.
+    /// The tensor maps the v5 / v6 candidate kernels read their f16 rows through (queries
+    /// [b, d] in boxes of 128 rows, the catalogue [n, d] in boxes of 256, v6: 128); None for
+    /// the other kernels.
     fn tc_candidate_maps(
         &self,
         cand: TcCandidates,
@@ -1595,15 +1660,17 @@ impl CudaKernels {
         b: usize,
         cat: &TcCatalog,
     ) -> Result<Option<(TensorMap, TensorMap)>> {
-        if cand != TcCandidates::V5 {
-            return Ok(None);
-        }
-        let (box_q, box_c) = launch::FUSED5_BOX_ROWS;
+        let (box_q, box_c) = match cand {
+            TcCandidates::V5 => launch::FUSED5_BOX_ROWS,
+            // v6: each block of a pair copies half of the catalogue tile (multicast).
+            TcCandidates::V6 => launch::FUSED6_BOX_ROWS,
+            _ => return Ok(None),
+        };
         Ok(Some((
             self.tensor_map_k_major(q16, b, cat.d, box_q, false)
-                .context("nearest tc v5: the queries' tensor map")?,
+                .with_context(|| format!("nearest tc {cand:?}: the queries' tensor map"))?,
             self.tensor_map_k_major(&cat.c16, cat.n, cat.d, box_c, false)
-                .context("nearest tc v5: the catalogue's tensor map")?,
+                .with_context(|| format!("nearest tc {cand:?}: the catalogue's tensor map"))?,
         )))
     }
 

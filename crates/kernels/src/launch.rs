@@ -85,6 +85,11 @@ pub const FUSED5_SMEM: u32 = 4 * (FUSED3_BM + FUSED3_BN) * FUSED3_BK * 2 + 128 +
 const _: () = assert!(FUSED5_SMEM <= SMEM_OPTIN_MAX_SM90);
 /// v5: rows of the A (hidden) and B (head) boxes its tensor maps describe (64 deep each).
 pub const FUSED5_BOX_ROWS: (u32, u32) = (FUSED3_BM, FUSED3_BN);
+/// v6 (v5 on clusters of two blocks along the grid's x, the B tile multicast): blocks per
+/// cluster. Must equal `WG6_CLUSTER` in `wgmma_common.cuh` (the kernels' `__cluster_dims__`).
+pub const FUSED6_CLUSTER: u32 = 2;
+/// v6: rows of the A and B boxes (each block of a pair copies half of the 256-row B tile).
+pub const FUSED6_BOX_ROWS: (u32, u32) = (FUSED3_BM, FUSED3_BN / FUSED6_CLUSTER);
 /// Shared memory a block may use without opting in (static or dynamic).
 pub const SMEM_DEFAULT_MAX: u32 = 48 * 1024;
 /// Largest dynamic shared memory per block after the opt-in on sm_90 (H100/H200: 227 KB).
@@ -172,6 +177,9 @@ pub enum TcCandidates {
     /// `nearest_tc_candidates_v5`: v3 warp-specialised (a TMA producer warpgroup, two consumer
     /// warpgroups selecting independently); opt-in, not yet run on a GPU.
     V5,
+    /// `nearest_tc_candidates_v6`: v5 on clusters of two query blocks of one catalogue slice,
+    /// the catalogue tile multicast (half the L2 traffic of B); opt-in, not yet run on a GPU.
+    V6,
 }
 
 impl TcCandidates {
@@ -191,12 +199,21 @@ impl TcCandidates {
                 NTC4_SMEM,
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
-            TcCandidates::V5 => (
+            TcCandidates::V5 | TcCandidates::V6 => (
                 NTC3_BN,
                 FUSED5_THREADS,
                 NTC5_SMEM,
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
+        }
+    }
+
+    /// Blocks per cluster along the grid's x (v6: 2; the plan pads the query blocks to a
+    /// multiple).
+    pub fn cluster(&self) -> u32 {
+        match self {
+            TcCandidates::V6 => FUSED6_CLUSTER,
+            _ => 1,
         }
     }
 }
@@ -286,8 +303,8 @@ impl TileSplit {
                 slices: tiles.div_ceil(per_slice),
                 per_slice,
             };
-            let waves = (row_blocks.max(1) as u64 * cand.slices as u64)
-                .div_ceil(sm_count.max(1) as u64);
+            let waves =
+                (row_blocks.max(1) as u64 * cand.slices as u64).div_ceil(sm_count.max(1) as u64);
             let cost = waves as f64 * block_cost(per_slice);
             let better = match best {
                 None => true,
@@ -371,6 +388,10 @@ pub enum FusedVersion {
     /// products (compute capability 9.0 only). Opt-in (`LLM4DSR_FUSED_VERSION=v5`): written
     /// on 2026-11-27 without a GPU, not yet run on one.
     V5,
+    /// v5 on clusters of two blocks (the two row blocks of one vocabulary slice), the head
+    /// tile multicast with TMA, so each block reads 32 KB per step from L2 instead of 48.
+    /// Opt-in (`LLM4DSR_FUSED_VERSION=v6`): written on 2026-11-27 without a GPU.
+    V6,
 }
 
 /// The environment variable that picks the fused kernel's version.
@@ -384,7 +405,8 @@ impl FusedVersion {
             "" | "v3" | "3" => Ok(FusedVersion::V3),
             "v4" | "4" => Ok(FusedVersion::V4),
             "v5" | "5" => Ok(FusedVersion::V5),
-            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3, v4 or v5"),
+            "v6" | "6" => Ok(FusedVersion::V6),
+            other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3, v4, v5 or v6"),
         }
     }
 
@@ -402,16 +424,18 @@ impl FusedVersion {
     pub fn supports(&self, variant: FusedVariant) -> bool {
         match self {
             FusedVersion::V1 => true,
-            FusedVersion::V2 | FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => {
-                variant != FusedVariant::F32
-            }
+            FusedVersion::V2
+            | FusedVersion::V3
+            | FusedVersion::V4
+            | FusedVersion::V5
+            | FusedVersion::V6 => variant != FusedVariant::F32,
         }
     }
 
     /// The version that serves when this one is unavailable on a device (v3 -> v2 -> v1).
     pub fn fallback(self) -> Self {
         match self {
-            FusedVersion::V4 | FusedVersion::V5 => FusedVersion::V3,
+            FusedVersion::V4 | FusedVersion::V5 | FusedVersion::V6 => FusedVersion::V3,
             FusedVersion::V3 => FusedVersion::V2,
             _ => FusedVersion::V1,
         }
@@ -439,6 +463,8 @@ impl FusedVersion {
             (FusedVersion::V4, FusedVariant::TensorCoreF16) => "item_loglik_fused_v4_f16",
             (FusedVersion::V5, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v5_bf16",
             (FusedVersion::V5, FusedVariant::TensorCoreF16) => "item_loglik_fused_v5_f16",
+            (FusedVersion::V6, FusedVariant::TensorCoreBf16) => "item_loglik_fused_v6_bf16",
+            (FusedVersion::V6, FusedVariant::TensorCoreF16) => "item_loglik_fused_v6_f16",
             (v, FusedVariant::F32) => {
                 bail!("fused item_loglik {v:?} has no f32 kernel")
             }
@@ -450,7 +476,17 @@ impl FusedVersion {
         match self {
             FusedVersion::V1 => (FUSED_BM, FUSED_BN),
             FusedVersion::V2 => (FUSED2_BM, FUSED2_BN),
-            FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => (FUSED3_BM, FUSED3_BN),
+            FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 | FusedVersion::V6 => {
+                (FUSED3_BM, FUSED3_BN)
+            }
+        }
+    }
+
+    /// Blocks per cluster along the grid's x (v6: 2, the row blocks padded to a multiple).
+    pub fn cluster(&self) -> u32 {
+        match self {
+            FusedVersion::V6 => FUSED6_CLUSTER,
+            _ => 1,
         }
     }
 }
@@ -515,6 +551,9 @@ pub fn fused_plan_version(
         bail!("fused item_loglik: {n} rows need {row_blocks} row blocks > {GRID_YZ_MAX}; score in batches");
     }
     let tiles = vocab.div_ceil(bn);
+    // v6: whole clusters of row blocks (a padding block's rows lie past n: it reads zeros
+    // and writes nothing).
+    let grid_rows = row_blocks.next_multiple_of(version.cluster());
     let (split, threads, shared_bytes) = match version {
         FusedVersion::V1 => (
             TileSplit::new(tiles, row_blocks, sm_count.max(1) * BLOCKS_PER_SM),
@@ -537,21 +576,21 @@ pub fn fused_plan_version(
             FUSED2_THREADS,
             FUSED2_SMEM,
         ),
-        FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => (
+        FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 | FusedVersion::V6 => (
             TileSplit::balanced(
                 tiles,
-                row_blocks,
+                grid_rows,
                 sm_count.max(1),
                 (d as u32).div_ceil(FUSED3_BK),
                 FUSED3_BLOCK_OVERHEAD_STEPS,
             ),
             match version {
-                FusedVersion::V5 => FUSED5_THREADS,
+                FusedVersion::V5 | FusedVersion::V6 => FUSED5_THREADS,
                 _ => FUSED3_THREADS,
             },
             match version {
                 FusedVersion::V4 => FUSED4_SMEM,
-                FusedVersion::V5 => FUSED5_SMEM,
+                FusedVersion::V5 | FusedVersion::V6 => FUSED5_SMEM,
                 _ => FUSED3_SMEM,
             },
         ),
@@ -566,8 +605,8 @@ pub fn fused_plan_version(
         fused: Shape {
             grid: match version {
                 // Row blocks fastest: the blocks running together share one head slice.
-                FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 => {
-                    (row_blocks, split.slices, 1)
+                FusedVersion::V3 | FusedVersion::V4 | FusedVersion::V5 | FusedVersion::V6 => {
+                    (grid_rows, split.slices, 1)
                 }
                 _ => (split.slices, row_blocks, 1),
             },
@@ -746,6 +785,9 @@ pub fn nearest_tc_plan_sliced(
         bail!("nearest tc: dimensions exceed i32");
     }
     let query_blocks = (b as u32).div_ceil(NTC_BM);
+    // v6: whole clusters of query blocks (a padding block's queries lie past b: it reads
+    // zeros and writes no list).
+    let grid_queries = query_blocks.next_multiple_of(cand.cluster());
     let tiles = (n as u32).div_ceil(bn);
     let steps = (d as u32).div_ceil(NTC_BK);
     let split = match slices {
@@ -758,7 +800,7 @@ pub fn nearest_tc_plan_sliced(
                 per_slice,
             }
         }
-        None => TileSplit::balanced_by(tiles, query_blocks, sm_count.max(1), |per_slice| {
+        None => TileSplit::balanced_by(tiles, grid_queries, sm_count.max(1), |per_slice| {
             ntc_block_cost(per_slice, bn, steps, overhead)
         }),
     };
@@ -774,7 +816,7 @@ pub fn nearest_tc_plan_sliced(
         query_blocks,
         split,
         candidates: Shape {
-            grid: (query_blocks, split.slices, 1),
+            grid: (grid_queries, split.slices, 1),
             block: (threads, 1, 1),
             shared_bytes: smem,
         },
@@ -1035,6 +1077,36 @@ mod tests {
         assert_eq!((p5.fused.grid, p5.split), (p3.fused.grid, p3.split));
         assert_eq!(p5.fused.block, (384, 1, 1));
         assert_eq!(p5.fused.shared_bytes, 4 * 49_152 + 128 + 1024);
+        // v6: v5's block on pairs of row blocks: an even grid x (padded where the row blocks
+        // are odd; the split balances the padded grid), half-tile B boxes.
+        for (n, v, d) in [
+            (5120usize, 49_152usize, 576usize),
+            (1280, 128_256, 4096),
+            (2560, 128_256, 4096),
+            (130, 300, 72),
+            (1, 10, 8),
+            (3 * 128, 5000, 64),
+        ] {
+            let p6 =
+                fused_plan_version(FusedVersion::V6, FusedVariant::TensorCoreBf16, n, v, d, 132)
+                    .unwrap();
+            assert_eq!(p6.fused.grid.0 % FUSED6_CLUSTER, 0, "{n}");
+            assert_eq!(p6.fused.grid.0, p6.row_blocks.next_multiple_of(2));
+            assert!(p6.fused.grid.0 - p6.row_blocks < FUSED6_CLUSTER);
+            assert_eq!(p6.row_blocks as usize, n.div_ceil(128));
+            assert_eq!(p6.fused.grid.1, p6.split.slices);
+            assert_covers(&p6.split);
+            assert_eq!(
+                (p6.fused.block, p6.fused.shared_bytes),
+                (p5.fused.block, p5.fused.shared_bytes)
+            );
+            if p6.row_blocks % 2 == 0 {
+                let p3 =
+                    fused_plan_version(V3, FusedVariant::TensorCoreBf16, n, v, d, 132).unwrap();
+                assert_eq!((p6.fused.grid, p6.split), (p3.fused.grid, p3.split));
+            }
+        }
+        assert_eq!(FUSED6_BOX_ROWS, (128, 128));
         let p = fused_plan_version(V3, FusedVariant::TensorCoreF16, 130, 300, 72, 4).unwrap();
         assert_eq!((p.row_blocks, p.split.tiles), (2, 2));
         assert!(fused_plan_version(V3, FusedVariant::F32, 10, 10, 16, 132).is_err());
@@ -1070,7 +1142,10 @@ mod tests {
         assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v4").unwrap(), FusedVersion::V4);
         assert_eq!(FusedVersion::parse("5").unwrap(), FusedVersion::V5);
-        assert!(FusedVersion::parse("v6").is_err());
+        assert_eq!(FusedVersion::parse("v6").unwrap(), FusedVersion::V6);
+        assert!(FusedVersion::parse("v7").is_err());
+        assert_eq!(FusedVersion::V6.fallback(), FusedVersion::V3);
+        assert_eq!(FusedVersion::V6.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V4.fallback(), FusedVersion::V3);
         assert_eq!(FusedVersion::V5.fallback(), FusedVersion::V3);
         assert_eq!(FusedVersion::V5.resolve(F32), FusedVersion::V1);
@@ -1159,6 +1234,14 @@ mod tests {
         assert_eq!(NTC5_SMEM, 4 * 49_152 + 128 + 1024 + 32_768);
         let p3 = nearest_tc_plan_with(TcCandidates::V3, 1024, 1_000_000, 4096, 10, 132).unwrap();
         let p5 = nearest_tc_plan_with(TcCandidates::V5, 1024, 1_000_000, 4096, 10, 132).unwrap();
+        // v6: v5's plan on pairs of query blocks (8 is even: the same grid); 3 query blocks
+        // are padded to 4 (the fourth's queries lie past b: no list is written).
+        let p6 = nearest_tc_plan_with(TcCandidates::V6, 1024, 1_000_000, 4096, 10, 132).unwrap();
+        assert_eq!((p6.split, p6.candidates), (p5.split, p5.candidates));
+        let p6 = nearest_tc_plan_with(TcCandidates::V6, 300, 100_000, 384, 10, 132).unwrap();
+        assert_eq!((p6.query_blocks, p6.candidates.grid.0), (3, 4));
+        assert_eq!(p6.candidates_len, p6.split.slices as usize * 300 * 32);
+        assert_eq!(p6.rerank.grid.0, 300usize.div_ceil(8) as u32);
         assert_eq!(
             (p5.split, p5.candidates.grid),
             (p3.split, p3.candidates.grid)
@@ -1180,7 +1263,11 @@ mod tests {
         for cand in [TcCandidates::V3, TcCandidates::V5] {
             for (n, d) in [(1_000_000usize, 4096usize), (100_000, 384)] {
                 let p = nearest_tc_plan_with(cand, 1024, n, d, 10, 132).unwrap();
-                assert_eq!((p.split.slices, p.candidates.grid), (16, (8, 16, 1)), "{n}x{d}");
+                assert_eq!(
+                    (p.split.slices, p.candidates.grid),
+                    (16, (8, 16, 1)),
+                    "{n}x{d}"
+                );
                 assert_covers(&p.split);
                 // The products alone: two waves of 33 slices (the split before 2026-11-27).
                 let steps = d.div_ceil(64) as u32;

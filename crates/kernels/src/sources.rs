@@ -122,9 +122,17 @@ mod tests {
             ),
             (
                 ITEM_LOGLIK_FUSED_V3_CU,
-                &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"][..],
+                &[
+                    "item_loglik_fused_v3_bf16",
+                    "item_loglik_fused_v3_f16",
+                    "item_loglik_fused_v6_bf16",
+                    "item_loglik_fused_v6_f16",
+                ][..],
             ),
-            (NEAREST_TC_V3_CU, &["nearest_tc_candidates_v3"][..]),
+            (
+                NEAREST_TC_V3_CU,
+                &["nearest_tc_candidates_v3", "nearest_tc_candidates_v6"][..],
+            ),
             (
                 ITEM_LOGLIK_LOGITS_CU,
                 &["item_loglik_logits", "item_segment_sum"][..],
@@ -242,6 +250,21 @@ mod tests {
             crate::launch::FUSED5_BOX_ROWS,
             (crate::launch::FUSED3_BM, crate::launch::FUSED3_BN)
         );
+        // v6: v5's block on clusters of launch.rs's FUSED6_CLUSTER, B boxes of half a tile.
+        assert!(WGMMA_COMMON_CUH.contains(&format!(
+            "#define WG6_CLUSTER {}",
+            crate::launch::FUSED6_CLUSTER
+        )));
+        assert!(
+            src.contains("__cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)")
+        );
+        assert_eq!(
+            crate::launch::FUSED6_BOX_ROWS,
+            (
+                crate::launch::FUSED3_BM,
+                crate::launch::FUSED3_BN / crate::launch::FUSED6_CLUSTER
+            )
+        );
     }
 
     /// The v3 candidate kernel's shared-memory formula is launch.rs's.
@@ -254,6 +277,9 @@ mod tests {
         assert!(src.contains("#define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
         assert!(src.contains("#define NT5_LIST_OFFSET WG5_SMEM"));
         assert!(src.contains("#define NTC5_SMEM (NT5_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)"));
+        assert!(
+            src.contains("__cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)")
+        );
         assert!(src.contains("__launch_bounds__(WG5_THREADS, 1)"));
         assert!(WGMMA_COMMON_CUH.contains("#ifndef WG4_NB"));
         assert!(src.contains("__launch_bounds__(WG_THREADS, 1)"));
