@@ -596,6 +596,18 @@ __device__ __forceinline__ void wg5_produce(u32 smem, const WgTensorMap *map_a,
             ++round;
         }
     }
+    // v6: the producer's tail (CUTLASS's producer_tail): wait, as for WG5_STAGES more steps,
+    // until both blocks' consumers released every slot, so that no peer's arrival on this
+    // block's barriers is still on its way when the block reaches its final cluster barrier.
+    if (CL > 1) {
+        for (int i = 0; i < WG5_STAGES; ++i) {
+            wg5_wait(empty0 + 8 * slot, (round & 1) ^ 1, "producer tail: empty", total + i);
+            if (++slot == WG5_STAGES) {
+                slot = 0;
+                ++round;
+            }
+        }
+    }
 }
 
 // The end of a v6 block's threads (the consumers after their last output, the producer

@@ -14,7 +14,9 @@ timing, only of order.
 
 With cl = 2 (v6), two such blocks form a cluster: each producer copies its A box and half of
 the B box, multicast into both blocks; consumers release on both blocks' `empty` (count 16);
-no block exits before the final cluster barrier. Five planted bugs, each must be caught.
+each producer ends with a tail (it waits on `empty` as for STAGES more steps, issuing
+nothing); no block exits before the final cluster barrier. Five planted bugs, each must be
+caught.
 
   python3 jobs/sim/ws_ring.py [trials]     (exit 0 = all trials passed)
 """
@@ -79,8 +81,19 @@ def run(tiles, ksteps, rng, cl=1):
 
     def producer(r):
         s = prod[r]["s"]
-        if s >= total:
+        tail = STAGES if cl > 1 and MUTATION != "no_tail_no_final_sync" else 0
+        if s >= total + tail:
             return False
+        if s >= total:
+            # v6's producer tail: wait on `empty` as for STAGES more steps, issuing nothing.
+            slot, rnd = prod[r]["slot"], prod[r]["round"]
+            if not empty[r][slot].done((rnd & 1) ^ 1, rnd - 1):
+                return False
+            prod[r]["s"] += 1
+            prod[r]["slot"] += 1
+            if prod[r]["slot"] == STAGES:
+                prod[r]["slot"], prod[r]["round"] = 0, rnd + 1
+            return True
         slot, rnd = prod[r]["slot"], prod[r]["round"]
         parity = (rnd & 1) ^ 1
         if MUTATION == "producer_parity":
@@ -158,14 +171,17 @@ def run(tiles, ksteps, rng, cl=1):
         return True
 
     def block_done(r):
-        return prod[r]["s"] >= total and all(c["done"] for c in cons[r])
+        tail = STAGES if cl > 1 and MUTATION != "no_tail_no_final_sync" else 0
+        return prod[r]["s"] >= total + tail and all(c["done"] for c in cons[r])
 
     def exits():
         # wg5_finish: the final cluster barrier (every agent of every block done); planted
-        # bug: a block leaving as soon as its own agents are done.
+        # bug: a block leaving as soon as its own agents are done, with no producer tail
+        # either (either one alone keeps a peer's last arrivals from reaching an exited
+        # block: the tail waits for them, the barrier for the peer's arrivals to be issued).
         for r in range(cl):
             if not exited[r] and block_done(r):
-                if MUTATION == "no_final_sync" or all(block_done(x) for x in range(cl)):
+                if MUTATION == "no_tail_no_final_sync" or all(block_done(x) for x in range(cl)):
                     exited[r] = True
 
     moves = 0
@@ -219,7 +235,7 @@ def main():
         (1, "v5 (one block)", ["no_empty_wait", "release_current", "producer_parity"]),
         (2, "v6 (a cluster of 2, B multicast)",
          ["no_empty_wait", "release_current", "producer_parity", "empty_counts_one_block",
-          "no_final_sync"]),
+          "no_tail_no_final_sync"]),
     ]:
         MUTATION = None
         err = trials_pass(trials, 20261127, cl)
