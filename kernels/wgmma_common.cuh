@@ -489,13 +489,14 @@ __device__ __forceinline__ void wg5_wait(u32 addr, u32 parity, const char *who, 
 // 32 KB from L2. A slot may be refilled only when BOTH blocks' consumers released it (the
 // peer writes into it): `empty` counts 8 x WG6_CLUSTER warps, and each consumer warp
 // arrives on its own block's and its peer's barrier (`mapa` + a remote
-// `mbarrier.arrive.release.cluster`). The barriers are initialised and fenced before a
-// cluster-wide barrier, and no thread of either block exits before a last cluster-wide
-// barrier (a peer may still multicast into, or arrive on, this block's shared memory until
-// then). The kernels carry `__cluster_dims__(2, 1, 1)`, so a plain launch forms the pairs;
-// the plans pad the grid's x to an even count (the padding block's rows lie past the
-// problem: zeros from the tensor map's bounds, no output). The protocol is modelled in
-// jobs/sim/ws_ring.py (--cluster 2).
+// `mbarrier.arrive.shared::cluster`). The barriers are initialised and fenced before a
+// cluster-wide barrier; the producer ends with a tail (it waits until both blocks released
+// every slot) and no thread of either block exits before a last cluster-wide barrier (a
+// peer may still arrive on this block's barriers until then). The kernels carry
+// `__cluster_dims__(2, 1, 1)`, so a plain launch forms the pairs; the plans pad the grid's
+// x to an even count (the padding block's rows lie past the problem: zeros from the tensor
+// map's bounds, no output). The protocol is modelled in jobs/sim/ws_ring.py (its cl = 2
+// runs).
 #define WG6_CLUSTER 2
 
 __device__ __forceinline__ u32 wg_cluster_rank() {
