@@ -571,13 +571,17 @@ mod gpu {
                             llm4dsr_kernels::launch::FUSED5_THREADS
                         }
                     };
+                    // The occupancy query may refuse a kernel with compile-time cluster
+                    // dimensions (v6): say so instead of ending the benchmark.
+                    let resident = f
+                        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+                        .map_or_else(|e| format!("? ({e:?})"), |b| b.to_string());
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
-                         {smem} B dynamic shared, {} resident blocks/SM",
+                         {smem} B dynamic shared, {resident} resident blocks/SM",
                         f.num_regs()?,
                         f.local_size_bytes()?,
                         f.shared_size_bytes()?,
-                        f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)?
                     );
                 }
                 None => println!(
