@@ -573,9 +573,22 @@ mod gpu {
                     };
                     // The occupancy query may refuse a kernel with compile-time cluster
                     // dimensions (v6): say so instead of ending the benchmark.
-                    let resident = f
+                    let mut resident = f
                         .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
                         .map_or_else(|e| format!("? ({e:?})"), |b| b.to_string());
+                    // v6: how many 2-block clusters the chip holds at once (132 SMs -> 66
+                    // when every GPC has an even number of free SMs).
+                    if version.cluster() > 1 {
+                        let cfg = llm4dsr_kernels::cuda::cudarc::driver::LaunchConfig {
+                            grid_dim: (2 * g.sm_count, 1, 1),
+                            block_dim: (threads, 1, 1),
+                            shared_mem_bytes: smem as u32,
+                        };
+                        let clusters = f
+                            .occupancy_max_active_clusters(cfg, &g.stream)
+                            .map_or_else(|e| format!("? ({e:?})"), |c| c.to_string());
+                        resident = format!("{resident} ({clusters} clusters of 2 on the chip)");
+                    }
                     println!(
                         "fused bf16 {version:?}: {} registers, {} B local, {} B static shared, \
                          {smem} B dynamic shared, {resident} resident blocks/SM",
