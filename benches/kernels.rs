@@ -1101,15 +1101,21 @@ mod gpu {
                     }
                     // v4 (opt-in, staggered warpgroups) where it loads and the GPU check did not
                     // turn it off (LLM4DSR_NEAREST_TC_V4=off after a failed test).
-                    if g.nearest_tc_v4_unavailable().is_none() {
+                    if g.nearest_tc_candidates_unavailable(TcCandidates::V4)
+                        .is_none()
+                    {
                         cands.push(TcCandidates::V4);
                     }
                     // v5 (opt-in, warp-specialised) likewise (LLM4DSR_NEAREST_TC_V5=off), and v6
                     // (v5 on 2-block clusters, the catalogue tile multicast; ..._V6=off).
-                    if g.nearest_tc_v5_unavailable().is_none() {
+                    if g.nearest_tc_candidates_unavailable(TcCandidates::V5)
+                        .is_none()
+                    {
                         cands.push(TcCandidates::V5);
                     }
-                    if g.nearest_tc_v6_unavailable().is_none() {
+                    if g.nearest_tc_candidates_unavailable(TcCandidates::V6)
+                        .is_none()
+                    {
                         cands.push(TcCandidates::V6);
                     }
                     let mut ms_v2 = None;
@@ -1180,10 +1186,14 @@ mod gpu {
                     let chosen = g.nearest_tc_launch_with(&q, b, &c, &cat, k, TcCandidates::V3);
                     let chosen = chosen.map(|p| p.plan.split.slices).unwrap_or(0);
                     let mut sweep = vec![TcCandidates::V3];
-                    if g.nearest_tc_v5_unavailable().is_none() {
+                    if g.nearest_tc_candidates_unavailable(TcCandidates::V5)
+                        .is_none()
+                    {
                         sweep.push(TcCandidates::V5);
                     }
-                    if g.nearest_tc_v6_unavailable().is_none() {
+                    if g.nearest_tc_candidates_unavailable(TcCandidates::V6)
+                        .is_none()
+                    {
                         sweep.push(TcCandidates::V6);
                     }
                     for cand in sweep {

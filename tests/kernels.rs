@@ -1109,7 +1109,7 @@ mod gpu_tc {
     #[test]
     fn gpu_nearest_tc_v4_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
-        opt_in_tc_cases(g, TcCandidates::V4, g.nearest_tc_v4_unavailable());
+        opt_in_tc_cases(g, TcCandidates::V4);
     }
 
     /// The warp-specialised candidate kernel (v5, opt-in: TMA tensor maps over the f16 rows,
@@ -1118,7 +1118,7 @@ mod gpu_tc {
     #[test]
     fn gpu_nearest_tc_v5_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
-        opt_in_tc_cases(g, TcCandidates::V5, g.nearest_tc_v5_unavailable());
+        opt_in_tc_cases(g, TcCandidates::V5);
     }
 
     /// The clustered candidate kernel (v6, opt-in: v5 on pairs of query blocks, the catalogue
@@ -1126,16 +1126,13 @@ mod gpu_tc {
     #[test]
     fn gpu_nearest_tc_v6_equals_f32_kernel() {
         let Some(g) = gpu() else { return };
-        opt_in_tc_cases(g, TcCandidates::V6, g.nearest_tc_v6_unavailable());
+        opt_in_tc_cases(g, TcCandidates::V6);
     }
 
-    /// [`tc_cases`] for an opt-in candidate kernel that is unavailable for `why`: skipped off
+    /// [`tc_cases`] for an opt-in candidate kernel: skipped where it is unavailable off
     /// sm_90 or when the GPU check turned it off, a failure on an sm_90 card otherwise.
-    fn opt_in_tc_cases(
-        g: &llm4dsr_kernels::cuda::CudaKernels,
-        cand: TcCandidates,
-        why: Option<&str>,
-    ) {
+    fn opt_in_tc_cases(g: &llm4dsr_kernels::cuda::CudaKernels, cand: TcCandidates) {
+        let why = g.nearest_tc_candidates_unavailable(cand);
         let disabled = [
             llm4dsr_kernels::cuda::TC_V4_DISABLED,
             llm4dsr_kernels::cuda::TC_V5_DISABLED,

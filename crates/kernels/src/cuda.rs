@@ -1292,54 +1292,30 @@ impl CudaKernels {
             .map_err(|e| e.as_str())
     }
 
-    /// The wgmma candidate kernel (v3), compiled and loaded on first call: compute capability
-    /// 9.0 with NTC3_SMEM of opt-in shared memory, and not disabled by `LLM4DSR_FUSED_V3=off`.
-    fn nearest_tc_v3_fn(&self) -> std::result::Result<&CudaFunction, &str> {
-        self.nearest_tc_v3
-            .get_or_init(|| self.load_tc_candidates(TcCandidates::V3))
+    /// An sm_90a candidate kernel (v3, v4, v5 or v6 of `nearest_tc_v3.cu`), compiled and loaded
+    /// on first call ([`Self::load_tc_candidates`]: compute capability 9.0, its opt-in shared
+    /// memory, not turned off by its `..._V*=off` setting), or why it is unavailable. v2 lives
+    /// in `nearest_tc.cu` ([`Self::nearest_tc_fns`]).
+    fn nearest_tc_sm90a_fn(&self, cand: TcCandidates) -> std::result::Result<&CudaFunction, &str> {
+        let cell = match cand {
+            TcCandidates::V2 => return Err("v2 candidates live in nearest_tc.cu"),
+            TcCandidates::V3 => &self.nearest_tc_v3,
+            TcCandidates::V4 => &self.nearest_tc_v4,
+            TcCandidates::V5 => &self.nearest_tc_v5,
+            TcCandidates::V6 => &self.nearest_tc_v6,
+        };
+        cell.get_or_init(|| self.load_tc_candidates(cand))
             .as_ref()
             .map_err(|e| e.as_str())
     }
 
-    /// The staggered candidate kernel (`nearest_tc_candidates_v4`, opt-in), compiled with a
-    /// B ring of 4 slots (`-DWG4_NB=4`) so that the lists fit; `LLM4DSR_NEAREST_TC_V4=off`
-    /// turns it off (the GPU check does after a failed test).
-    fn nearest_tc_v4_fn(&self) -> std::result::Result<&CudaFunction, &str> {
-        self.nearest_tc_v4
-            .get_or_init(|| self.load_tc_candidates(TcCandidates::V4))
-            .as_ref()
-            .map_err(|e| e.as_str())
-    }
-
-    /// The warp-specialised candidate kernel (`nearest_tc_candidates_v5`, opt-in), compiled
-    /// with 24 producer / 240 consumer registers (the selection needs them: 40 B of spills
-    /// there against 68 B with the scoring kernel's 40 / 232); `LLM4DSR_NEAREST_TC_V5=off`
-    /// turns it off (the GPU check does after a failed test).
-    fn nearest_tc_v5_fn(&self) -> std::result::Result<&CudaFunction, &str> {
-        self.nearest_tc_v5
-            .get_or_init(|| self.load_tc_candidates(TcCandidates::V5))
-            .as_ref()
-            .map_err(|e| e.as_str())
-    }
-
-    /// Why the warp-specialised candidate kernel is unavailable (None: loaded).
-    pub fn nearest_tc_v5_unavailable(&self) -> Option<&str> {
-        self.nearest_tc_v5_fn().err()
-    }
-
-    /// The clustered candidate kernel (`nearest_tc_candidates_v6`, opt-in: v5 on pairs of
-    /// blocks with the catalogue tile multicast), compiled with v5's registers;
-    /// `LLM4DSR_NEAREST_TC_V6=off` turns it off (the GPU check does after a failed test).
-    fn nearest_tc_v6_fn(&self) -> std::result::Result<&CudaFunction, &str> {
-        self.nearest_tc_v6
-            .get_or_init(|| self.load_tc_candidates(TcCandidates::V6))
-            .as_ref()
-            .map_err(|e| e.as_str())
-    }
-
-    /// Why the clustered candidate kernel is unavailable (None: loaded).
-    pub fn nearest_tc_v6_unavailable(&self) -> Option<&str> {
-        self.nearest_tc_v6_fn().err()
+    /// Why the candidate kernel `cand` is unavailable (None: loaded); v2: why the tensor-core
+    /// search is.
+    pub fn nearest_tc_candidates_unavailable(&self, cand: TcCandidates) -> Option<&str> {
+        match cand {
+            TcCandidates::V2 => self.nearest_tc_unavailable(),
+            _ => self.nearest_tc_sm90a_fn(cand).err(),
+        }
     }
 
     /// Compile and load an sm_90a candidate kernel (v3, v4, v5 or v6) of `nearest_tc_v3.cu`, or say
@@ -1398,19 +1374,14 @@ impl CudaKernels {
         loaded
     }
 
-    /// Why the staggered candidate kernel is unavailable (None: loaded).
-    pub fn nearest_tc_v4_unavailable(&self) -> Option<&str> {
-        self.nearest_tc_v4_fn().err()
-    }
-
     /// Why the wgmma candidate kernel is unavailable (None: loaded).
     pub fn nearest_tc_v3_unavailable(&self) -> Option<&str> {
-        self.nearest_tc_v3_fn().err()
+        self.nearest_tc_candidates_unavailable(TcCandidates::V3)
     }
 
     /// The loaded wgmma candidate kernel (for its attributes), if any.
     pub fn nearest_tc_v3_function(&self) -> Option<&CudaFunction> {
-        self.nearest_tc_v3_fn().ok()
+        self.nearest_tc_sm90a_fn(TcCandidates::V3).ok()
     }
 
     /// The candidate kernel a tensor-core search runs: `LLM4DSR_NEAREST_TC_CANDIDATES=v2|v3`
@@ -1425,7 +1396,7 @@ impl CudaKernels {
             Ok(other) => {
                 bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4, v5 or v6")
             }
-            Err(_) => Ok(if self.nearest_tc_v3_fn().is_ok() {
+            Err(_) => Ok(if self.nearest_tc_v3_function().is_some() {
                 TcCandidates::V3
             } else {
                 TcCandidates::V2
@@ -1537,18 +1508,9 @@ impl CudaKernels {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
         let cand_fn = match cand {
             TcCandidates::V2 => &f.candidates,
-            TcCandidates::V3 => self
-                .nearest_tc_v3_fn()
-                .map_err(|e| anyhow!("nearest tc v3 candidates unavailable: {e}"))?,
-            TcCandidates::V4 => self
-                .nearest_tc_v4_fn()
-                .map_err(|e| anyhow!("nearest tc v4 candidates unavailable: {e}"))?,
-            TcCandidates::V5 => self
-                .nearest_tc_v5_fn()
-                .map_err(|e| anyhow!("nearest tc v5 candidates unavailable: {e}"))?,
-            TcCandidates::V6 => self
-                .nearest_tc_v6_fn()
-                .map_err(|e| anyhow!("nearest tc v6 candidates unavailable: {e}"))?,
+            _ => self
+                .nearest_tc_sm90a_fn(cand)
+                .map_err(|e| anyhow!("nearest tc {cand:?} candidates unavailable: {e}"))?,
         };
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
@@ -1643,10 +1605,7 @@ impl CudaKernels {
                     .map_err(|e| anyhow!("{e}"))?
                     .candidates
             }
-            TcCandidates::V3 => self.nearest_tc_v3_fn().map_err(|e| anyhow!("{e}"))?,
-            TcCandidates::V4 => self.nearest_tc_v4_fn().map_err(|e| anyhow!("{e}"))?,
-            TcCandidates::V5 => self.nearest_tc_v5_fn().map_err(|e| anyhow!("{e}"))?,
-            TcCandidates::V6 => self.nearest_tc_v6_fn().map_err(|e| anyhow!("{e}"))?,
+            _ => self.nearest_tc_sm90a_fn(cand).map_err(|e| anyhow!("{e}"))?,
         })
     }
 
