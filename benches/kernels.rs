@@ -5,6 +5,7 @@
 //!   cargo bench --bench kernels -- --floors       # the floor model per card and shape (no run)
 //!   cargo bench --bench kernels -- --quick        # smaller CPU shapes
 //!   cargo bench --bench kernels --features cuda -- --gpu   # GPU kernels (jobs/gpu-check.sh)
+//!   ... -- --gpu --only scoring | --only grounding [--first-shape]   # a part (a profiler's run)
 //!
 //! Floor = max(FLOPs / matrix peak, bytes / memory bandwidth, exps / special-function rate),
 //! with the bytes the fewest a kernel must move (each input read once, each output written
@@ -407,6 +408,17 @@ fn cpu_bench(quick: bool) {
     );
 }
 
+/// Which GPU tables run (`--only scoring` / `--only grounding`; both by default), and
+/// `--first-shape`: only the first shape of each (SmolLM2 b64, 1M x 4096: what
+/// `jobs/gpu-check.sh profile` runs under Nsight Compute).
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Parts {
+    scoring: bool,
+    grounding: bool,
+    first_shape_only: bool,
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
@@ -513,7 +525,7 @@ mod gpu {
         (num / den.max(1e-300)).sqrt()
     }
 
-    pub fn bench(quick: bool) -> Result<()> {
+    pub fn bench(quick: bool, parts: Parts) -> Result<()> {
         let Some(g) = kernels() else {
             eprintln!("SKIP: GPU benchmarks: no usable GPU (see the log line above)");
             return Ok(());
@@ -534,6 +546,24 @@ mod gpu {
             ids: f[2].clone(),
         };
         let reps = if quick { 5 } else { 20 };
+        if parts.scoring {
+            scoring(g, &card, &fill, quick, reps, parts.first_shape_only)?;
+        }
+        if parts.grounding {
+            grounding(g, &card, &fill, quick, parts.first_shape_only)?;
+        }
+        Ok(())
+    }
+
+    /// The fused item-likelihood kernels at the scoring shapes (`--only scoring`).
+    fn scoring(
+        g: &CudaKernels,
+        card: &Card,
+        fill: &Fill,
+        quick: bool,
+        reps: usize,
+        first_shape_only: bool,
+    ) -> Result<()> {
         // What the driver made of each fused kernel (the JIT from compute_XX PTX decides the
         // registers; the occupancy API the resident blocks per SM with its shared memory).
         for (version, smem) in [
@@ -641,11 +671,14 @@ mod gpu {
             "item_loglik_fused_v6_bf16",
             llm4dsr_kernels::launch::FUSED5_SMEM,
         );
-        let shapes: Vec<ScoringShape> = if quick {
+        let mut shapes: Vec<ScoringShape> = if quick {
             SCORING[..1].to_vec()
         } else {
             SCORING.to_vec()
         };
+        if first_shape_only {
+            shapes.truncate(1);
+        }
         for (si, s) in shapes.iter().enumerate() {
             let (n, v, d) = (s.n, s.v, s.d);
             let seed = 1000 + si as u64 * 10;
@@ -897,25 +930,39 @@ mod gpu {
         }
         print_table(
             "Item-likelihood scoring on the GPU (median of events)",
-            Some(&card),
+            Some(card),
             &rows,
         );
         if !diag_rows.is_empty() {
             print_table(
                 "Diagnostics: fused v3 without its epilogue (median of events)",
-                Some(&card),
+                Some(card),
                 &diag_rows,
             );
         }
 
+        Ok(())
+    }
+
+    /// The grounding kernels at the grounding shapes (`--only grounding`).
+    fn grounding(
+        g: &CudaKernels,
+        card: &Card,
+        fill: &Fill,
+        quick: bool,
+        first_shape_only: bool,
+    ) -> Result<()> {
         let mut rows = Vec::new();
         let mut diag_rows = Vec::new();
         let mut sweep_rows = Vec::new();
-        let nshapes: Vec<NearestShape> = if quick {
+        let mut nshapes: Vec<NearestShape> = if quick {
             NEAREST[1..].to_vec()
         } else {
             NEAREST.to_vec()
         };
+        if first_shape_only {
+            nshapes.truncate(1);
+        }
         for (si, s) in nshapes.iter().enumerate() {
             let (b, n, d, k) = (s.b, s.n, s.d, s.k);
             let seed = 2000 + si as u64 * 10;
@@ -1275,20 +1322,20 @@ mod gpu {
         }
         print_table(
             "Grounding search on the GPU (median of events)",
-            Some(&card),
+            Some(card),
             &rows,
         );
         if !diag_rows.is_empty() {
             print_table(
                 "Diagnostics: the grounding candidate kernels alone (median of events)",
-                Some(&card),
+                Some(card),
                 &diag_rows,
             );
         }
         if !sweep_rows.is_empty() {
             print_table(
                 "Grounding: catalogue slices (query prep + candidates + re-rank, median of events)",
-                Some(&card),
+                Some(card),
                 &sweep_rows,
             );
         }
@@ -1305,6 +1352,32 @@ fn main() {
     }
     let quick = has("--quick");
     let gpu_only = has("--gpu");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args.get(i + 1).map(String::as_str).unwrap_or(""));
+    let first_shape_only = has("--first-shape");
+    let parts = match only {
+        None => Parts {
+            scoring: true,
+            grounding: true,
+            first_shape_only,
+        },
+        Some("scoring") => Parts {
+            scoring: true,
+            grounding: false,
+            first_shape_only,
+        },
+        Some("grounding") => Parts {
+            scoring: false,
+            grounding: true,
+            first_shape_only,
+        },
+        Some(other) => {
+            eprintln!("--only {other:?}: expected scoring or grounding");
+            std::process::exit(2);
+        }
+    };
     if !gpu_only {
         cpu_bench(quick);
     }
@@ -1318,12 +1391,12 @@ fn main() {
                 )
                 .with_writer(std::io::stderr)
                 .try_init();
-            if let Err(e) = gpu::bench(quick) {
+            if let Err(e) = gpu::bench(quick, parts) {
                 eprintln!("GPU benchmark failed: {e:#}");
                 std::process::exit(1);
             }
         }
         #[cfg(not(feature = "cuda"))]
-        eprintln!("SKIP: GPU benchmarks: built without --features cuda");
+        eprintln!("SKIP: GPU benchmarks ({parts:?}): built without --features cuda");
     }
 }

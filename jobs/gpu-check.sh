@@ -20,6 +20,10 @@
 #                             link-time libcuda stub) into target-gpu/bin/scoring-e2e, so that `run`
 #                             also times end-to-end scoring (the LLM forward on the GPU + the fused
 #                             kernel) next to hf_scoring_baseline.py at the same shapes.
+#   jobs/gpu-check.sh profile [v3] [v5] [v6]
+#                             on the GPU machine (same carry): Nsight Compute on the first launch of
+#                             the scoring and grounding kernels of each version named (default v3):
+#                             stall reasons, throughput, the SASS page; ~20-40 s per kernel.
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
 #                             on the GPU machine: nvidia-smi; the v3 (wgmma) layout test and the
 #                             tensor-core grounding test, each in its own process first (a
@@ -104,18 +108,21 @@ for line in open(sys.argv[1]):
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only]" >&2; exit 2; }
+[ "$mode" = run ] || [ "$mode" = profile ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only] | profile [v3] [v5] [v6]" >&2; exit 2; }
 quick=""
 torch=1
 e2e_only=0
+versions=""
 for a in "$@"; do
-  case "$a" in
-    --quick) quick=--quick ;;
-    --e2e-only) e2e_only=1 ;;
-    --no-torch) torch=0 ;;
-    *) echo "unknown option $a" >&2; exit 2 ;;
+  case "$mode:$a" in
+    run:--quick) quick=--quick ;;
+    run:--e2e-only) e2e_only=1 ;;
+    run:--no-torch) torch=0 ;;
+    profile:v3|profile:v5|profile:v6) versions="$versions $a" ;;
+    *) echo "unknown option $a for $mode" >&2; exit 2 ;;
   esac
 done
+versions=${versions:-v3}
 OUT=${OUT:-$(mktemp -d)}
 for f in kernels-test kernels-bench; do
   [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run 'jobs/gpu-check.sh build' here and carry target-gpu/bin" >&2; exit 2; }
@@ -139,6 +146,45 @@ status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi; } \
   > "$OUT/nvidia-smi.txt" 2>&1
 head -3 "$OUT/nvidia-smi.txt"
+
+# profile: Nsight Compute on the first launch of each kernel named (default v3; add v5 / v6
+# only where `run` passed their smoke tests: a hanging kernel would hang here too), at the
+# first scoring shape (SmolLM2 b64) and the first grounding shape (1M x 4096): throughput,
+# warp states with every stall reason per issued instruction, scheduler, occupancy, memory,
+# and the per-instruction SASS page (where the warps stall: main loop or epilogue, which
+# barrier, instruction fetch). One process per kernel (the benchmark's --only PART
+# --first-shape); reports and pages in $OUT.
+if [ "$mode" = profile ]; then
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] || { echo "FAILED: no ncu on this machine"; exit 1; }
+  "$NCU" --version | tail -1
+  for v in $versions; do
+    for spec in "scoring item_loglik_fused_${v}_bf16" "grounding nearest_tc_candidates_${v}"; do
+      set -- $spec
+      echo "== ncu: $2 (first launch, the benchmark's first $1 shape)"
+      t0=$(date +%s)
+      timeout 180 "$NCU" --clock-control none -k "regex:^$2\$" -c 1 -o "$OUT/ncu-$2" -f \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section SourceCounters \
+        --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
+        "$BIN/kernels-bench" --gpu --only "$1" --first-shape > "$OUT/ncu-$2.out" 2> "$OUT/ncu-$2.err"
+      rc=$?
+      echo "ncu $2: exit $rc in $(( $(date +%s) - t0 )) s"
+      [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/ncu-$2.err"; continue; }
+      "$NCU" --import "$OUT/ncu-$2.ncu-rep" --page details > "$OUT/ncu-$2.txt" 2>&1
+      "$NCU" --import "$OUT/ncu-$2.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ncu-$2-sass.csv" 2> "$OUT/ncu-$2-sass.err" || echo "(no SASS page: see ncu-$2-sass.err)"
+      grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|One or More Eligible" \
+        "$OUT/ncu-$2.txt" | head -20
+      # Stall reasons, largest first (cycles per issued instruction).
+      grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu-$2.txt" \
+        | awk '{print $NF, $1}' | sort -rn | head -10
+    done
+  done
+  echo "profile: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (reports in $OUT)"
+  exit $status
+fi
 
 if [ $e2e_only = 1 ]; then
   echo "SKIP: the kernel tests and benchmarks (--e2e-only)"
