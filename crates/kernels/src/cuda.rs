@@ -254,6 +254,17 @@ fn wg5_defines(base: &[&'static str]) -> Vec<&'static str> {
     d
 }
 
+/// Refuse an opt-in kernel whose setting (e.g. `LLM4DSR_FUSED_V5`) says `off`: the GPU check
+/// sets it after the kernel's smoke test failed or hung.
+fn bail_if_off(off: Option<(&str, &str)>) -> Result<()> {
+    if let Some((var, why)) = off {
+        if std::env::var(var).is_ok_and(|x| x == "off") {
+            bail!("{why}");
+        }
+    }
+    Ok(())
+}
+
 /// A driver tensor map (TMA descriptor, 128 opaque bytes), passed to a kernel by value
 /// (`const __grid_constant__ WgTensorMap` in wgmma_common.cuh).
 #[repr(transparent)]
@@ -784,57 +795,40 @@ impl CudaKernels {
                     launch::FUSED2_SMEM,
                     &[],
                 )?,
-                FusedVersion::V3 => {
+                // The sm_90a versions (item_loglik_fused_v3.cu): entry points, shared
+                // memory, -D options, and the setting that turns an opt-in one off.
+                v => {
                     self.sm90a_allowed()?;
+                    let names = [
+                        v.kernel_name(FusedVariant::TensorCoreBf16)?,
+                        v.kernel_name(FusedVariant::TensorCoreF16)?,
+                    ];
+                    let (smem, defines, off): (_, Vec<&str>, _) = match v {
+                        FusedVersion::V4 => (
+                            launch::FUSED4_SMEM,
+                            vec![],
+                            Some(("LLM4DSR_FUSED_V4", V4_DISABLED)),
+                        ),
+                        FusedVersion::V5 => (
+                            launch::FUSED5_SMEM,
+                            wg5_defines(&[]),
+                            Some(("LLM4DSR_FUSED_V5", V5_DISABLED)),
+                        ),
+                        FusedVersion::V6 => (
+                            launch::FUSED5_SMEM,
+                            wg5_defines(&[]),
+                            Some(("LLM4DSR_FUSED_V6", V6_DISABLED)),
+                        ),
+                        _ => (launch::FUSED3_SMEM, vec![], None),
+                    };
+                    bail_if_off(off)?;
                     self.load_with_smem(
                         FUSED3_ARCH,
                         "item_loglik_fused_v3.cu",
                         &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-                        &["item_loglik_fused_v3_bf16", "item_loglik_fused_v3_f16"],
-                        launch::FUSED3_SMEM,
-                        &[],
-                    )?
-                }
-                FusedVersion::V4 => {
-                    self.sm90a_allowed()?;
-                    if std::env::var("LLM4DSR_FUSED_V4").is_ok_and(|x| x == "off") {
-                        bail!("{V4_DISABLED}");
-                    }
-                    self.load_with_smem(
-                        FUSED3_ARCH,
-                        "item_loglik_fused_v3.cu",
-                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-                        &["item_loglik_fused_v4_bf16", "item_loglik_fused_v4_f16"],
-                        launch::FUSED4_SMEM,
-                        &[],
-                    )?
-                }
-                FusedVersion::V5 => {
-                    self.sm90a_allowed()?;
-                    if std::env::var("LLM4DSR_FUSED_V5").is_ok_and(|x| x == "off") {
-                        bail!("{V5_DISABLED}");
-                    }
-                    self.load_with_smem(
-                        FUSED3_ARCH,
-                        "item_loglik_fused_v3.cu",
-                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-                        &["item_loglik_fused_v5_bf16", "item_loglik_fused_v5_f16"],
-                        launch::FUSED5_SMEM,
-                        &wg5_defines(&[]),
-                    )?
-                }
-                FusedVersion::V6 => {
-                    self.sm90a_allowed()?;
-                    if std::env::var("LLM4DSR_FUSED_V6").is_ok_and(|x| x == "off") {
-                        bail!("{V6_DISABLED}");
-                    }
-                    self.load_with_smem(
-                        FUSED3_ARCH,
-                        "item_loglik_fused_v3.cu",
-                        &sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-                        &["item_loglik_fused_v6_bf16", "item_loglik_fused_v6_f16"],
-                        launch::FUSED5_SMEM,
-                        &wg5_defines(&[]),
+                        &names,
+                        smem,
+                        &defines,
                     )?
                 }
             };
@@ -1323,47 +1317,37 @@ impl CudaKernels {
     fn load_tc_candidates(&self, cand: TcCandidates) -> std::result::Result<CudaFunction, String> {
         let loaded = (|| -> Result<CudaFunction> {
             self.sm90a_allowed()?;
-            let (name, smem, extra): (_, _, &[&str]) = match cand {
+            // The v5 / v6 consumers keep 240 registers (the selection needs them).
+            let regs = || wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]);
+            let (name, extra, off): (_, Vec<&str>, _) = match cand {
                 TcCandidates::V2 => bail!("v2 candidates live in nearest_tc.cu"),
-                TcCandidates::V3 => ("nearest_tc_candidates_v3", launch::NTC3_SMEM, &[]),
-                TcCandidates::V4 => {
-                    if std::env::var("LLM4DSR_NEAREST_TC_V4").is_ok_and(|x| x == "off") {
-                        bail!("{TC_V4_DISABLED}");
-                    }
-                    (
-                        "nearest_tc_candidates_v4",
-                        launch::NTC4_SMEM,
-                        &["-DWG4_NB=4"],
-                    )
-                }
-                TcCandidates::V5 => {
-                    if std::env::var("LLM4DSR_NEAREST_TC_V5").is_ok_and(|x| x == "off") {
-                        bail!("{TC_V5_DISABLED}");
-                    }
-                    (
-                        "nearest_tc_candidates_v5",
-                        launch::NTC5_SMEM,
-                        &wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]),
-                    )
-                }
-                TcCandidates::V6 => {
-                    if std::env::var("LLM4DSR_NEAREST_TC_V6").is_ok_and(|x| x == "off") {
-                        bail!("{TC_V6_DISABLED}");
-                    }
-                    (
-                        "nearest_tc_candidates_v6",
-                        launch::NTC5_SMEM,
-                        &wg5_defines(&["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"]),
-                    )
-                }
+                TcCandidates::V3 => ("nearest_tc_candidates_v3", vec![], None),
+                TcCandidates::V4 => (
+                    "nearest_tc_candidates_v4",
+                    vec!["-DWG4_NB=4"],
+                    Some(("LLM4DSR_NEAREST_TC_V4", TC_V4_DISABLED)),
+                ),
+                TcCandidates::V5 => (
+                    "nearest_tc_candidates_v5",
+                    regs(),
+                    Some(("LLM4DSR_NEAREST_TC_V5", TC_V5_DISABLED)),
+                ),
+                TcCandidates::V6 => (
+                    "nearest_tc_candidates_v6",
+                    regs(),
+                    Some(("LLM4DSR_NEAREST_TC_V6", TC_V6_DISABLED)),
+                ),
             };
+            // The plan's dynamic shared memory (launch.rs), opted in at load.
+            let smem = cand.shape().2;
+            bail_if_off(off)?;
             let f = self.load_with_smem(
                 FUSED3_ARCH,
                 "nearest_tc_v3.cu",
                 &sm90a_source(NEAREST_TC_V3_CU),
                 &[name],
                 smem,
-                extra,
+                &extra,
             )?;
             Ok(f[0].clone())
         })()
