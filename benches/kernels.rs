@@ -1083,31 +1083,55 @@ mod gpu {
                                 true,
                             ));
                         }
-                        for (label, def, real) in [
+                        // Diagnostic builds of the candidate kernels: v3 without its selection
+                        // or its whole epilogue (lists wrong), and each loaded wgmma version
+                        // with the compact selection (`-DNT3_SELECT_COMPACT`, the same lists
+                        // from half the epilogue's code; section 3g of docs/kernels.md).
+                        let ws_regs = ["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"];
+                        let mut builds: Vec<(&str, TcCandidates, Vec<&str>, bool)> = vec![
                             (
                                 "v3 candidates, keys but no selection",
-                                "-DNT3_DIAG_NO_SELECT",
+                                TcCandidates::V3,
+                                vec!["-DNT3_DIAG_NO_SELECT"],
                                 false,
                             ),
                             (
                                 "v3 main loop only (epilogue = sum)",
-                                "-DNT3_DIAG_NO_EPILOGUE",
+                                TcCandidates::V3,
+                                vec!["-DNT3_DIAG_NO_EPILOGUE"],
                                 false,
                             ),
+                            (
+                                "v3 candidates, compact selection",
+                                TcCandidates::V3,
+                                vec!["-DNT3_SELECT_COMPACT"],
+                                true,
+                            ),
+                        ];
+                        for (label, cand) in [
+                            ("v5 candidates, compact selection", TcCandidates::V5),
+                            ("v6 candidates, compact selection", TcCandidates::V6),
                         ] {
+                            if g.nearest_tc_candidates_unavailable(cand).is_none() {
+                                let mut defs = vec!["-DNT3_SELECT_COMPACT"];
+                                defs.extend(ws_regs);
+                                builds.push((label, cand, defs, true));
+                            }
+                        }
+                        for (label, cand, defs, real) in builds {
+                            let name = match cand {
+                                TcCandidates::V5 => "nearest_tc_candidates_v5",
+                                TcCandidates::V6 => "nearest_tc_candidates_v6",
+                                _ => "nearest_tc_candidates_v3",
+                            };
                             match g.load_sm90a_variant(
                                 "nearest_tc_v3.cu",
                                 llm4dsr_kernels::sources::NEAREST_TC_V3_CU,
-                                &["nearest_tc_candidates_v3"],
-                                &[def],
-                                llm4dsr_kernels::launch::NTC3_SMEM,
+                                &[name],
+                                &defs,
+                                cand.shape().2,
                             ) {
-                                Ok(f) => variants.push((
-                                    label.into(),
-                                    TcCandidates::V3,
-                                    f[0].clone(),
-                                    real,
-                                )),
+                                Ok(f) => variants.push((label.into(), cand, f[0].clone(), real)),
                                 Err(e) => eprintln!("{label}: not loaded: {e:#}"),
                             }
                         }

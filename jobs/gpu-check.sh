@@ -238,6 +238,13 @@ smoke "tensor-core grounding with the v4 (staggered, opt-in) candidate kernel" \
 smoke "tensor-core grounding with the v5 (warp-specialised, opt-in) candidate kernel" \
   gpu_nearest_tc_v5_equals_f32_kernel 60 tc5-smoke.log LLM4DSR_NEAREST_TC_V5=off \
   '^test |test result|panicked|SKIP' wg5
+# The compact form of the v3 candidates' selection (same lists from half the epilogue's code;
+# opt-in, written without a GPU): the same test, compiled with -DNT3_SELECT_COMPACT. A failure
+# fails the check; the default (unrolled) is what the rest runs either way.
+LLM4DSR_NEAREST_TC_SELECT=compact smoke \
+  "tensor-core grounding, v3 candidates with the compact selection (opt-in)" \
+  gpu_nearest_tc_equals_f32_kernel 90 tc3-compact-smoke.log LLM4DSR_NEAREST_TC_SELECT=unrolled \
+  '^test |test result|panicked|SKIP|GPU nearest tc V3' 
 if [ "${LLM4DSR_NEAREST_TC_V5:-}" = off ]; then
   echo "SKIP: v6 candidates (v5 failed)"; export LLM4DSR_NEAREST_TC_V6=off
 else

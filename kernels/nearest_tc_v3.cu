@@ -83,6 +83,24 @@ __device__ __noinline__ void nt3_insert(u32 want, float key, u32 cbase, int rbas
     }
 }
 
+// acc[i] for a warp-uniform i (NT3_SELECT_COMPACT): a switch, so that the accumulators stay
+// in registers (an indexed read would move the whole array to local memory).
+#define NT3_CASE(k) \
+    case k:         \
+        return acc[k];
+#define NT3_CASE4(k) NT3_CASE(k) NT3_CASE(k + 1) NT3_CASE(k + 2) NT3_CASE(k + 3)
+#define NT3_CASE16(k) NT3_CASE4(k) NT3_CASE4(k + 4) NT3_CASE4(k + 8) NT3_CASE4(k + 12)
+#define NT3_CASE64(k) NT3_CASE16(k) NT3_CASE16(k + 16) NT3_CASE16(k + 32) NT3_CASE16(k + 48)
+__device__ __forceinline__ float nt3_pick(const float (&acc)[WG_NACC], int i) {
+    static_assert(WG_NACC == 128, "128 cases");
+    switch (i) {
+        NT3_CASE64(0)
+        NT3_CASE64(64)
+        default:
+            return 0.f;
+    }
+}
+
 // The main loop: NT3_LOCKSTEP v3 (wg_main_loop), NT3_STAGGERED v4 (wg_main_loop_staggered),
 // NT3_SPECIALISED v5 (wg5_produce / wg5_consume; takes the tensor maps of the f16 queries
 // [b, d] (box 64 x 128) and catalogue [n, d] (box 64 x 256)).
@@ -195,6 +213,53 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
 #pragma unroll
         for (int h = 0; h < 2; ++h)
             thr[h] = lkeys[(warp * 16 + 8 * h + g) * NTC_LIST + NTC_LIST - 1];
+#ifdef NT3_SELECT_COMPACT
+        // The same selection with ~1/5 of the code (LLM4DSR_NEAREST_TC_SELECT=compact): the
+        // unrolled form below is 128 ballot sites, ~46 KB of SASS run on every tile. Here one
+        // unrolled pass sets bit p = 64 h + 2 j + e of this thread's mask where its key beats
+        // its row's 32nd key at the start of the epilogue; a rolled loop then visits, in the
+        // same order (h, j, e), only the positions where some lane's bit is set, fetches the
+        // key with a uniform switch and runs the same ballot against the current 32nd key.
+        // The positions skipped have no key below the starting threshold, so none below the
+        // current one (the threshold only falls): the insertions, in order, are the unrolled
+        // form's, and so are the lists.
+        {
+            u32 m[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < WG_BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (acc[4 * j + 2 * h + e] < thr[h])
+                            m[2 * h + (j >> 4)] |= 1u << ((2 * j + e) & 31);
+            // Rolled (one copy of the switch's compare tree, not four).
+#pragma unroll 1
+            for (int w = 0; w < 4; ++w) {
+                const int h = w >> 1, rbase = warp * 16 + 8 * h;
+                const u32 mw = w == 0 ? m[0] : w == 1 ? m[1] : w == 2 ? m[2] : m[3];
+                float th = h ? thr[1] : thr[0];
+                u32 todo = __reduce_or_sync(NT3_FULL, mw);  // warp-uniform
+                while (todo) {
+                    const int p = 32 * w + __ffs(todo) - 1;
+                    todo &= todo - 1;
+                    const int j = (p & 63) >> 1, e = p & 1;
+                    const float key = nt3_pick(acc, 4 * j + 2 * h + e);
+                    const u32 want = __ballot_sync(NT3_FULL, key < th);
+                    if (want) {
+                        nt3_insert(want, key, (u32)(col0 + 8 * j + e), rbase, lkeys, lidx, lane);
+                        th = lkeys[(rbase + g) * NTC_LIST + NTC_LIST - 1];
+                    }
+                }
+                if (h) {
+                    thr[1] = th;
+                } else {
+                    thr[0] = th;
+                }
+            }
+            return;
+        }
+#endif
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int rbase = warp * 16 + 8 * h;

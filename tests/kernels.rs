@@ -703,6 +703,24 @@ mod gpu {
                 );
                 assert!(ptx.contains("setmaxnreg"), "{file}");
             }
+            // The compact selection (LLM4DSR_NEAREST_TC_SELECT=compact) compiles for every
+            // wgmma candidate kernel, with the warp-wide OR of the masks, and keeps the
+            // accumulators in registers: its switch over them must not become an indexed
+            // local-memory array.
+            let compact = llm4dsr_kernels::cuda::compile_sm90a_variant(
+                "nearest_tc_v3.cu",
+                &["-DNT3_SELECT_COMPACT"],
+            )
+            .unwrap();
+            assert_eq!(
+                compact.matches("redux.sync.or").count(),
+                4,
+                "one per kernel v3-v6"
+            );
+            assert!(
+                !compact.contains(".local"),
+                "compact selection uses local memory"
+            );
         }
     }
 

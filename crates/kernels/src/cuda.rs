@@ -1341,6 +1341,10 @@ impl CudaKernels {
             // The plan's dynamic shared memory (launch.rs), opted in at load.
             let smem = cand.shape().2;
             bail_if_off(off)?;
+            let mut extra = extra;
+            if crate::nearest_tc::TcSelect::from_env()? == crate::nearest_tc::TcSelect::Compact {
+                extra.push("-DNT3_SELECT_COMPACT");
+            }
             let f = self.load_with_smem(
                 FUSED3_ARCH,
                 "nearest_tc_v3.cu",

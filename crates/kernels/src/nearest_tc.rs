@@ -105,6 +105,39 @@ pub fn tc_slices_from_env() -> Result<Option<u32>> {
     }
 }
 
+/// The environment variable that picks the form of the sm_90a candidate kernels' top-32
+/// selection: `unrolled` (default, the form measured on an H200) or `compact`
+/// (`-DNT3_SELECT_COMPACT`: the same insertions in the same order from about half the
+/// epilogue's code; docs/kernels.md, section 3g).
+pub const NEAREST_TC_SELECT_ENV: &str = "LLM4DSR_NEAREST_TC_SELECT";
+
+/// The selection's form in the sm_90a candidate kernels (the same lists either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcSelect {
+    #[default]
+    Unrolled,
+    Compact,
+}
+
+impl TcSelect {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "unrolled" => Ok(TcSelect::Unrolled),
+            "compact" => Ok(TcSelect::Compact),
+            other => bail!("{NEAREST_TC_SELECT_ENV}={other:?}: expected unrolled or compact"),
+        }
+    }
+
+    /// The form asked for in the environment (unrolled when unset).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(NEAREST_TC_SELECT_ENV) {
+            Ok(s) => Self::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(TcSelect::default()),
+            Err(e) => bail!("{NEAREST_TC_SELECT_ENV}: {e}"),
+        }
+    }
+}
+
 /// The per-row coefficients of the bound for depth `d` (module doc): `coef_q` multiplies
 /// sqrt(|q|^2) into Q, `coef_c` multiplies sqrt(|c|^2) into e_c. Rounded up to f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -406,6 +439,17 @@ mod tests {
         rows_per_slice: 128,
         bound_scale: 1.0,
     };
+
+    #[test]
+    fn selection_forms_parse_or_are_refused() {
+        assert_eq!(TcSelect::parse("").unwrap(), TcSelect::Unrolled);
+        assert_eq!(TcSelect::parse(" Compact ").unwrap(), TcSelect::Compact);
+        let e = TcSelect::parse("rolled").unwrap_err().to_string();
+        assert!(
+            e.contains(NEAREST_TC_SELECT_ENV) && e.contains("rolled"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn slice_counts_parse_or_are_refused() {
