@@ -244,7 +244,7 @@ smoke "tensor-core grounding with the v5 (warp-specialised, opt-in) candidate ke
 LLM4DSR_NEAREST_TC_SELECT=compact smoke \
   "tensor-core grounding, v3 candidates with the compact selection (opt-in)" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-compact-smoke.log LLM4DSR_NEAREST_TC_SELECT=unrolled \
-  '^test |test result|panicked|SKIP|GPU nearest tc V3' 
+  '^test |test result|panicked|SKIP|GPU nearest tc V3'
 if [ "${LLM4DSR_NEAREST_TC_V5:-}" = off ]; then
   echo "SKIP: v6 candidates (v5 failed)"; export LLM4DSR_NEAREST_TC_V6=off
 else
