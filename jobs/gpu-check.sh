@@ -24,6 +24,8 @@
 #                             on the GPU machine (same carry): Nsight Compute on the first launch of
 #                             the scoring and grounding kernels of each version named (default v3):
 #                             stall reasons, throughput, the SASS page; ~20-40 s per kernel.
+#                             `run --then-profile` does it after the run, in the same call, for
+#                             v3 and for v5 / v6 where their smoke tests passed.
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
 #                             on the GPU machine: nvidia-smi; the v3 (wgmma) layout test and the
 #                             tensor-core grounding test, each in its own process first (a
@@ -108,16 +110,18 @@ for line in open(sys.argv[1]):
   exit 0
 fi
 
-[ "$mode" = run ] || [ "$mode" = profile ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only] | profile [v3] [v5] [v6]" >&2; exit 2; }
+[ "$mode" = run ] || [ "$mode" = profile ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only] [--then-profile] | profile [v3] [v5] [v6]" >&2; exit 2; }
 quick=""
 torch=1
 e2e_only=0
+then_profile=0
 versions=""
 for a in "$@"; do
   case "$mode:$a" in
     run:--quick) quick=--quick ;;
     run:--e2e-only) e2e_only=1 ;;
     run:--no-torch) torch=0 ;;
+    run:--then-profile) then_profile=1 ;;
     profile:v3|profile:v5|profile:v6) versions="$versions $a" ;;
     *) echo "unknown option $a for $mode" >&2; exit 2 ;;
   esac
@@ -154,34 +158,46 @@ head -3 "$OUT/nvidia-smi.txt"
 # and the per-instruction SASS page (where the warps stall: main loop or epilogue, which
 # barrier, instruction fetch). One process per kernel (the benchmark's --only PART
 # --first-shape); reports and pages in $OUT.
-if [ "$mode" = profile ]; then
+profile() {  # profile VERSION...: both kernels of each version, unless its setting says off
+  local NCU v part kern off t0 rc
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  [ -n "$NCU" ] || { echo "FAILED: no ncu on this machine"; exit 1; }
+  [ -n "$NCU" ] || { echo "FAILED: no ncu on this machine"; status=1; return; }
   "$NCU" --version | tail -1
-  for v in $versions; do
-    for spec in "scoring item_loglik_fused_${v}_bf16" "grounding nearest_tc_candidates_${v}"; do
-      set -- $spec
-      echo "== ncu: $2 (first launch, the benchmark's first $1 shape)"
+  for v in "$@"; do
+    for spec in "scoring item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
+                "grounding nearest_tc_candidates_${v} LLM4DSR_NEAREST_TC_${v^^}"; do
+      read -r part kern off <<< "$spec"
+      if [ "${!off:-}" = off ]; then
+        echo "SKIP: ncu $kern ($off=off: its smoke test failed)"; continue
+      fi
+      # Leave the device call's 600 s some margin (a profile takes ~20-40 s).
+      if [ $SECONDS -gt "${PROFILE_DEADLINE_S:-500}" ]; then
+        echo "SKIP: ncu $kern (${SECONDS} s into the call)"; continue
+      fi
+      echo "== ncu: $kern (first launch, the benchmark's first $part shape)"
       t0=$(date +%s)
-      timeout 180 "$NCU" --clock-control none -k "regex:^$2\$" -c 1 -o "$OUT/ncu-$2" -f \
+      timeout 90 "$NCU" --clock-control none -k "regex:^$kern\$" -c 1 -o "$OUT/ncu-$kern" -f \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section SourceCounters \
         --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
-        "$BIN/kernels-bench" --gpu --only "$1" --first-shape > "$OUT/ncu-$2.out" 2> "$OUT/ncu-$2.err"
+        "$BIN/kernels-bench" --gpu --only "$part" --first-shape > "$OUT/ncu-$kern.out" 2> "$OUT/ncu-$kern.err"
       rc=$?
-      echo "ncu $2: exit $rc in $(( $(date +%s) - t0 )) s"
-      [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/ncu-$2.err"; continue; }
-      "$NCU" --import "$OUT/ncu-$2.ncu-rep" --page details > "$OUT/ncu-$2.txt" 2>&1
-      "$NCU" --import "$OUT/ncu-$2.ncu-rep" --page source --csv --print-source sass \
-        > "$OUT/ncu-$2-sass.csv" 2> "$OUT/ncu-$2-sass.err" || echo "(no SASS page: see ncu-$2-sass.err)"
+      echo "ncu $kern: exit $rc in $(( $(date +%s) - t0 )) s"
+      [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/ncu-$kern.err"; continue; }
+      "$NCU" --import "$OUT/ncu-$kern.ncu-rep" --page details > "$OUT/ncu-$kern.txt" 2>&1
+      "$NCU" --import "$OUT/ncu-$kern.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ncu-$kern-sass.csv" 2> "$OUT/ncu-$kern-sass.err" || echo "(no SASS page: see ncu-$kern-sass.err)"
       grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|One or More Eligible" \
-        "$OUT/ncu-$2.txt" | head -20
+        "$OUT/ncu-$kern.txt" | head -20
       # Stall reasons, largest first (cycles per issued instruction).
-      grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu-$2.txt" \
+      grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu-$kern.txt" \
         | awk '{print $NF, $1}' | sort -rn | head -10
     done
   done
+}
+if [ "$mode" = profile ]; then
+  profile $versions
   echo "profile: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (reports in $OUT)"
   exit $status
 fi
@@ -345,5 +361,11 @@ fi
 echo
 echo "==================== tables ===================="
 cat "$OUT/bench.log" "$OUT/torch.log" 2>/dev/null | grep -v '^{'
+# --then-profile: the profile step in the same call, for v3 and for v5 / v6 where their smoke
+# tests passed (a kernel turned off above is skipped), within the call's time.
+if [ $then_profile = 1 ] && [ $e2e_only = 0 ]; then
+  echo; echo "==================== profile (Nsight Compute) ===================="
+  profile v3 v5 v6
+fi
 echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit $status
