@@ -5,7 +5,7 @@
 //!   cargo bench --bench kernels -- --floors       # the floor model per card and shape (no run)
 //!   cargo bench --bench kernels -- --quick        # smaller CPU shapes
 //!   cargo bench --bench kernels --features cuda -- --gpu   # GPU kernels (jobs/gpu-check.sh)
-//!   ... -- --gpu --only scoring | --only grounding [--first-shape]   # a part (a profiler's run)
+//!   ... -- --gpu --only scoring | --only grounding [--shape N]   # a part (a profiler's run)
 //!
 //! Floor = max(FLOPs / matrix peak, bytes / memory bandwidth, exps / special-function rate),
 //! with the bytes the fewest a kernel must move (each input read once, each output written
@@ -409,14 +409,15 @@ fn cpu_bench(quick: bool) {
 }
 
 /// Which GPU tables run (`--only scoring` / `--only grounding`; both by default), and
-/// `--first-shape`: only the first shape of each (SmolLM2 b64, 1M x 4096: what
-/// `jobs/gpu-check.sh profile` runs under Nsight Compute).
+/// `--shape N`: only the N-th shape of each (scoring 0-3: SmolLM2 b64, Qwen2 b64, Llama-3-8B
+/// b16 / b32; grounding 0-1: 1M x 4096, 100k x 384; what `jobs/gpu-check.sh profile` runs
+/// under Nsight Compute).
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Parts {
     scoring: bool,
     grounding: bool,
-    first_shape_only: bool,
+    shape: Option<usize>,
 }
 
 #[cfg(feature = "cuda")]
@@ -547,10 +548,10 @@ mod gpu {
         };
         let reps = if quick { 5 } else { 20 };
         if parts.scoring {
-            scoring(g, &card, &fill, quick, reps, parts.first_shape_only)?;
+            scoring(g, &card, &fill, quick, reps, parts.shape)?;
         }
         if parts.grounding {
-            grounding(g, &card, &fill, quick, parts.first_shape_only)?;
+            grounding(g, &card, &fill, quick, parts.shape)?;
         }
         Ok(())
     }
@@ -562,7 +563,7 @@ mod gpu {
         fill: &Fill,
         quick: bool,
         reps: usize,
-        first_shape_only: bool,
+        shape: Option<usize>,
     ) -> Result<()> {
         // What the driver made of each fused kernel (the JIT from compute_XX PTX decides the
         // registers; the occupancy API the resident blocks per SM with its shared memory).
@@ -676,8 +677,9 @@ mod gpu {
         } else {
             SCORING.to_vec()
         };
-        if first_shape_only {
-            shapes.truncate(1);
+        if let Some(i) = shape {
+            let s = *SCORING.get(i).context("--shape: scoring has shapes 0-3")?;
+            shapes = vec![s];
         }
         for (si, s) in shapes.iter().enumerate() {
             let (n, v, d) = (s.n, s.v, s.d);
@@ -950,7 +952,7 @@ mod gpu {
         card: &Card,
         fill: &Fill,
         quick: bool,
-        first_shape_only: bool,
+        shape: Option<usize>,
     ) -> Result<()> {
         let mut rows = Vec::new();
         let mut diag_rows = Vec::new();
@@ -960,8 +962,11 @@ mod gpu {
         } else {
             NEAREST.to_vec()
         };
-        if first_shape_only {
-            nshapes.truncate(1);
+        if let Some(i) = shape {
+            let s = *NEAREST
+                .get(i)
+                .context("--shape: grounding has shapes 0-1")?;
+            nshapes = vec![s];
         }
         for (si, s) in nshapes.iter().enumerate() {
             let (b, n, d, k) = (s.b, s.n, s.d, s.k);
@@ -1380,22 +1385,31 @@ fn main() {
         .iter()
         .position(|a| a == "--only")
         .map(|i| args.get(i + 1).map(String::as_str).unwrap_or(""));
-    let first_shape_only = has("--first-shape");
+    let shape = match args.iter().position(|a| a == "--shape") {
+        None => None,
+        Some(i) => match args.get(i + 1).and_then(|x| x.parse::<usize>().ok()) {
+            Some(n) => Some(n),
+            None => {
+                eprintln!("--shape: expected a shape number (scoring 0-3, grounding 0-1)");
+                std::process::exit(2);
+            }
+        },
+    };
     let parts = match only {
         None => Parts {
             scoring: true,
             grounding: true,
-            first_shape_only,
+            shape,
         },
         Some("scoring") => Parts {
             scoring: true,
             grounding: false,
-            first_shape_only,
+            shape,
         },
         Some("grounding") => Parts {
             scoring: false,
             grounding: true,
-            first_shape_only,
+            shape,
         },
         Some(other) => {
             eprintln!("--only {other:?}: expected scoring or grounding");

@@ -22,8 +22,9 @@
 #                             kernel) next to hf_scoring_baseline.py at the same shapes.
 #   jobs/gpu-check.sh profile [v3] [v5] [v6]
 #                             on the GPU machine (same carry): Nsight Compute on the first launch of
-#                             the scoring and grounding kernels of each version named (default v3):
-#                             stall reasons, throughput, the SASS page; ~20-40 s per kernel.
+#                             the scoring (SmolLM2 b64, Llama-3-8B b32) and grounding (1M x 4096)
+#                             kernels of each version named (default v3): stall reasons,
+#                             throughput, the SASS page; ~20-40 s per profile.
 #                             `run --then-profile` does it after the run, in the same call, for
 #                             v3 and for v5 / v6 where their smoke tests passed.
 #   jobs/gpu-check.sh run [--quick] [--no-torch]
@@ -152,21 +153,25 @@ status=0
 head -3 "$OUT/nvidia-smi.txt"
 
 # profile: Nsight Compute on the first launch of each kernel named (default v3; add v5 / v6
-# only where `run` passed their smoke tests: a hanging kernel would hang here too), at the
-# first scoring shape (SmolLM2 b64) and the first grounding shape (1M x 4096): throughput,
+# only where `run` passed their smoke tests: a hanging kernel would hang here too), at two
+# scoring shapes (SmolLM2 b64, Llama-3-8B b32) and one grounding shape (1M x 4096): throughput,
 # warp states with every stall reason per issued instruction, scheduler, occupancy, memory,
 # and the per-instruction SASS page (where the warps stall: main loop or epilogue, which
 # barrier, instruction fetch). One process per kernel (the benchmark's --only PART
-# --first-shape); reports and pages in $OUT.
-profile() {  # profile VERSION...: both kernels of each version, unless its setting says off
-  local NCU v part kern off t0 rc
+# --shape N); reports and pages in $OUT.
+profile() {  # profile VERSION...: the kernels of each version, unless its setting says off
+  local NCU v part shape kern off t0 rc
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$NCU" ] || { echo "FAILED: no ncu on this machine"; status=1; return; }
   "$NCU" --version | tail -1
   for v in "$@"; do
-    for spec in "scoring item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
-                "grounding nearest_tc_candidates_${v} LLM4DSR_NEAREST_TC_${v^^}"; do
-      read -r part kern off <<< "$spec"
+    # scoring at SmolLM2 b64 (shape 0: the epilogue's 18%) and Llama-3-8B b32 (shape 3: the
+    # main loop), grounding at 1M x 4096 (shape 0).
+    for spec in "scoring 0 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
+                "scoring 3 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
+                "grounding 0 nearest_tc_candidates_${v} LLM4DSR_NEAREST_TC_${v^^}"; do
+      read -r part shape kern off <<< "$spec"
+      local tag="$kern-s$shape"
       if [ "${!off:-}" = off ]; then
         echo "SKIP: ncu $kern ($off=off: its smoke test failed)"; continue
       fi
@@ -174,24 +179,24 @@ profile() {  # profile VERSION...: both kernels of each version, unless its sett
       if [ $SECONDS -gt "${PROFILE_DEADLINE_S:-500}" ]; then
         echo "SKIP: ncu $kern (${SECONDS} s into the call)"; continue
       fi
-      echo "== ncu: $kern (first launch, the benchmark's first $part shape)"
+      echo "== ncu: $kern (first launch, the benchmark's $part shape $shape)"
       t0=$(date +%s)
-      timeout 90 "$NCU" --clock-control none -k "regex:^$kern\$" -c 1 -o "$OUT/ncu-$kern" -f \
+      timeout 90 "$NCU" --clock-control none -k "regex:^$kern\$" -c 1 -o "$OUT/ncu-$tag" -f \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section SourceCounters \
         --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
-        "$BIN/kernels-bench" --gpu --only "$part" --first-shape > "$OUT/ncu-$kern.out" 2> "$OUT/ncu-$kern.err"
+        "$BIN/kernels-bench" --gpu --only "$part" --shape "$shape" > "$OUT/ncu-$tag.out" 2> "$OUT/ncu-$tag.err"
       rc=$?
-      echo "ncu $kern: exit $rc in $(( $(date +%s) - t0 )) s"
-      [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/ncu-$kern.err"; continue; }
-      "$NCU" --import "$OUT/ncu-$kern.ncu-rep" --page details > "$OUT/ncu-$kern.txt" 2>&1
-      "$NCU" --import "$OUT/ncu-$kern.ncu-rep" --page source --csv --print-source sass \
-        > "$OUT/ncu-$kern-sass.csv" 2> "$OUT/ncu-$kern-sass.err" || echo "(no SASS page: see ncu-$kern-sass.err)"
+      echo "ncu $tag: exit $rc in $(( $(date +%s) - t0 )) s"
+      [ $rc -ne 0 ] && { status=1; tail -5 "$OUT/ncu-$tag.err"; continue; }
+      "$NCU" --import "$OUT/ncu-$tag.ncu-rep" --page details > "$OUT/ncu-$tag.txt" 2>&1
+      "$NCU" --import "$OUT/ncu-$tag.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ncu-$tag-sass.csv" 2> "$OUT/ncu-$tag-sass.err" || echo "(no SASS page: see ncu-$tag-sass.err)"
       grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|One or More Eligible" \
-        "$OUT/ncu-$kern.txt" | head -20
+        "$OUT/ncu-$tag.txt" | head -20
       # Stall reasons, largest first (cycles per issued instruction).
-      grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu-$kern.txt" \
+      grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu-$tag.txt" \
         | awk '{print $NF, $1}' | sort -rn | head -10
     done
   done
