@@ -1177,23 +1177,13 @@ mod gpu {
                     }
                     // v4 (opt-in, staggered warpgroups) where it loads and the GPU check did not
                     // turn it off (LLM4DSR_NEAREST_TC_V4=off after a failed test).
-                    if g.nearest_tc_candidates_unavailable(TcCandidates::V4)
-                        .is_none()
-                    {
-                        cands.push(TcCandidates::V4);
-                    }
-                    // v5 (opt-in, warp-specialised) likewise (LLM4DSR_NEAREST_TC_V5=off), and v6
-                    // (v5 on 2-block clusters, the catalogue tile multicast; ..._V6=off).
-                    if g.nearest_tc_candidates_unavailable(TcCandidates::V5)
-                        .is_none()
-                    {
-                        cands.push(TcCandidates::V5);
-                    }
-                    if g.nearest_tc_candidates_unavailable(TcCandidates::V6)
-                        .is_none()
-                    {
-                        cands.push(TcCandidates::V6);
-                    }
+                    // v5 (warp-specialised) and v6 (v5 on 2-block clusters) likewise
+                    // (LLM4DSR_NEAREST_TC_V5=off / ..._V6=off).
+                    cands.extend(
+                        [TcCandidates::V4, TcCandidates::V5, TcCandidates::V6]
+                            .into_iter()
+                            .filter(|&c| g.nearest_tc_candidates_unavailable(c).is_none()),
+                    );
                     let mut ms_v2 = None;
                     for cand in cands {
                         let label = match cand {
@@ -1261,18 +1251,7 @@ mod gpu {
                     // the top-k against the f32 kernel's).
                     let chosen = g.nearest_tc_launch_with(&q, b, &c, &cat, k, TcCandidates::V3);
                     let chosen = chosen.map(|p| p.plan.split.slices).unwrap_or(0);
-                    let mut sweep = vec![TcCandidates::V3];
-                    if g.nearest_tc_candidates_unavailable(TcCandidates::V5)
-                        .is_none()
-                    {
-                        sweep.push(TcCandidates::V5);
-                    }
-                    if g.nearest_tc_candidates_unavailable(TcCandidates::V6)
-                        .is_none()
-                    {
-                        sweep.push(TcCandidates::V6);
-                    }
-                    for cand in sweep {
+                    for cand in [TcCandidates::V3, TcCandidates::V5, TcCandidates::V6] {
                         if g.nearest_tc_candidate_fn(cand).is_err() {
                             continue;
                         }
