@@ -957,6 +957,7 @@ mod gpu {
         let mut rows = Vec::new();
         let mut diag_rows = Vec::new();
         let mut sweep_rows = Vec::new();
+        let mut inter_rows = Vec::new();
         let mut nshapes: Vec<NearestShape> = if quick {
             NEAREST[1..].to_vec()
         } else {
@@ -1249,7 +1250,8 @@ mod gpu {
                     // empty) and picks one wave of 16 slices at these shapes where the products
                     // alone would take two of 33; time the neighbours (each row also checks
                     // the top-k against the f32 kernel's).
-                    let chosen = g.nearest_tc_launch_with(&q, b, &c, &cat, k, TcCandidates::V3);
+                    let default_cand = g.tc_candidates()?;
+                    let chosen = g.nearest_tc_launch_with(&q, b, &c, &cat, k, default_cand);
                     let chosen = chosen.map(|p| p.plan.split.slices).unwrap_or(0);
                     for cand in [TcCandidates::V3, TcCandidates::V5, TcCandidates::V6] {
                         if g.nearest_tc_candidate_fn(cand).is_err() {
@@ -1279,7 +1281,7 @@ mod gpu {
                                 case: format!(
                                     "{cand:?} candidates + re-rank, {} slices{}",
                                     plan.split.slices,
-                                    if plan.split.slices == chosen && cand == TcCandidates::V3 {
+                                    if plan.split.slices == chosen && cand == default_cand {
                                         " (the plan's choice)"
                                     } else {
                                         ""
@@ -1304,6 +1306,75 @@ mod gpu {
                             });
                         }
                     }
+                    // End to end (query prep, candidates, re-rank, certificate, fallback, top-k
+                    // to the host) of each wgmma version, interleaved: one search of each per
+                    // round, so that a change of clocks during the run (the card at its power
+                    // limit under tensor-core load) lands on every version alike. Median, min
+                    // and max of the rounds; the first round's top-k is checked.
+                    let inter: Vec<TcCandidates> =
+                        [TcCandidates::V3, TcCandidates::V5, TcCandidates::V6]
+                            .into_iter()
+                            .filter(|&c| g.nearest_tc_candidates_unavailable(c).is_none())
+                            .collect();
+                    let rounds = if quick { 3 } else { 9 };
+                    let mut times = vec![Vec::with_capacity(rounds); inter.len()];
+                    let mut checks = vec![String::new(); inter.len()];
+                    for &cand in &inter {
+                        let p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?;
+                        g.nearest_tc_finish(p, &q, &c, &cat)?;
+                    }
+                    for round in 0..rounds {
+                        for (i, &cand) in inter.iter().enumerate() {
+                            let a = g
+                                .stream
+                                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                            let p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?;
+                            let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
+                            let e = g
+                                .stream
+                                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                            times[i].push(a.elapsed_ms(&e)? as f64);
+                            if round == 0 {
+                                checks[i] = format!(
+                                    "equals the f32 kernel: {}; {} certified, {} fallback",
+                                    res == merged,
+                                    st.certified,
+                                    st.fallback
+                                );
+                            }
+                        }
+                    }
+                    for (i, &cand) in inter.iter().enumerate() {
+                        let t = &mut times[i];
+                        t.sort_by(f64::total_cmp);
+                        inter_rows.push(Row {
+                            case: format!(
+                                "nearest tc end to end, {cand:?} candidates{}",
+                                if cand == default_cand {
+                                    " (the default)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                            ms: t[t.len() / 2],
+                            work: nearest_tc_work(s),
+                            note: format!(
+                                "{rounds} rounds interleaved with {}: min {:.3} ms ({:.1}% of \
+                                 the floor), max {:.3} ms; {}",
+                                inter
+                                    .iter()
+                                    .filter(|&&o| o != cand)
+                                    .map(|o| format!("{o:?}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                t[0],
+                                100.0 * nearest_tc_work(s).floor_s(card) * 1e3 / t[0],
+                                t[t.len() - 1],
+                                checks[i]
+                            ),
+                        });
+                    }
                     // What the ground stage pays per batch: host queries in, top-k out, the
                     // catalogue resident and prepared once (CatalogSearch on the GPU).
                     let qh = g.stream.clone_dtoh(&q)?;
@@ -1315,7 +1386,11 @@ mod gpu {
                     })?;
                     drop(dc);
                     rows.push(Row {
-                        case: "grounding batch, resident catalogue (CatalogSearch::search)".into(),
+                        case: format!(
+                            "grounding batch, resident catalogue (CatalogSearch::search, {:?} \
+                             candidates)",
+                            g.tc_candidates()?
+                        ),
                         shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
                         ms: ms_res,
                         work: nearest_tc_work(s),
@@ -1338,6 +1413,13 @@ mod gpu {
                 "Diagnostics: the grounding candidate kernels alone (median of events)",
                 Some(card),
                 &diag_rows,
+            );
+        }
+        if !inter_rows.is_empty() {
+            print_table(
+                "Grounding end to end, the wgmma versions interleaved (median of rounds)",
+                Some(card),
+                &inter_rows,
             );
         }
         if !sweep_rows.is_empty() {

@@ -23,7 +23,7 @@
 #   jobs/gpu-check.sh profile [v3] [v5] [v6]
 #                             on the GPU machine (same carry): Nsight Compute on the first launch of
 #                             the scoring (SmolLM2 b64, Llama-3-8B b32) and grounding (1M x 4096)
-#                             kernels of each version named (default v3): stall reasons,
+#                             kernels of each version named (default v5): stall reasons,
 #                             throughput, the SASS page; ~20-40 s per profile.
 #                             `run --then-profile` does it after the run, in the same call, for
 #                             v3 and for v5 / v6 where their smoke tests passed.
@@ -127,8 +127,31 @@ for a in "$@"; do
     *) echo "unknown option $a for $mode" >&2; exit 2 ;;
   esac
 done
-versions=${versions:-v3}
+versions=${versions:-v5}
 OUT=${OUT:-$(mktemp -d)}
+# Everything this script prints also goes to $OUT/summary.txt (the device call returns only
+# the last 12,000 characters of the output), and at exit $OUT is packed into at most 8 files
+# (what a device call brings back): summary.txt, bench.log, torch.log, e2e.log, tests.log,
+# clocks.csv, phases.txt, and every other log and profile page in logs.tar.gz (Nsight
+# Compute's binary reports left out).
+exec > >(tee "$OUT/summary.txt") 2>&1
+pack_out() {
+  local keep="summary.txt bench.log torch.log e2e.log tests.log clocks.csv phases.txt logs.tar.gz"
+  local rest=()
+  [ -n "${CLOCKS_PID:-}" ] && kill "$CLOCKS_PID" 2>/dev/null
+  for f in "$OUT"/*; do
+    [ -e "$f" ] || continue
+    case " $keep " in *" $(basename "$f") "*) continue ;; esac
+    rest+=("$(basename "$f")")
+  done
+  [ ${#rest[@]} -eq 0 ] && return
+  tar czf "$OUT/logs.tar.gz" -C "$OUT" --exclude='*.ncu-rep' "${rest[@]}" \
+    && (cd "$OUT" && rm -rf -- "${rest[@]}")
+}
+trap pack_out EXIT
+# The card's clocks, power and throttle reasons every 250 ms while the check runs, and the
+# start of each step (phases.txt), so that a slow row can be told from a slowed card.
+phase() { echo "$(date +%s.%N) $*" >> "$OUT/phases.txt"; }
 for f in kernels-test kernels-bench; do
   [ -x "$BIN/$f" ] || { echo "missing $BIN/$f: run 'jobs/gpu-check.sh build' here and carry target-gpu/bin" >&2; exit 2; }
 done
@@ -151,8 +174,51 @@ status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi; } \
   > "$OUT/nvidia-smi.txt" 2>&1
 head -3 "$OUT/nvidia-smi.txt"
+CLOCKS_PID=""
+for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do
+  if nvidia-smi --query-gpu=$reasons --format=csv,noheader >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
+      --format=csv,noheader,nounits -lms 250 > "$OUT/clocks.csv" 2>/dev/null &
+    CLOCKS_PID=$!
+    break
+  fi
+done
+# clocks_summary: per step (phases.txt), the SM clock's min / median / max, the largest power
+# draw, and the share of samples with a power or thermal cap among the throttle reasons.
+clocks_summary() {
+  [ -s "$OUT/clocks.csv" ] && [ -s "$OUT/phases.txt" ] || { echo "(no clock samples)"; return; }
+  python3 - "$OUT/clocks.csv" "$OUT/phases.txt" <<'PY'
+import sys, datetime, statistics
+rows = []
+for line in open(sys.argv[1]):
+    f = [x.strip() for x in line.split(",")]
+    try:
+        t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        reasons = int(f[5], 16) if len(f) > 5 and f[5].startswith("0x") else 0
+        rows.append((t, float(f[1]), float(f[3]), float(f[4]), reasons))
+    except (ValueError, IndexError):
+        continue
+phases = []
+for line in open(sys.argv[2]):
+    t, _, name = line.strip().partition(" ")
+    phases.append((float(t), name))
+phases.append((float("inf"), "end"))
+# 0x4 SW power cap, 0x20 SW thermal, 0x40 HW slowdown, 0x80 HW thermal, 0x400 HW power brake
+CAP = 0x4 | 0x20 | 0x40 | 0x80 | 0x400
+print("| step | samples | SM MHz min | median | max | max W | max C | capped |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for (t0, name), (t1, _) in zip(phases, phases[1:]):
+    r = [x for x in rows if t0 <= x[0] < t1]
+    if not r:
+        continue
+    mhz = [x[1] for x in r]
+    capped = sum(1 for x in r if x[4] & CAP)
+    print(f"| {name} | {len(r)} | {min(mhz):.0f} | {statistics.median(mhz):.0f} | {max(mhz):.0f} | "
+          f"{max(x[2] for x in r):.0f} | {max(x[3] for x in r):.0f} | {100 * capped / len(r):.0f}% |")
+PY
+}
 
-# profile: Nsight Compute on the first launch of each kernel named (default v3; add v5 / v6
+# profile: Nsight Compute on the first launch of each kernel named (default v5; v5 / v6
 # only where `run` passed their smoke tests: a hanging kernel would hang here too), at two
 # scoring shapes (SmolLM2 b64, Llama-3-8B b32) and one grounding shape (1M x 4096): throughput,
 # warp states with every stall reason per issued instruction, scheduler, occupancy, memory,
@@ -180,6 +246,7 @@ profile() {  # profile VERSION...: the kernels of each version, unless its setti
         echo "SKIP: ncu $kern (${SECONDS} s into the call)"; continue
       fi
       echo "== ncu: $kern (first launch, the benchmark's $part shape $shape)"
+      phase "ncu $tag"
       t0=$(date +%s)
       timeout 90 "$NCU" --clock-control none -k "regex:^$kern\$" -c 1 -o "$OUT/ncu-$tag" -f \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
@@ -203,6 +270,7 @@ profile() {  # profile VERSION...: the kernels of each version, unless its setti
 }
 if [ "$mode" = profile ]; then
   profile $versions
+  clocks_summary
   echo "profile: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (reports in $OUT)"
   exit $status
 fi
@@ -216,6 +284,7 @@ else
 #   smoke TITLE TEST SECONDS LOG OFF_SETTING GREP_PATTERN [wg5: rerun a hang with bounded waits]
 smoke() {
   echo "== $1 (separate process)"
+  phase "smoke $2"
   timeout "$3" "$BIN/kernels-test" --test-threads=1 --nocapture "$2" > "$OUT/$4" 2>&1
   local rc=$?
   grep -E "$6" "$OUT/$4" | head -40
@@ -275,6 +344,7 @@ else
 fi
 
 echo "== GPU tests (tests/kernels.rs)"
+phase "tests"
 t0=$(date +%s)
 timeout 150 "$BIN/kernels-test" --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
 rc=$?
@@ -294,6 +364,7 @@ grep -E "^test |test result" "$OUT/tests-tc-env.log" | head -3
 [ $rc -ne 0 ] && status=1
 
 echo "== GPU benchmarks (benches/kernels.rs --gpu $quick)"
+phase "bench"
 t0=$(date +%s)
 timeout 240 "$BIN/kernels-bench" --gpu $quick > "$OUT/bench.log" 2> "$OUT/bench.err"
 rc=$?
@@ -302,6 +373,7 @@ echo "bench: exit $rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/bench.err"
 
 if [ $torch = 1 ]; then
   echo "== PyTorch baselines (jobs/torch_baselines.py $quick)"
+  phase "torch"
   t0=$(date +%s)
   timeout 150 python3 jobs/torch_baselines.py $quick > "$OUT/torch.log" 2> "$OUT/torch.err"
   echo "torch: exit $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/torch.err"
@@ -331,6 +403,7 @@ if [ -x "$BIN/scoring-e2e" ] && [ -z "$quick" ]; then
     status=1
   else
     echo "== end-to-end scoring: ours (candle CUDA, bf16) vs PyTorch + transformers"
+    phase "e2e"
     : > "$OUT/e2e.log"
     for spec in "smollm2-135m 512 64" "llama3-8b 128 16"; do
       set -- $spec
@@ -363,14 +436,19 @@ else
   echo "SKIP: end-to-end scoring (no $BIN/scoring-e2e: jobs/gpu-check.sh build-candle; or --quick)"
 fi
 
+phase "tables"
 echo
 echo "==================== tables ===================="
 cat "$OUT/bench.log" "$OUT/torch.log" 2>/dev/null | grep -v '^{'
+echo
+echo "==================== clocks per step (nvidia-smi, every 250 ms) ===================="
+clocks_summary
 # --then-profile: the profile step in the same call, for v3 and for v5 / v6 where their smoke
 # tests passed (a kernel turned off above is skipped), within the call's time.
 if [ $then_profile = 1 ] && [ $e2e_only = 0 ]; then
   echo; echo "==================== profile (Nsight Compute) ===================="
   profile v3 v5 v6
+  clocks_summary
 fi
 echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit $status

@@ -843,13 +843,14 @@ impl CudaKernels {
         loaded
     }
 
-    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v3),
-    /// resolved to v1 for f32 (v2 and v3 have no f32 kernel), and to the next older version
-    /// while the asked one is unavailable on this device (v3 -> v2 -> v1, logged at debug).
+    /// The fused kernel a call for `variant` gets: `LLM4DSR_FUSED_VERSION` (default v5),
+    /// resolved to v1 for f32 (v2 and later have no f32 kernel), and to the next older version
+    /// while the asked one is unavailable on this device (v5 -> v3 -> v2 -> v1, logged at
+    /// debug).
     pub fn fused_version(&self, variant: FusedVariant) -> Result<FusedVersion> {
         let asked = FusedVersion::from_env()?;
         let mut version = asked.resolve(variant);
-        // v3 -> v2 -> v1: the first one this device has.
+        // v5 -> v3 -> v2 -> v1: the first one this device has.
         while let Some(why) = self.fused_unavailable(version) {
             let next = version.fallback();
             tracing::debug!("kernels: fused {version:?} unavailable ({why}); {next:?} serves");
@@ -1357,7 +1358,9 @@ impl CudaKernels {
         })()
         .map_err(|e| format!("{e:#}"));
         if let Err(e) = &loaded {
-            tracing::info!("kernels: grounding candidates {cand:?} unavailable ({e}); v2 serves");
+            tracing::info!(
+                "kernels: grounding candidates {cand:?} unavailable ({e}); an older version serves"
+            );
         }
         loaded
     }
@@ -1372,8 +1375,9 @@ impl CudaKernels {
         self.nearest_tc_sm90a_fn(TcCandidates::V3).ok()
     }
 
-    /// The candidate kernel a tensor-core search runs: `LLM4DSR_NEAREST_TC_CANDIDATES=v2|v3`
-    /// when set, else v3 where it loads (H100/H200) and v2 elsewhere.
+    /// The candidate kernel a tensor-core search runs: `LLM4DSR_NEAREST_TC_CANDIDATES=v2..v6`
+    /// when set, else the first of v5, v3, v2 that loads (v5 and v3 on H100/H200; v5 is
+    /// 1.2-1.3x v3 at 1M x 4096 on an H200, docs/kernels.md section 8e).
     pub fn tc_candidates(&self) -> Result<TcCandidates> {
         match std::env::var("LLM4DSR_NEAREST_TC_CANDIDATES").as_deref() {
             Ok("v2") => Ok(TcCandidates::V2),
@@ -1384,11 +1388,10 @@ impl CudaKernels {
             Ok(other) => {
                 bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4, v5 or v6")
             }
-            Err(_) => Ok(if self.nearest_tc_v3_function().is_some() {
-                TcCandidates::V3
-            } else {
-                TcCandidates::V2
-            }),
+            Err(_) => Ok([TcCandidates::V5, TcCandidates::V3]
+                .into_iter()
+                .find(|&c| self.nearest_tc_sm90a_fn(c).is_ok())
+                .unwrap_or(TcCandidates::V2)),
         }
     }
 

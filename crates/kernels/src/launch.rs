@@ -175,10 +175,12 @@ pub enum TcCandidates {
     /// overlaps the other's products); opt-in, correct and no faster than v3 on an H200.
     V4,
     /// `nearest_tc_candidates_v5`: v3 warp-specialised (a TMA producer warpgroup, two consumer
-    /// warpgroups selecting independently); opt-in, not yet run on a GPU.
+    /// warpgroups selecting independently); the default where it loads (H100/H200): 1.2-1.3x
+    /// v3's candidate kernel at 1M x 4096 on an H200 (docs/kernels.md, section 8e).
     V5,
     /// `nearest_tc_candidates_v6`: v5 on clusters of two query blocks of one catalogue slice,
-    /// the catalogue tile multicast (half the L2 traffic of B); opt-in, not yet run on a GPU.
+    /// the catalogue tile multicast (half the L2 traffic of B); opt-in: correct, and within
+    /// noise of v5 on an H200 (section 8e).
     V6,
 }
 
@@ -362,10 +364,11 @@ impl FusedVariant {
     }
 }
 
-/// Which generation of the fused kernel runs (`LLM4DSR_FUSED_VERSION=v1|v2|v3`, default v3).
-/// v2 and v3 exist for the tensor-core variants only (f32 heads take v1); v3 needs compute
-/// capability 9.0, and a device without it takes v2 (sm_80+), then v1. On an H200, v2 is
-/// 7.5-9.2x v1 and v3 1.6-1.9x v2, with the same results (docs/kernels.md, sections 8b-8c).
+/// Which generation of the fused kernel runs (`LLM4DSR_FUSED_VERSION=v1..v6`, default v5).
+/// v2 and later exist for the tensor-core variants only (f32 heads take v1); v3 and later need
+/// compute capability 9.0, and a device without them takes v2 (sm_80+), then v1. On an H200,
+/// v2 is 7.5-9.2x v1, v3 1.6-1.9x v2 and v5 1.12-1.20x v3, with the same results
+/// (docs/kernels.md, sections 8b, 8c and 8e).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FusedVersion {
     /// 64 x 64 x 32 tiles, 4 warps, plain loads (`item_loglik_fused.cu`).
@@ -374,8 +377,7 @@ pub enum FusedVersion {
     V2,
     /// 128 x 256 tiles, 2 warpgroups, wgmma from 128-byte-swizzled shared tiles, 4-stage
     /// cp.async ring (`item_loglik_fused_v3.cu`); compute capability 9.0 only (elsewhere the
-    /// default falls back to v2, then v1). 66-73% of the floor on an H200 (docs/kernels.md).
-    #[default]
+    /// default falls back to v2, then v1). 70-79% of the floor on an H200 (docs/kernels.md).
     V3,
     /// v3's tile and epilogue with the two warpgroups staggered so that one's epilogue runs
     /// while the other's products do (mbarrier-guarded B ring; compute capability 9.0 only).
@@ -385,12 +387,15 @@ pub enum FusedVersion {
     /// v3's tile and epilogue, warp-specialised: a producer warpgroup streams the tiles with
     /// TMA (tensor maps, 128-byte swizzle) into an mbarrier ring, and two consumer warpgroups
     /// multiply and run their epilogues independently, so one's epilogue overlaps the other's
-    /// products (compute capability 9.0 only). Opt-in (`LLM4DSR_FUSED_VERSION=v5`): written
-    /// on 2026-11-27 without a GPU, not yet run on one.
+    /// products (compute capability 9.0 only). The default: bit-equal to v3 and 1.12-1.20x
+    /// its speed, 83-94% of the floor at the four benchmark shapes on an H200 (docs/kernels.md,
+    /// section 8e); where its kernels do not load, v3 serves.
+    #[default]
     V5,
     /// v5 on clusters of two blocks (the two row blocks of one vocabulary slice), the head
     /// tile multicast with TMA, so each block reads 32 KB per step from L2 instead of 48.
-    /// Opt-in (`LLM4DSR_FUSED_VERSION=v6`): written on 2026-11-27 without a GPU.
+    /// Opt-in (`LLM4DSR_FUSED_VERSION=v6`): bit-equal to v3, as fast as v5 or slower
+    /// (0.90-1.01x v5 on an H200, section 8e).
     V6,
 }
 
@@ -402,15 +407,15 @@ impl FusedVersion {
         match s.trim().to_ascii_lowercase().as_str() {
             "v1" | "1" => Ok(FusedVersion::V1),
             "v2" | "2" | "v2a" => Ok(FusedVersion::V2),
-            "" | "v3" | "3" => Ok(FusedVersion::V3),
+            "v3" | "3" => Ok(FusedVersion::V3),
             "v4" | "4" => Ok(FusedVersion::V4),
-            "v5" | "5" => Ok(FusedVersion::V5),
+            "" | "v5" | "5" => Ok(FusedVersion::V5),
             "v6" | "6" => Ok(FusedVersion::V6),
             other => bail!("{FUSED_VERSION_ENV}={other:?}: expected v1, v2, v3, v4, v5 or v6"),
         }
     }
 
-    /// The version asked for in the environment (v3 when unset; [`Self::fallback`] where a
+    /// The version asked for in the environment (v5 when unset; [`Self::fallback`] where a
     /// device lacks it).
     pub fn from_env() -> Result<Self> {
         match std::env::var(FUSED_VERSION_ENV) {
@@ -432,10 +437,12 @@ impl FusedVersion {
         }
     }
 
-    /// The version that serves when this one is unavailable on a device (v3 -> v2 -> v1).
+    /// The version that serves when this one is unavailable on a device
+    /// (v6 -> v5 -> v3 -> v2 -> v1; v4 -> v3).
     pub fn fallback(self) -> Self {
         match self {
-            FusedVersion::V4 | FusedVersion::V5 | FusedVersion::V6 => FusedVersion::V3,
+            FusedVersion::V6 => FusedVersion::V5,
+            FusedVersion::V4 | FusedVersion::V5 => FusedVersion::V3,
             FusedVersion::V3 => FusedVersion::V2,
             _ => FusedVersion::V1,
         }
@@ -1138,13 +1145,13 @@ mod tests {
         use FusedVariant::*;
         assert_eq!(FusedVersion::parse("v1").unwrap(), FusedVersion::V1);
         assert_eq!(FusedVersion::parse(" V2 ").unwrap(), FusedVersion::V2);
-        assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V3);
+        assert_eq!(FusedVersion::parse("").unwrap(), FusedVersion::V5);
         assert_eq!(FusedVersion::parse("v3").unwrap(), FusedVersion::V3);
         assert_eq!(FusedVersion::parse("v4").unwrap(), FusedVersion::V4);
         assert_eq!(FusedVersion::parse("5").unwrap(), FusedVersion::V5);
         assert_eq!(FusedVersion::parse("v6").unwrap(), FusedVersion::V6);
         assert!(FusedVersion::parse("v7").is_err());
-        assert_eq!(FusedVersion::V6.fallback(), FusedVersion::V3);
+        assert_eq!(FusedVersion::V6.fallback(), FusedVersion::V5);
         assert_eq!(FusedVersion::V6.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V4.fallback(), FusedVersion::V3);
         assert_eq!(FusedVersion::V5.fallback(), FusedVersion::V3);
@@ -1158,7 +1165,7 @@ mod tests {
             "item_loglik_fused_v3_bf16"
         );
         assert!(FusedVersion::V3.kernel_name(F32).is_err());
-        assert_eq!(FusedVersion::default(), FusedVersion::V3);
+        assert_eq!(FusedVersion::default(), FusedVersion::V5);
         assert_eq!(FusedVersion::V2.resolve(F32), FusedVersion::V1);
         assert_eq!(FusedVersion::V2.resolve(TensorCoreBf16), FusedVersion::V2);
         assert_eq!(
