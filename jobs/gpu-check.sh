@@ -444,10 +444,11 @@ echo
 echo "==================== clocks per step (nvidia-smi, every 250 ms) ===================="
 clocks_summary
 # --then-profile: the profile step in the same call, for v3 and for v5 / v6 where their smoke
-# tests passed (a kernel turned off above is skipped), within the call's time.
+# tests passed (a kernel turned off above is skipped), within the call's time
+# (PROFILE_DEADLINE_S, default 500 s into the call); PROFILE_VERSIONS="v5" names fewer.
 if [ $then_profile = 1 ] && [ $e2e_only = 0 ]; then
   echo; echo "==================== profile (Nsight Compute) ===================="
-  profile v3 v5 v6
+  profile ${PROFILE_VERSIONS:-v3 v5 v6}
   clocks_summary
 fi
 echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
