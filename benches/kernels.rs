@@ -1124,6 +1124,31 @@ mod gpu {
                                 builds.push((label, cand, defs, true));
                             }
                         }
+                        // The L1 prefetch of the next tile's row records (opt-in
+                        // LLM4DSR_NEAREST_TC_PREFETCH=1; section 8e: the epilogue's waits on
+                        // them), for v3 and each loaded warp-specialised version.
+                        builds.push((
+                            "v3 candidates, row records prefetched to L1",
+                            TcCandidates::V3,
+                            vec!["-DNT3_PREFETCH_INFO"],
+                            true,
+                        ));
+                        for (label, cand) in [
+                            (
+                                "v5 candidates, row records prefetched to L1",
+                                TcCandidates::V5,
+                            ),
+                            (
+                                "v6 candidates, row records prefetched to L1",
+                                TcCandidates::V6,
+                            ),
+                        ] {
+                            if g.nearest_tc_candidates_unavailable(cand).is_none() {
+                                let mut defs = vec!["-DNT3_PREFETCH_INFO"];
+                                defs.extend(ws_regs);
+                                builds.push((label, cand, defs, true));
+                            }
+                        }
                         for (label, cand, defs, real) in builds {
                             let name = match cand {
                                 TcCandidates::V5 => "nearest_tc_candidates_v5",

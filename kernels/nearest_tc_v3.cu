@@ -161,7 +161,25 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
         qm2[h] = q < b ? 2.f * qinfo[q].inv : 0.f;
     }
 
+#ifdef NT3_PREFETCH_INFO
+    // Opt-in (LLM4DSR_NEAREST_TC_PREFETCH=1): the catalogue rows' records of a tile (256 x 16
+    // B = 32 lines of 128 B) prefetched into L1 a tile ahead: the first tile's here, each next
+    // one at the start of the epilogue before it. The epilogue reads every record 8 times per
+    // warp (64 16-byte loads per thread per tile); from L2 they came in batches, each waiting
+    // ~500 cycles: an H200 profile of v5 (docs/kernels.md 8e) puts ~7% of the kernel's warp
+    // samples on those waits. A prefetch changes no result.
+    const int wg_tid = tid & 127;
+    auto prefetch_info = [&](int ct) {
+        const int col = ct * WG_BN + 8 * wg_tid;
+        if (wg_tid < WG_BN / 8 && ct < ct_end && col < n)
+            asm volatile("prefetch.global.L1 [%0];\n" ::"l"(cinfo + col));
+    };
+    prefetch_info(ct_begin);
+#endif
     auto epilogue = [&](float (&acc)[WG_NACC], int ct) {
+#ifdef NT3_PREFETCH_INFO
+        prefetch_info(ct + 1);
+#endif
 #ifdef NT3_DIAG_NO_EPILOGUE
         // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
         // every product alive (ptxas narrows a wgmma whose outputs are dead). Lists wrong.

@@ -721,6 +721,23 @@ mod gpu {
                 !compact.contains(".local"),
                 "compact selection uses local memory"
             );
+            // The L1 prefetch of the next tile's row records (LLM4DSR_NEAREST_TC_PREFETCH=1)
+            // compiles into every wgmma candidate kernel (v3-v6): the first tile's and one per
+            // epilogue.
+            let prefetch = llm4dsr_kernels::cuda::compile_sm90a_variant(
+                "nearest_tc_v3.cu",
+                &["-DNT3_PREFETCH_INFO"],
+            )
+            .unwrap();
+            assert!(
+                prefetch.matches("prefetch.global.L1").count() >= 8,
+                "two prefetch sites per kernel v3-v6"
+            );
+            let plain = llm4dsr_kernels::cuda::compile_sm90a_variant("nearest_tc_v3.cu", &[]);
+            assert!(
+                !plain.unwrap().contains("prefetch.global.L1"),
+                "the default build prefetches"
+            );
         }
     }
 

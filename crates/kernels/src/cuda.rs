@@ -1346,6 +1346,9 @@ impl CudaKernels {
             if crate::nearest_tc::TcSelect::from_env()? == crate::nearest_tc::TcSelect::Compact {
                 extra.push("-DNT3_SELECT_COMPACT");
             }
+            if crate::nearest_tc::tc_prefetch_from_env()? {
+                extra.push("-DNT3_PREFETCH_INFO");
+            }
             let f = self.load_with_smem(
                 FUSED3_ARCH,
                 "nearest_tc_v3.cu",

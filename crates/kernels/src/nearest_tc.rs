@@ -138,6 +138,29 @@ impl TcSelect {
     }
 }
 
+/// The environment variable that makes the sm_90a candidate kernels prefetch the catalogue
+/// rows' records of the next tile into L1 (`-DNT3_PREFETCH_INFO`; docs/kernels.md, section 8e):
+/// `1` / `on`, default off until a GPU run measures it. The lists are the same either way.
+pub const NEAREST_TC_PREFETCH_ENV: &str = "LLM4DSR_NEAREST_TC_PREFETCH";
+
+/// Parse [`NEAREST_TC_PREFETCH_ENV`]: on (`1`, `on`, `true`) or off (`0`, `off`, `false`, empty).
+pub fn parse_tc_prefetch(s: &str) -> Result<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" => Ok(true),
+        "" | "0" | "off" | "false" => Ok(false),
+        other => bail!("{NEAREST_TC_PREFETCH_ENV}={other:?}: expected on or off"),
+    }
+}
+
+/// Whether the environment asks for the prefetch (off when unset).
+pub fn tc_prefetch_from_env() -> Result<bool> {
+    match std::env::var(NEAREST_TC_PREFETCH_ENV) {
+        Ok(s) => parse_tc_prefetch(&s),
+        Err(std::env::VarError::NotPresent) => Ok(false),
+        Err(e) => bail!("{NEAREST_TC_PREFETCH_ENV}: {e}"),
+    }
+}
+
 /// The per-row coefficients of the bound for depth `d` (module doc): `coef_q` multiplies
 /// sqrt(|q|^2) into Q, `coef_c` multiplies sqrt(|c|^2) into e_c. Rounded up to f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -447,6 +470,19 @@ mod tests {
         let e = TcSelect::parse("rolled").unwrap_err().to_string();
         assert!(
             e.contains(NEAREST_TC_SELECT_ENV) && e.contains("rolled"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn prefetch_settings_parse_or_are_refused() {
+        assert!(!parse_tc_prefetch("").unwrap());
+        assert!(!parse_tc_prefetch("off").unwrap());
+        assert!(parse_tc_prefetch(" ON ").unwrap());
+        assert!(parse_tc_prefetch("1").unwrap());
+        let e = parse_tc_prefetch("yes please").unwrap_err().to_string();
+        assert!(
+            e.contains(NEAREST_TC_PREFETCH_ENV) && e.contains("yes please"),
             "{e}"
         );
     }
