@@ -150,6 +150,18 @@ pub fn compile_and_load_with(
         .collect()
 }
 
+/// Log `msg` at info level the first time this process sees it (which kernel version serves
+/// is decided per call; the log says it once).
+fn info_once(msg: String) {
+    static SEEN: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Ok(mut seen) = seen.lock() {
+        if seen.insert(msg.clone()) {
+            tracing::info!("{msg}");
+        }
+    }
+}
+
 /// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
 /// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs. The v3 source targets
 /// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
@@ -856,6 +868,9 @@ impl CudaKernels {
             tracing::debug!("kernels: fused {version:?} unavailable ({why}); {next:?} serves");
             version = next;
         }
+        info_once(format!(
+            "kernels: fused item_loglik {version:?} serves {variant:?} heads"
+        ));
         Ok(version)
     }
 
@@ -1391,10 +1406,16 @@ impl CudaKernels {
             Ok(other) => {
                 bail!("LLM4DSR_NEAREST_TC_CANDIDATES={other:?}: expected v2, v3, v4, v5 or v6")
             }
-            Err(_) => Ok([TcCandidates::V5, TcCandidates::V3]
-                .into_iter()
-                .find(|&c| self.nearest_tc_sm90a_fn(c).is_ok())
-                .unwrap_or(TcCandidates::V2)),
+            Err(_) => {
+                let cand = [TcCandidates::V5, TcCandidates::V3]
+                    .into_iter()
+                    .find(|&c| self.nearest_tc_sm90a_fn(c).is_ok())
+                    .unwrap_or(TcCandidates::V2);
+                info_once(format!(
+                    "kernels: grounding candidates {cand:?} serve the tensor-core search"
+                ));
+                Ok(cand)
+            }
         }
     }
 
