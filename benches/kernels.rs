@@ -1124,27 +1124,47 @@ mod gpu {
                                 builds.push((label, cand, defs, true));
                             }
                         }
-                        // The L1 prefetch of the next tile's row records (opt-in
-                        // LLM4DSR_NEAREST_TC_PREFETCH=1; section 8e: the epilogue's waits on
-                        // them), for v3 and each loaded warp-specialised version.
+                        // Where the epilogue reads the catalogue rows' records from (opt-in
+                        // LLM4DSR_NEAREST_TC_RECORDS=prefetch|smem; section 8e: the epilogue's
+                        // waits on them): prefetched into L1 a tile ahead (v3, v5, v6), or
+                        // copied into shared memory during the products on a 3-stage ring
+                        // (v5, v6), and v5 on a 3-stage ring alone (what the ring's depth costs).
+                        use llm4dsr_kernels::nearest_tc::TcRecords;
                         builds.push((
                             "v3 candidates, row records prefetched to L1",
                             TcCandidates::V3,
-                            vec!["-DNT3_PREFETCH_INFO"],
+                            TcRecords::Prefetch.defines().to_vec(),
                             true,
                         ));
-                        for (label, cand) in [
+                        for (label, cand, extra) in [
                             (
                                 "v5 candidates, row records prefetched to L1",
                                 TcCandidates::V5,
+                                TcRecords::Prefetch.defines(),
                             ),
                             (
                                 "v6 candidates, row records prefetched to L1",
                                 TcCandidates::V6,
+                                TcRecords::Prefetch.defines(),
+                            ),
+                            (
+                                "v5 candidates, row records in shared memory (3-stage ring)",
+                                TcCandidates::V5,
+                                TcRecords::Smem.defines(),
+                            ),
+                            (
+                                "v6 candidates, row records in shared memory (3-stage ring)",
+                                TcCandidates::V6,
+                                TcRecords::Smem.defines(),
+                            ),
+                            (
+                                "v5 candidates, 3-stage ring",
+                                TcCandidates::V5,
+                                &["-DWG5_STAGES=3"][..],
                             ),
                         ] {
                             if g.nearest_tc_candidates_unavailable(cand).is_none() {
-                                let mut defs = vec!["-DNT3_PREFETCH_INFO"];
+                                let mut defs = extra.to_vec();
                                 defs.extend(ws_regs);
                                 builds.push((label, cand, defs, true));
                             }

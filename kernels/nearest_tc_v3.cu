@@ -30,11 +30,22 @@ static_assert(NTC_LIST == 32, "one list entry per lane");
 // still fit): its lists follow that ring.
 #define NT4_LIST_OFFSET WG4_SMEM
 #define NTC4_SMEM (NT4_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
-// v5 (opt-in, not yet run on a GPU): the same kernel warp-specialised (wg5_produce /
+// v5 (the default on compute capability 9.0): the same kernel warp-specialised (wg5_produce /
 // wg5_consume: a TMA producer warpgroup, two consumer warpgroups, each selecting while the
 // other's products run); its lists follow its ring.
 #define NT5_LIST_OFFSET WG5_SMEM
 #define NTC5_SMEM (NT5_LIST_OFFSET + 2 * WG_BM * NTC_LIST * 4)
+#ifdef NT3_RECORDS_SMEM
+// Opt-in (LLM4DSR_NEAREST_TC_RECORDS=smem; v5 / v6 only): each consumer warpgroup copies its
+// tile's 256 catalogue row records (16 B each) into its own shared buffer after the lists
+// while the tile's products run (cp.async, two per thread), instead of 64 16-byte global
+// loads per thread in the epilogue. Needs a 3-stage ring (-DWG5_STAGES=3) to fit.
+#define NT5_REC_OFFSET NTC5_SMEM
+#define NT5_REC_BYTES (2 * WG_BN * 16)
+static_assert(NT5_REC_OFFSET + NT5_REC_BYTES <=
+                  4 * WG_STAGE_BYTES + 128 + 1024 + 2 * WG_BM * NTC_LIST * 4,
+              "the records fit in the shared memory launch.rs gives v5 (NTC5_SMEM at 4 stages)");
+#endif
 
 #define NT3_POS_INF __int_as_float(0x7f800000)
 #define NT3_NONE 0xffffffffu
@@ -161,14 +172,16 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
         qm2[h] = q < b ? 2.f * qinfo[q].inv : 0.f;
     }
 
-#ifdef NT3_PREFETCH_INFO
-    // Opt-in (LLM4DSR_NEAREST_TC_PREFETCH=1): the catalogue rows' records of a tile (256 x 16
-    // B = 32 lines of 128 B) prefetched into L1 a tile ahead: the first tile's here, each next
-    // one at the start of the epilogue before it. The epilogue reads every record 8 times per
-    // warp (64 16-byte loads per thread per tile); from L2 they came in batches, each waiting
-    // ~500 cycles: an H200 profile of v5 (docs/kernels.md 8e) puts ~7% of the kernel's warp
-    // samples on those waits. A prefetch changes no result.
+    // Where the epilogue reads the catalogue rows' records (norm, bound, 1/s) from: global
+    // memory by default; two opt-in forms (LLM4DSR_NEAREST_TC_RECORDS, docs/kernels.md 8e: an
+    // H200 profile of v5 puts ~7% of its warp samples on the epilogue's waits for them).
+#if defined(NT3_PREFETCH_INFO) || defined(NT3_RECORDS_SMEM)
     const int wg_tid = tid & 127;
+#endif
+#ifdef NT3_PREFETCH_INFO
+    // `prefetch`: the next tile's 32 lines of records prefetched into L1 a tile ahead, the
+    // first tile's here, each next one at the start of the epilogue before it (the first warp
+    // of each consumer warpgroup, one line per lane).
     auto prefetch_info = [&](int ct) {
         const int col = ct * WG_BN + 8 * wg_tid;
         if (wg_tid < WG_BN / 8 && ct < ct_end && col < n)
@@ -176,9 +189,45 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
     };
     prefetch_info(ct_begin);
 #endif
+#ifdef NT3_RECORDS_SMEM
+    // `smem` (v5 / v6): tile ct's records in this warpgroup's shared buffer, copied while the
+    // tile's products run; rows past n get the excluded row's record (norm +inf). Waited for
+    // (cp.async.wait_all + the warpgroup's named barrier) at the start of the epilogue; the
+    // next tile's copies start once every warp of the warpgroup has its keys (a second
+    // barrier), so the buffer is never overwritten while read.
+    NtInfo *srec =
+        reinterpret_cast<NtInfo *>(nt3_smem + NT5_REC_OFFSET) + (tid >> 7) * WG_BN;
+    const int rec_bar = 2 + (tid >> 7);  // named barriers 2, 3 (1: the 256 consumers)
+    auto stage_records = [&](int ct) {
+        if (ct >= ct_end) return;  // no copy left pending when the block ends
+#pragma unroll
+        for (int r = wg_tid; r < WG_BN; r += 128) {
+            const int col = ct * WG_BN + r;
+            if (col < n) {
+                asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(
+                                 wg_smem_addr(srec + r)),
+                             "l"(cinfo + col)
+                             : "memory");
+            } else {
+                srec[r].norm = NT3_POS_INF;
+                srec[r].bound = 0.f;
+                srec[r].inv = 0.f;
+                srec[r].flag = 0.f;
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    if (WS) stage_records(ct_begin);
+#endif
     auto epilogue = [&](float (&acc)[WG_NACC], int ct) {
 #ifdef NT3_PREFETCH_INFO
         prefetch_info(ct + 1);
+#endif
+#ifdef NT3_RECORDS_SMEM
+        if (WS) {
+            asm volatile("cp.async.wait_all;\n" ::: "memory");
+            asm volatile("bar.sync %0, 128;\n" ::"r"(rec_bar) : "memory");
+        }
 #endif
 #ifdef NT3_DIAG_NO_EPILOGUE
         // Benchmark diagnostic only (benches/kernels.rs): the main loop alone; a sum keeps
@@ -198,6 +247,11 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
             for (int e = 0; e < 2; ++e) {
                 const int col = col0 + 8 * j + 2 * t + e;
                 NtInfo ci;
+#ifdef NT3_RECORDS_SMEM
+                if (WS) {
+                    ci = srec[col - col0];
+                } else
+#endif
                 if (col < n) {
                     ci = cinfo[col];
                 } else {
@@ -210,6 +264,13 @@ __device__ __forceinline__ void nt3_candidates(const u16 *__restrict__ q16,
                     x = fmaf(-(qm2[h] * ci.inv), x, base);
                 }
             }
+#ifdef NT3_RECORDS_SMEM
+        // Every warp of this warpgroup has its keys: the buffer may take the next tile's.
+        if (WS) {
+            asm volatile("bar.sync %0, 128;\n" ::"r"(rec_bar) : "memory");
+            stage_records(ct + 1);
+        }
+#endif
 #ifdef NT3_DIAG_NO_SELECT
         // Benchmark diagnostic only: keys without the selection (lists come out wrong).
         {

@@ -404,7 +404,13 @@ __device__ __forceinline__ void wg_main_loop_staggered(u32 smem, const u16 *__re
 // jobs/sim/ws_ring.py (random interleavings: no deadlock, no stale or overwritten slot).
 
 #define WG5_THREADS 384
+// The ring's depth; 4 by default (launch.rs's FUSED5_SMEM / NTC5_SMEM are sized for 4, so a
+// build with fewer stages (-DWG5_STAGES=3, nearest_tc_v3.cu's NT3_RECORDS_SMEM) fits the
+// same launch).
+#ifndef WG5_STAGES
 #define WG5_STAGES 4
+#endif
+static_assert(WG5_STAGES >= 2 && WG5_STAGES <= 4, "the ring and the launch's shared memory");
 #define WG5_BAR_OFF (WG5_STAGES * WG_STAGE_BYTES)
 // The ring, 2 x WG5_STAGES mbarriers (padded to 128 B), 1 KB of alignment slack.
 #define WG5_SMEM (WG5_BAR_OFF + 128 + 1024)

@@ -721,22 +721,36 @@ mod gpu {
                 !compact.contains(".local"),
                 "compact selection uses local memory"
             );
-            // The L1 prefetch of the next tile's row records (LLM4DSR_NEAREST_TC_PREFETCH=1)
-            // compiles into every wgmma candidate kernel (v3-v6): the first tile's and one per
-            // epilogue.
+            // Where the epilogue reads the row records from (LLM4DSR_NEAREST_TC_RECORDS):
+            // `prefetch` compiles into every wgmma candidate kernel (v3-v6: the first tile's
+            // and one per epilogue); `smem` gives v5 and v6 cp.async copies into shared memory
+            // and the consumer warpgroups' named barriers, on a 3-stage ring; the default
+            // build has neither.
+            use llm4dsr_kernels::nearest_tc::TcRecords;
             let prefetch = llm4dsr_kernels::cuda::compile_sm90a_variant(
                 "nearest_tc_v3.cu",
-                &["-DNT3_PREFETCH_INFO"],
+                TcRecords::Prefetch.defines(),
             )
             .unwrap();
             assert!(
                 prefetch.matches("prefetch.global.L1").count() >= 8,
                 "two prefetch sites per kernel v3-v6"
             );
-            let plain = llm4dsr_kernels::cuda::compile_sm90a_variant("nearest_tc_v3.cu", &[]);
+            let smem = llm4dsr_kernels::cuda::compile_sm90a_variant(
+                "nearest_tc_v3.cu",
+                TcRecords::Smem.defines(),
+            )
+            .unwrap();
             assert!(
-                !plain.unwrap().contains("prefetch.global.L1"),
-                "the default build prefetches"
+                smem.matches("cp.async.ca.shared.global").count() >= 2,
+                "the records' copies in v5 and v6"
+            );
+            assert!(smem.contains("cp.async.wait_all"));
+            let plain =
+                llm4dsr_kernels::cuda::compile_sm90a_variant("nearest_tc_v3.cu", &[]).unwrap();
+            assert!(
+                !plain.contains("prefetch.global.L1") && !plain.contains("cp.async.ca.shared"),
+                "the default build prefetches or stages the records"
             );
         }
     }

@@ -1361,9 +1361,7 @@ impl CudaKernels {
             if crate::nearest_tc::TcSelect::from_env()? == crate::nearest_tc::TcSelect::Compact {
                 extra.push("-DNT3_SELECT_COMPACT");
             }
-            if crate::nearest_tc::tc_prefetch_from_env()? {
-                extra.push("-DNT3_PREFETCH_INFO");
-            }
+            extra.extend(crate::nearest_tc::TcRecords::from_env()?.defines());
             let f = self.load_with_smem(
                 FUSED3_ARCH,
                 "nearest_tc_v3.cu",

@@ -138,26 +138,51 @@ impl TcSelect {
     }
 }
 
-/// The environment variable that makes the sm_90a candidate kernels prefetch the catalogue
-/// rows' records of the next tile into L1 (`-DNT3_PREFETCH_INFO`; docs/kernels.md, section 8e):
-/// `1` / `on`, default off until a GPU run measures it. The lists are the same either way.
-pub const NEAREST_TC_PREFETCH_ENV: &str = "LLM4DSR_NEAREST_TC_PREFETCH";
+/// The environment variable that picks where the sm_90a candidate kernels' epilogue reads the
+/// catalogue rows' records (norm, bound, 1/s) from (docs/kernels.md, section 8e: an H200
+/// profile of v5 puts ~7% of its warp samples on the waits for them): `global` (default,
+/// the form measured), `prefetch` (the next tile's records prefetched into L1 a tile ahead,
+/// `-DNT3_PREFETCH_INFO`) or `smem` (v5 / v6: each consumer warpgroup copies its tile's
+/// records into shared memory while the products run, on a 3-stage ring to make room,
+/// `-DNT3_RECORDS_SMEM -DWG5_STAGES=3`; v3 / v4 read global memory either way). The lists are
+/// the same in every form.
+pub const NEAREST_TC_RECORDS_ENV: &str = "LLM4DSR_NEAREST_TC_RECORDS";
 
-/// Parse [`NEAREST_TC_PREFETCH_ENV`]: on (`1`, `on`, `true`) or off (`0`, `off`, `false`, empty).
-pub fn parse_tc_prefetch(s: &str) -> Result<bool> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "1" | "on" | "true" => Ok(true),
-        "" | "0" | "off" | "false" => Ok(false),
-        other => bail!("{NEAREST_TC_PREFETCH_ENV}={other:?}: expected on or off"),
-    }
+/// Where the candidate kernels' epilogue reads the row records from ([`NEAREST_TC_RECORDS_ENV`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcRecords {
+    #[default]
+    Global,
+    Prefetch,
+    Smem,
 }
 
-/// Whether the environment asks for the prefetch (off when unset).
-pub fn tc_prefetch_from_env() -> Result<bool> {
-    match std::env::var(NEAREST_TC_PREFETCH_ENV) {
-        Ok(s) => parse_tc_prefetch(&s),
-        Err(std::env::VarError::NotPresent) => Ok(false),
-        Err(e) => bail!("{NEAREST_TC_PREFETCH_ENV}: {e}"),
+impl TcRecords {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "global" => Ok(TcRecords::Global),
+            "prefetch" => Ok(TcRecords::Prefetch),
+            "smem" | "shared" => Ok(TcRecords::Smem),
+            other => bail!("{NEAREST_TC_RECORDS_ENV}={other:?}: expected global, prefetch or smem"),
+        }
+    }
+
+    /// The form asked for in the environment (global when unset).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(NEAREST_TC_RECORDS_ENV) {
+            Ok(s) => Self::parse(&s),
+            Err(std::env::VarError::NotPresent) => Ok(TcRecords::default()),
+            Err(e) => bail!("{NEAREST_TC_RECORDS_ENV}: {e}"),
+        }
+    }
+
+    /// The NVRTC options that build it.
+    pub fn defines(&self) -> &'static [&'static str] {
+        match self {
+            TcRecords::Global => &[],
+            TcRecords::Prefetch => &["-DNT3_PREFETCH_INFO"],
+            TcRecords::Smem => &["-DNT3_RECORDS_SMEM", "-DWG5_STAGES=3"],
+        }
     }
 }
 
@@ -475,14 +500,15 @@ mod tests {
     }
 
     #[test]
-    fn prefetch_settings_parse_or_are_refused() {
-        assert!(!parse_tc_prefetch("").unwrap());
-        assert!(!parse_tc_prefetch("off").unwrap());
-        assert!(parse_tc_prefetch(" ON ").unwrap());
-        assert!(parse_tc_prefetch("1").unwrap());
-        let e = parse_tc_prefetch("yes please").unwrap_err().to_string();
+    fn record_forms_parse_or_are_refused() {
+        assert_eq!(TcRecords::parse("").unwrap(), TcRecords::Global);
+        assert_eq!(TcRecords::parse(" Prefetch ").unwrap(), TcRecords::Prefetch);
+        assert_eq!(TcRecords::parse("smem").unwrap(), TcRecords::Smem);
+        assert!(TcRecords::Global.defines().is_empty());
+        assert!(TcRecords::Smem.defines().contains(&"-DWG5_STAGES=3"));
+        let e = TcRecords::parse("texture").unwrap_err().to_string();
         assert!(
-            e.contains(NEAREST_TC_PREFETCH_ENV) && e.contains("yes please"),
+            e.contains(NEAREST_TC_RECORDS_ENV) && e.contains("texture"),
             "{e}"
         );
     }
