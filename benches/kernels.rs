@@ -1163,6 +1163,15 @@ mod gpu {
                                 &["-DWG5_STAGES=3"][..],
                             ),
                         ] {
+                            // The GPU check turns the shared-memory form off after its smoke
+                            // test failed (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off).
+                            let smem_off = std::env::var("LLM4DSR_NEAREST_TC_RECORDS_SMEM")
+                                .as_deref()
+                                == Ok("off");
+                            if smem_off && extra.contains(&"-DNT3_RECORDS_SMEM") {
+                                eprintln!("{label}: skipped (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off)");
+                                continue;
+                            }
                             if g.nearest_tc_candidates_unavailable(cand).is_none() {
                                 let mut defs = extra.to_vec();
                                 defs.extend(ws_regs);

@@ -335,6 +335,18 @@ LLM4DSR_NEAREST_TC_SELECT=compact smoke \
   "tensor-core grounding, v3 candidates with the compact selection (opt-in)" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-compact-smoke.log LLM4DSR_NEAREST_TC_SELECT=unrolled \
   '^test |test result|panicked|SKIP|GPU nearest tc V3'
+# The row records staged in shared memory (opt-in LLM4DSR_NEAREST_TC_RECORDS=smem: cp.async
+# and named barriers per consumer warpgroup on a 3-stage ring; written without a GPU): v5's
+# test compiled that way, before the bench times it; a failure or a hang keeps the bench from
+# building it (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off) and fails the check.
+if [ "${LLM4DSR_NEAREST_TC_V5:-}" = off ]; then
+  echo "SKIP: v5 with the records in shared memory (v5 failed)"; export LLM4DSR_NEAREST_TC_RECORDS_SMEM=off
+else
+  LLM4DSR_NEAREST_TC_RECORDS=smem smoke \
+    "tensor-core grounding, v5 candidates with the row records in shared memory (opt-in)" \
+    gpu_nearest_tc_v5_equals_f32_kernel 60 tc5-smem-smoke.log LLM4DSR_NEAREST_TC_RECORDS_SMEM=off \
+    '^test |test result|panicked|SKIP' wg5
+fi
 if [ "${LLM4DSR_NEAREST_TC_V5:-}" = off ]; then
   echo "SKIP: v6 candidates (v5 failed)"; export LLM4DSR_NEAREST_TC_V6=off
 else
