@@ -1093,6 +1093,7 @@ mod gpu {
                         // or its whole epilogue (lists wrong), and each loaded wgmma version
                         // with the compact selection (`-DNT3_SELECT_COMPACT`, the same lists
                         // from half the epilogue's code; section 3g of docs/kernels.md).
+                        use llm4dsr_kernels::nearest_tc::TcRecords;
                         let ws_regs = ["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"];
                         let mut builds: Vec<(&str, TcCandidates, Vec<&str>, bool)> = vec![
                             (
@@ -1113,30 +1114,36 @@ mod gpu {
                                 vec!["-DNT3_SELECT_COMPACT"],
                                 true,
                             ),
+                            (
+                                "v3 candidates, row records prefetched to L1",
+                                TcCandidates::V3,
+                                TcRecords::Prefetch.defines().to_vec(),
+                                true,
+                            ),
                         ];
-                        for (label, cand) in [
-                            ("v5 candidates, compact selection", TcCandidates::V5),
-                            ("v6 candidates, compact selection", TcCandidates::V6),
-                        ] {
-                            if g.nearest_tc_candidates_unavailable(cand).is_none() {
-                                let mut defs = vec!["-DNT3_SELECT_COMPACT"];
-                                defs.extend(ws_regs);
-                                builds.push((label, cand, defs, true));
-                            }
-                        }
-                        // Where the epilogue reads the catalogue rows' records from (opt-in
-                        // LLM4DSR_NEAREST_TC_RECORDS=prefetch|smem; section 8e: the epilogue's
-                        // waits on them): prefetched into L1 a tile ahead (v3, v5, v6), or
-                        // copied into shared memory during the products on a 3-stage ring
-                        // (v5, v6), and v5 on a 3-stage ring alone (what the ring's depth costs).
-                        use llm4dsr_kernels::nearest_tc::TcRecords;
-                        builds.push((
-                            "v3 candidates, row records prefetched to L1",
-                            TcCandidates::V3,
-                            TcRecords::Prefetch.defines().to_vec(),
-                            true,
-                        ));
+                        // The warp-specialised versions where they load (with the consumers'
+                        // register split): the compact selection; where the epilogue reads
+                        // the catalogue rows' records from (opt-in
+                        // LLM4DSR_NEAREST_TC_RECORDS=prefetch|smem; section 8e: the
+                        // epilogue's waits on them): prefetched into L1 a tile ahead, or
+                        // copied into shared memory during the products on a 3-stage ring;
+                        // and v5 on a 3-stage ring alone (what the ring's depth costs). The GPU
+                        // check turns the shared-memory form off after its smoke test failed
+                        // (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off).
+                        let smem_off = std::env::var("LLM4DSR_NEAREST_TC_RECORDS_SMEM").as_deref()
+                            == Ok("off");
+                        let compact = &["-DNT3_SELECT_COMPACT"][..];
                         for (label, cand, extra) in [
+                            (
+                                "v5 candidates, compact selection",
+                                TcCandidates::V5,
+                                compact,
+                            ),
+                            (
+                                "v6 candidates, compact selection",
+                                TcCandidates::V6,
+                                compact,
+                            ),
                             (
                                 "v5 candidates, row records prefetched to L1",
                                 TcCandidates::V5,
@@ -1163,11 +1170,6 @@ mod gpu {
                                 &["-DWG5_STAGES=3"][..],
                             ),
                         ] {
-                            // The GPU check turns the shared-memory form off after its smoke
-                            // test failed (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off).
-                            let smem_off = std::env::var("LLM4DSR_NEAREST_TC_RECORDS_SMEM")
-                                .as_deref()
-                                == Ok("off");
                             if smem_off && extra.contains(&"-DNT3_RECORDS_SMEM") {
                                 eprintln!("{label}: skipped (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off)");
                                 continue;

@@ -399,6 +399,16 @@ pub enum FusedVersion {
     V6,
 }
 
+/// A setting from the environment variable `name`: `parse` of its value, `unset` when it is not
+/// set, an error naming the variable when it is not valid Unicode.
+pub fn env_setting<T>(name: &str, parse: impl FnOnce(&str) -> Result<T>, unset: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(s) => parse(&s),
+        Err(std::env::VarError::NotPresent) => Ok(unset),
+        Err(e) => bail!("{name}: {e}"),
+    }
+}
+
 /// The environment variable that picks the fused kernel's version.
 pub const FUSED_VERSION_ENV: &str = "LLM4DSR_FUSED_VERSION";
 
@@ -418,11 +428,7 @@ impl FusedVersion {
     /// The version asked for in the environment (v5 when unset; [`Self::fallback`] where a
     /// device lacks it).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(FUSED_VERSION_ENV) {
-            Ok(s) => Self::parse(&s),
-            Err(std::env::VarError::NotPresent) => Ok(FusedVersion::default()),
-            Err(e) => bail!("{FUSED_VERSION_ENV}: {e}"),
-        }
+        env_setting(FUSED_VERSION_ENV, Self::parse, FusedVersion::default())
     }
 
     /// Does this version have a kernel for `variant`?

@@ -71,11 +71,7 @@ impl NearestVersion {
 
     /// The version asked for in the environment (tc when unset).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(NEAREST_VERSION_ENV) {
-            Ok(s) => Self::parse(&s),
-            Err(std::env::VarError::NotPresent) => Ok(NearestVersion::default()),
-            Err(e) => bail!("{NEAREST_VERSION_ENV}: {e}"),
-        }
+        crate::launch::env_setting(NEAREST_VERSION_ENV, Self::parse, NearestVersion::default())
     }
 }
 
@@ -98,11 +94,7 @@ pub fn parse_tc_slices(s: &str) -> Result<Option<u32>> {
 
 /// The slice count asked for in the environment (None: the plan's choice).
 pub fn tc_slices_from_env() -> Result<Option<u32>> {
-    match std::env::var(NEAREST_TC_SLICES_ENV) {
-        Ok(s) => parse_tc_slices(&s),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => bail!("{NEAREST_TC_SLICES_ENV}: {e}"),
-    }
+    crate::launch::env_setting(NEAREST_TC_SLICES_ENV, parse_tc_slices, None)
 }
 
 /// The environment variable that picks the form of the sm_90a candidate kernels' top-32
@@ -130,11 +122,7 @@ impl TcSelect {
 
     /// The form asked for in the environment (unrolled when unset).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(NEAREST_TC_SELECT_ENV) {
-            Ok(s) => Self::parse(&s),
-            Err(std::env::VarError::NotPresent) => Ok(TcSelect::default()),
-            Err(e) => bail!("{NEAREST_TC_SELECT_ENV}: {e}"),
-        }
+        crate::launch::env_setting(NEAREST_TC_SELECT_ENV, Self::parse, TcSelect::default())
     }
 }
 
@@ -169,11 +157,7 @@ impl TcRecords {
 
     /// The form asked for in the environment (global when unset).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(NEAREST_TC_RECORDS_ENV) {
-            Ok(s) => Self::parse(&s),
-            Err(std::env::VarError::NotPresent) => Ok(TcRecords::default()),
-            Err(e) => bail!("{NEAREST_TC_RECORDS_ENV}: {e}"),
-        }
+        crate::launch::env_setting(NEAREST_TC_RECORDS_ENV, Self::parse, TcRecords::default())
     }
 
     /// The NVRTC options that build it.
