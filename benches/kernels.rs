@@ -1093,88 +1093,73 @@ mod gpu {
                         // or its whole epilogue (lists wrong), and each loaded wgmma version
                         // with the compact selection (`-DNT3_SELECT_COMPACT`, the same lists
                         // from half the epilogue's code; section 3g of docs/kernels.md).
-                        use llm4dsr_kernels::nearest_tc::TcRecords;
+                        use llm4dsr_kernels::nearest_tc::{TcRecords, TcSelect};
                         let ws_regs = ["-DWG5_PRODUCER_REGS=24", "-DWG5_CONSUMER_REGS=240"];
-                        let mut builds: Vec<(&str, TcCandidates, Vec<&str>, bool)> = vec![
+                        let mut builds: Vec<(String, TcCandidates, Vec<&str>, bool)> = vec![
                             (
-                                "v3 candidates, keys but no selection",
+                                "v3 candidates, keys but no selection".into(),
                                 TcCandidates::V3,
                                 vec!["-DNT3_DIAG_NO_SELECT"],
                                 false,
                             ),
                             (
-                                "v3 main loop only (epilogue = sum)",
+                                "v3 main loop only (epilogue = sum)".into(),
                                 TcCandidates::V3,
                                 vec!["-DNT3_DIAG_NO_EPILOGUE"],
                                 false,
                             ),
-                            (
-                                "v3 candidates, compact selection",
-                                TcCandidates::V3,
-                                vec!["-DNT3_SELECT_COMPACT"],
-                                true,
-                            ),
-                            (
-                                "v3 candidates, row records prefetched to L1",
-                                TcCandidates::V3,
-                                TcRecords::Prefetch.defines().to_vec(),
-                                true,
-                            ),
                         ];
-                        // The warp-specialised versions where they load (with the consumers'
-                        // register split): the compact selection; where the epilogue reads
-                        // the catalogue rows' records from (opt-in
-                        // LLM4DSR_NEAREST_TC_RECORDS=prefetch|smem; section 8e: the
-                        // epilogue's waits on them): prefetched into L1 a tile ahead, or
-                        // copied into shared memory during the products on a 3-stage ring;
-                        // and v5 on a 3-stage ring alone (what the ring's depth costs). The GPU
-                        // check turns the shared-memory form off after its smoke test failed
-                        // (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off).
+                        // Each wgmma version where it loads (v5 / v6 with the consumers'
+                        // register split) in the opt-in forms: the compact selection, and where
+                        // the epilogue reads the catalogue rows' records from
+                        // (LLM4DSR_NEAREST_TC_RECORDS=prefetch|smem; section 8e: the
+                        // epilogue's waits on them): prefetched into L1 a tile ahead, or copied
+                        // into shared memory during the products on a 3-stage ring (v5 / v6
+                        // only); and v5 on a 3-stage ring alone (what the ring's depth costs).
+                        // The GPU check turns the shared-memory form off after its smoke test
+                        // failed (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off).
                         let smem_off = std::env::var("LLM4DSR_NEAREST_TC_RECORDS_SMEM").as_deref()
                             == Ok("off");
-                        let compact = &["-DNT3_SELECT_COMPACT"][..];
-                        for (label, cand, extra) in [
+                        let forms = [
+                            ("compact selection", TcSelect::Compact.defines()),
                             (
-                                "v5 candidates, compact selection",
-                                TcCandidates::V5,
-                                compact,
-                            ),
-                            (
-                                "v6 candidates, compact selection",
-                                TcCandidates::V6,
-                                compact,
-                            ),
-                            (
-                                "v5 candidates, row records prefetched to L1",
-                                TcCandidates::V5,
+                                "row records prefetched to L1",
                                 TcRecords::Prefetch.defines(),
                             ),
                             (
-                                "v6 candidates, row records prefetched to L1",
-                                TcCandidates::V6,
-                                TcRecords::Prefetch.defines(),
-                            ),
-                            (
-                                "v5 candidates, row records in shared memory (3-stage ring)",
-                                TcCandidates::V5,
+                                "row records in shared memory (3-stage ring)",
                                 TcRecords::Smem.defines(),
                             ),
-                            (
-                                "v6 candidates, row records in shared memory (3-stage ring)",
-                                TcCandidates::V6,
-                                TcRecords::Smem.defines(),
-                            ),
-                            (
-                                "v5 candidates, 3-stage ring",
-                                TcCandidates::V5,
-                                &["-DWG5_STAGES=3"][..],
-                            ),
-                        ] {
+                        ];
+                        let mut form_builds = vec![];
+                        for cand in [TcCandidates::V3, TcCandidates::V5, TcCandidates::V6] {
+                            for (form, extra) in forms {
+                                let smem = extra.contains(&"-DNT3_RECORDS_SMEM");
+                                if !(smem && cand == TcCandidates::V3) {
+                                    form_builds.push((
+                                        format!(
+                                            "{} candidates, {form}",
+                                            format!("{cand:?}").to_lowercase()
+                                        ),
+                                        cand,
+                                        extra,
+                                    ));
+                                }
+                            }
+                        }
+                        form_builds.push((
+                            "v5 candidates, 3-stage ring".into(),
+                            TcCandidates::V5,
+                            &["-DWG5_STAGES=3"][..],
+                        ));
+                        for (label, cand, extra) in form_builds {
                             if smem_off && extra.contains(&"-DNT3_RECORDS_SMEM") {
                                 eprintln!("{label}: skipped (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off)");
                                 continue;
                             }
-                            if g.nearest_tc_candidates_unavailable(cand).is_none() {
+                            if cand == TcCandidates::V3 {
+                                builds.push((label, cand, extra.to_vec(), true));
+                            } else if g.nearest_tc_candidates_unavailable(cand).is_none() {
                                 let mut defs = extra.to_vec();
                                 defs.extend(ws_regs);
                                 builds.push((label, cand, defs, true));
@@ -1193,7 +1178,7 @@ mod gpu {
                                 &defs,
                                 cand.shape().2,
                             ) {
-                                Ok(f) => variants.push((label.into(), cand, f[0].clone(), real)),
+                                Ok(f) => variants.push((label, cand, f[0].clone(), real)),
                                 Err(e) => eprintln!("{label}: not loaded: {e:#}"),
                             }
                         }

@@ -1358,9 +1358,7 @@ impl CudaKernels {
             let smem = cand.shape().2;
             bail_if_off(off)?;
             let mut extra = extra;
-            if crate::nearest_tc::TcSelect::from_env()? == crate::nearest_tc::TcSelect::Compact {
-                extra.push("-DNT3_SELECT_COMPACT");
-            }
+            extra.extend(crate::nearest_tc::TcSelect::from_env()?.defines());
             extra.extend(crate::nearest_tc::TcRecords::from_env()?.defines());
             let f = self.load_with_smem(
                 FUSED3_ARCH,

@@ -124,6 +124,14 @@ impl TcSelect {
     pub fn from_env() -> Result<Self> {
         crate::launch::env_setting(NEAREST_TC_SELECT_ENV, Self::parse, TcSelect::default())
     }
+
+    /// The NVRTC options that build it.
+    pub fn defines(&self) -> &'static [&'static str] {
+        match self {
+            TcSelect::Unrolled => &[],
+            TcSelect::Compact => &["-DNT3_SELECT_COMPACT"],
+        }
+    }
 }
 
 /// The environment variable that picks where the sm_90a candidate kernels' epilogue reads the
