@@ -180,6 +180,19 @@ fn nearest_work(s: &NearestShape, tc: bool) -> Work {
     }
 }
 
+/// The first-level re-rank alone: 32 f32 catalogue rows and the f32 query per query, the
+/// slices' candidate lists (key and row, 4 B each), on CUDA cores.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn nearest_rerank_work(s: &NearestShape, slices: u32) -> Work {
+    let (b, d) = (s.b as f64, s.d as f64);
+    Work {
+        flops: 2.0 * 32.0 * b * d,
+        bytes: 4.0 * 32.0 * b * d + 4.0 * b * d + 8.0 * 32.0 * b * slices as f64,
+        exps: 0.0,
+        tensor_cores: false,
+    }
+}
+
 /// The tensor-core search's work: the same FLOPs on tensor cores; the f16 catalogue copy and its
 /// 16-byte row records read once, queries in f32 (and their f16 copy), candidates written and
 /// read (slices x 32 x 8 B per query, about 1 KB: negligible), the re-rank's 32 f32 rows.
@@ -1208,6 +1221,52 @@ mod gpu {
                             work: nearest_tc_work(s),
                             note,
                         });
+                    }
+                    // The first-level re-rank alone (the default candidates' lists), in both
+                    // forms (LLM4DSR_NEAREST_TC_RERANK; docs/kernels.md section 3h): the rows
+                    // staged through shared memory with cp.async (the default), and the plain
+                    // loop it replaced (ptxas keeps ~48 B of each lane's row in flight). Each
+                    // checked against the f32 kernel's top-k.
+                    {
+                        use llm4dsr_kernels::nearest_tc::TcRerank;
+                        let mut reranks = vec![];
+                        for (form, label) in [
+                            (
+                                TcRerank::Staged,
+                                "rows staged through shared memory (the default)",
+                            ),
+                            (
+                                TcRerank::Plain,
+                                "plain loop (LLM4DSR_NEAREST_TC_RERANK=plain)",
+                            ),
+                        ] {
+                            match g.load_nearest_tc_variant(&["nearest_tc_rerank"], form.defines())
+                            {
+                                Ok(f) => reranks.push((label, f[0].clone())),
+                                Err(e) => eprintln!("re-rank, {label}: not loaded: {e:#}"),
+                            }
+                        }
+                        let cand = g.tc_candidates()?;
+                        for (label, func) in reranks {
+                            let mut p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, cand)?;
+                            let ms_r = event_ms(g, 1, 5, || {
+                                g.nearest_tc_rerank_with(&mut p, &q, &c, &cat, &func)
+                            })?;
+                            let slices = p.plan.split.slices;
+                            let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
+                            diag_rows.push(Row {
+                                case: format!("diagnostic: re-rank alone, {label}"),
+                                shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                                ms: ms_r,
+                                work: nearest_rerank_work(s, slices),
+                                note: format!(
+                                    "32 f32 rows a query, {slices} slice lists; % of its own \
+                                     floor (bytes); top-k equals the f32 kernel: {}; {} certified",
+                                    res == merged,
+                                    st.certified
+                                ),
+                            });
+                        }
                     }
                     // Both candidate kernels where v3 loads (and the GPU check did not turn it
                     // off with LLM4DSR_NEAREST_TC_CANDIDATES=v2 after a failed smoke test).

@@ -31,7 +31,8 @@
 #                             on the GPU machine: nvidia-smi; the v3 (wgmma) layout test and the
 #                             tensor-core grounding test, each in its own process first (a
 #                             failure there turns v3 off for the rest: LLM4DSR_FUSED_V3=off /
-#                             LLM4DSR_NEAREST_TC_CANDIDATES=v2, and the check fails); all GPU tests
+#                             LLM4DSR_NEAREST_TC_CANDIDATES=v2, and the check fails; the re-rank
+#                             first, with v2 candidates: LLM4DSR_NEAREST_TC_RERANK=plain); all GPU tests
 #                             (fail if they SKIP); the GPU benchmarks (fused v1 / v2a / v3 and the
 #                             materialising path at the four scoring shapes, v3 without its
 #                             epilogue; nearest f32 and tensor-core with both candidate kernels at
@@ -318,6 +319,14 @@ else
   smoke "v6 (opt-in) test" gpu_v6_matches_v3 60 v6-smoke.log LLM4DSR_FUSED_V6=off \
     '^test |test result|layout|panicked|SKIP|differs' wg5
 fi
+# The re-rank's rows staged through shared memory (the default since docs/kernels.md section
+# 3h, written without a GPU): the grounding test with the long-proven v2 candidates only, so
+# that a failure points at the re-rank; it turns the plain loop on for the rest
+# (LLM4DSR_NEAREST_TC_RERANK=plain) and fails the check.
+LLM4DSR_NEAREST_TC_CANDIDATES=v2 smoke \
+  "tensor-core grounding, re-rank rows staged through shared memory (v2 candidates)" \
+  gpu_nearest_tc_equals_f32_kernel 90 tc-rerank-smoke.log LLM4DSR_NEAREST_TC_RERANK=plain \
+  '^test |test result|panicked|SKIP|GPU nearest tc V2'
 smoke "tensor-core grounding with the v3 (wgmma) candidate kernel" \
   gpu_nearest_tc_equals_f32_kernel 90 tc3-smoke.log LLM4DSR_NEAREST_TC_CANDIDATES=v2 \
   '^test |test result|panicked|SKIP|GPU nearest tc V3'

@@ -26,7 +26,8 @@
 //     warps of a query band insert one after the other, ordered by a named barrier). Output:
 //     [slice][query][32] keys and rows.
 //   nearest_tc_rerank: one warp per query: the best 32 of all slices' candidates by key, their
-//     f32 distances with nearest.cu's arithmetic (fmaf over the depth in order, then
+//     f32 distances with nearest.cu's arithmetic (fmaf over the depth in order, each lane's
+//     row staged through shared memory by cp.async, nt_dot_in_order; then
 //     fmaxf(|q|^2 + |c|^2 - 2 dot, 0): bit for bit what the f32 kernel computes), sorted by
 //     (distance, row); and the certificate:
 //         |q|^2 + T - slack > d_k  (compared in f64),
@@ -45,8 +46,9 @@
 // modelled as <= 2^-22 d relative to the sum of |products|, 2x the Fasi et al. 2021 model),
 // and the f32 kernel's own dot-product error, all through Cauchy-Schwarz per (query, row).
 //
-// Needs sm_80+ (cp.async, ldmatrix, f16 mma) and NTC_SMEM = 128 KB of dynamic shared memory
-// (the wrapper opts in). No headers: NVRTC needs nothing from a CUDA toolkit.
+// Needs sm_80+ (cp.async, ldmatrix, f16 mma) and dynamic shared memory: NTC_SMEM = 128 KB for
+// the candidates, NTC_RERANK_SMEM = 111 KB for the re-rank kernels (the wrapper opts in). No
+// headers: NVRTC needs nothing from a CUDA toolkit.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -426,11 +428,104 @@ nearest_tc_candidates(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
 
 // ---- re-rank and certificate ----
 
+// The f32 kernel's dot product of a query row and a catalogue row (n4 float4 each): fmaf over
+// the depth in order, so the distance is bit for bit nearest_topk's. Each lane walks its own
+// catalogue row (16 KB at d = 4096; 32 rows a warp), so the walk is bound by the bytes in
+// flight. Written as a plain loop, ptxas issues each float4 load one or two FMA groups before
+// its use (~48 B in flight per lane, ~12 KB per SM with the re-rank's 8 warps a block, one
+// block per SM at 1,024 queries): latency-bound. Explicit register batches do not help (ptxas
+// sinks each load back next to its use), so the rows are staged through shared memory with
+// cp.async: a ring of NT_DOT_STAGES buffers of NT_DOT_BATCH float4 per lane, STAGES - 1 of
+// them in flight ahead of the FMAs (2 x 8 x 16 B = 256 B a lane: 64 KB per SM), the FMAs
+// unchanged and in order.
+// NT_DOT_STAGES=0 is the plain loop (the bench's diagnostic build).
+#ifndef NT_DOT_STAGES
+#define NT_DOT_STAGES 3
+#endif
+#ifndef NT_DOT_BATCH
+#define NT_DOT_BATCH 8
+#endif
+static_assert(NT_DOT_STAGES == 0 || NT_DOT_STAGES >= 2, "a ring needs two stages");
+static_assert(NT_DOT_BATCH >= 2 && NT_DOT_BATCH <= 32 && NT_DOT_BATCH % 2 == 0,
+              "an even batch of 2 to 32 float4 a lane (an odd slot stride: no bank conflicts)");
+// A warp's stage: 32 lanes' slots of NT_DOT_BATCH float4 and one of padding (an odd stride
+// in float4, 36 words at 8: lane l's float4 u starts at bank 4 (l + u) mod 32, so each
+// quarter warp's LDS.128 is conflict-free; jobs/sim/rerank_stage.py checks), then the
+// query's NT_DOT_BATCH float4 (read by every lane: a broadcast), copied by the first
+// NT_DOT_BATCH lanes.
+#define NT_DOT_SLOT (NT_DOT_BATCH + 1)
+#define NT_DOT_STAGE_F4 (32 * NT_DOT_SLOT + NT_DOT_BATCH)
+#define NT_DOT_WARP_BYTES (NT_DOT_STAGES * NT_DOT_STAGE_F4 * 16)
+// The re-rank kernels' dynamic shared memory (launch.rs: NTC_RERANK_SMEM, 111 KB).
+#define NTC_RERANK_SMEM (NTC_RERANK_WARPS * NT_DOT_WARP_BYTES)
+
+// Every lane of the warp calls it with the same n4 (the loop is warp-uniform and synchronises
+// the warp); `cr` null: this lane has no row (it still copies its part of the query) and gets
+// 0. `buf`: the warp's NT_DOT_WARP_BYTES of shared memory.
+__device__ __forceinline__ float nt_dot_in_order(const NtF4 *__restrict__ qr,
+                                                 const NtF4 *__restrict__ cr, int n4,
+                                                 NtF4 *buf, int lane) {
+    float dot = 0.f;
+    int i = 0;
+#if NT_DOT_STAGES > 0
+    const int nb = n4 / NT_DOT_BATCH;
+    const u32 base = nt_smem_addr(buf);
+#define NT_DOT_ISSUE(j)                                                                     \
+    {                                                                                       \
+        const u32 st = base + ((j) % NT_DOT_STAGES) * (NT_DOT_STAGE_F4 * 16);              \
+        const int i0 = (j) * NT_DOT_BATCH;                                                  \
+        if (cr != nullptr) {                                                                \
+            _Pragma("unroll") for (int u = 0; u < NT_DOT_BATCH; ++u)                        \
+                nt_cp_async16(st + (lane * NT_DOT_SLOT + u) * 16, cr + i0 + u, 16);        \
+        }                                                                                   \
+        if (lane < NT_DOT_BATCH)                                                            \
+            nt_cp_async16(st + (32 * NT_DOT_SLOT + lane) * 16, qr + i0 + lane, 16);        \
+    }
+#pragma unroll 1
+    for (int j = 0; j < NT_DOT_STAGES - 1; ++j) {
+        if (j < nb) NT_DOT_ISSUE(j)
+        nt_cp_async_commit();
+    }
+#pragma unroll 1
+    for (int j = 0; j < nb; ++j) {
+        __syncwarp();  // every lane is done with the stage batch j + STAGES - 1 reuses
+        if (j + NT_DOT_STAGES - 1 < nb) NT_DOT_ISSUE(j + NT_DOT_STAGES - 1)
+        nt_cp_async_commit();
+        nt_cp_async_wait<NT_DOT_STAGES - 1>();  // this lane's copies of batch j landed
+        __syncwarp();                           // and every lane's (the query's chunk)
+        if (cr != nullptr) {
+            const NtF4 *st = buf + (j % NT_DOT_STAGES) * NT_DOT_STAGE_F4;
+#pragma unroll
+            for (int u = 0; u < NT_DOT_BATCH; ++u) {
+                const NtF4 a = st[32 * NT_DOT_SLOT + u], c = st[lane * NT_DOT_SLOT + u];
+                dot = fmaf(a.x, c.x, dot);
+                dot = fmaf(a.y, c.y, dot);
+                dot = fmaf(a.z, c.z, dot);
+                dot = fmaf(a.w, c.w, dot);
+            }
+        }
+    }
+#undef NT_DOT_ISSUE
+    __syncwarp();  // the buffer is free for the warp's next call
+    i = nb * NT_DOT_BATCH;
+#endif
+    if (cr == nullptr) return 0.f;
+    for (; i < n4; ++i) {
+        const NtF4 a = qr[i], c = cr[i];
+        dot = fmaf(a.x, c.x, dot);
+        dot = fmaf(a.y, c.y, dot);
+        dot = fmaf(a.z, c.z, dot);
+        dot = fmaf(a.w, c.w, dot);
+    }
+    return dot;
+}
+
 // One warp per query (NTC_RERANK_WARPS per block). `queries`, `catalog`: the f32 rows;
 // `qnorm`, `cnorm`: row_sq_norms (cnorm with +inf at excluded rows); `qinfo`: the queries'
 // prep records (flag); cand_*: [slices][b][32] from nearest_tc_candidates; c2max >= every
 // finite |c|^2. Outputs [b][k] distances and rows (sorted by (distance, row)), per query the
 // certificate margin (f64 difference, as f32) and status (1 certified, 0 fall back).
+// Dynamic shared memory: NTC_RERANK_SMEM (each warp's staging ring, nt_dot_in_order).
 extern "C" __global__ void __launch_bounds__(NTC_RERANK_WARPS * 32)
 nearest_tc_rerank(const float *__restrict__ queries, const float *__restrict__ catalog,
                   const float *__restrict__ qnorm, const float *__restrict__ cnorm,
@@ -479,19 +574,17 @@ nearest_tc_rerank(const float *__restrict__ queries, const float *__restrict__ c
     // 2. f32 distance of this lane's candidate, with nearest_topk's arithmetic.
     const float qn = qnorm[q];
     float dist = NT_POS_INF;
-    if (Li != NT_NONE) {
+    {
+        extern __shared__ __align__(128) unsigned char nt_smem[];
+        NtF4 *buf = reinterpret_cast<NtF4 *>(nt_smem + w * NT_DOT_WARP_BYTES);
         const NtF4 *qr = reinterpret_cast<const NtF4 *>(queries + (u64)q * d);
-        const NtF4 *cr = reinterpret_cast<const NtF4 *>(catalog + (u64)Li * d);
-        float dot = 0.f;
-        for (int i = 0; i < d / 4; ++i) {
-            const NtF4 a = qr[i], c = cr[i];
-            dot = fmaf(a.x, c.x, dot);
-            dot = fmaf(a.y, c.y, dot);
-            dot = fmaf(a.z, c.z, dot);
-            dot = fmaf(a.w, c.w, dot);
+        const NtF4 *cr =
+            Li != NT_NONE ? reinterpret_cast<const NtF4 *>(catalog + (u64)Li * d) : nullptr;
+        const float dot = nt_dot_in_order(qr, cr, d / 4, buf, lane);
+        if (Li != NT_NONE) {
+            dist = fmaxf(qn + cnorm[Li] - 2.f * dot, 0.f);
+            if (!(dist < NT_POS_INF)) dist = NT_POS_INF;
         }
-        dist = fmaxf(qn + cnorm[Li] - 2.f * dot, 0.f);
-        if (!(dist < NT_POS_INF)) dist = NT_POS_INF;
     }
     const u32 id = Li;
 
@@ -548,6 +641,8 @@ nearest_tc_rerank_all(const float *__restrict__ queries, const float *__restrict
     const int q = (int)rows[blockIdx.x];
     const float qn = qnorm[q];
     const NtF4 *qr = reinterpret_cast<const NtF4 *>(queries + (u64)q * d);
+    extern __shared__ __align__(128) unsigned char nt_smem[];
+    NtF4 *buf = reinterpret_cast<NtF4 *>(nt_smem + w * NT_DOT_WARP_BYTES);
     float Ld = NT_POS_INF, tl = NT_POS_INF;
     u32 Li = NT_NONE;
     for (int s = w; s < slices; s += NTC_RERANK_WARPS) {
@@ -555,16 +650,10 @@ nearest_tc_rerank_all(const float *__restrict__ queries, const float *__restrict
         const u32 ci = cand_idx[base + lane];
         tl = fminf(tl, __shfl_sync(NT_FULL, cand_key[base + lane], NTC_LIST - 1));
         float dist = NT_POS_INF;
+        const NtF4 *cr =
+            ci != NT_NONE ? reinterpret_cast<const NtF4 *>(catalog + (u64)ci * d) : nullptr;
+        const float dot = nt_dot_in_order(qr, cr, d / 4, buf, lane);
         if (ci != NT_NONE) {
-            const NtF4 *cr = reinterpret_cast<const NtF4 *>(catalog + (u64)ci * d);
-            float dot = 0.f;
-            for (int i = 0; i < d / 4; ++i) {
-                const NtF4 a = qr[i], c = cr[i];
-                dot = fmaf(a.x, c.x, dot);
-                dot = fmaf(a.y, c.y, dot);
-                dot = fmaf(a.z, c.z, dot);
-                dot = fmaf(a.w, c.w, dot);
-            }
             dist = fmaxf(qn + cnorm[ci] - 2.f * dot, 0.f);
             if (!(dist < NT_POS_INF)) dist = NT_POS_INF;
         }

@@ -587,6 +587,26 @@ mod gpu {
             }
             assert_eq!(tc.matches("ldmatrix.sync").count(), 24, "{arch}");
             assert_eq!(tc.matches("mma.sync").count(), 64, "{arch}");
+            // The re-rank kernels stage the catalogue rows through shared memory: the ring's
+            // wait (NT_DOT_STAGES - 1 = 2 groups pending; the candidate kernel waits with 1);
+            // the plain loop (`-DNT_DOT_STAGES=0`, the bench's diagnostic build) has none.
+            let rerank = |ptx: &str| {
+                let a = ptx.find(".entry nearest_tc_rerank(").expect("rerank entry");
+                let z = ptx[a..].find("\n}\n").expect("rerank body end");
+                ptx[a..a + z].to_string()
+            };
+            assert!(rerank(tc).contains("cp.async.wait_group 2"), "{arch}");
+            assert!(rerank(tc).contains("cp.async.cg.shared.global"), "{arch}");
+            let plain = llm4dsr_kernels::cuda::compile_variant(
+                "nearest_tc.cu",
+                arch,
+                &["-DNT_DOT_STAGES=0"],
+            )
+            .unwrap();
+            assert!(
+                !rerank(&plain).contains("cp.async"),
+                "{arch}: plain re-rank"
+            );
             let tc3 = &ptx
                 .iter()
                 .find(|(f, _)| *f == "nearest_tc_v3.cu")

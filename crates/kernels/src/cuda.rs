@@ -162,17 +162,16 @@ fn info_once(msg: String) {
     }
 }
 
-/// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
-/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs. The v3 source targets
-/// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
-/// PTX of one sm_90a file (`item_loglik_fused_v3.cu` or `nearest_tc_v3.cu`, after
-/// `wgmma_common.cuh`) with extra `-D` options: the NVRTC check of opt-in variants (e.g.
-/// `-DWG5_HANG_CHECK`) without a GPU.
-pub fn compile_sm90a_variant(file: &str, extra: &[&str]) -> Result<String> {
-    let src = match file {
-        "item_loglik_fused_v3.cu" => sm90a_source(ITEM_LOGLIK_FUSED_V3_CU),
-        "nearest_tc_v3.cu" => sm90a_source(NEAREST_TC_V3_CU),
-        other => bail!("{other} is not an sm_90a kernel file"),
+/// PTX of one kernel file with extra `-D` options (no device needed): the NVRTC check of
+/// opt-in and diagnostic builds (e.g. `-DWG5_HANG_CHECK`, `-DNT_DOT_STAGES=0`). The sm_90a
+/// files (`item_loglik_fused_v3.cu`, `nearest_tc_v3.cu`) are compiled after
+/// `wgmma_common.cuh` for [`FUSED3_ARCH`], the others (`nearest_tc.cu`) for `arch`.
+pub fn compile_variant(file: &str, arch: &'static str, extra: &[&str]) -> Result<String> {
+    let (src, arch) = match file {
+        "item_loglik_fused_v3.cu" => (sm90a_source(ITEM_LOGLIK_FUSED_V3_CU), FUSED3_ARCH),
+        "nearest_tc_v3.cu" => (sm90a_source(NEAREST_TC_V3_CU), FUSED3_ARCH),
+        "nearest_tc.cu" => (NEAREST_TC_CU.to_string(), arch),
+        other => bail!("{other}: no variant compile for this file"),
     };
     let mut options = nvrtc_defines();
     options.extend(extra.iter().map(|d| d.to_string()));
@@ -180,7 +179,7 @@ pub fn compile_sm90a_variant(file: &str, extra: &[&str]) -> Result<String> {
         compile_ptx_with_opts(
             &src,
             CompileOptions {
-                arch: Some(FUSED3_ARCH),
+                arch: Some(arch),
                 options,
                 name: Some(file.to_string()),
                 ..Default::default()
@@ -192,6 +191,17 @@ pub fn compile_sm90a_variant(file: &str, extra: &[&str]) -> Result<String> {
     Ok(ptx.to_src())
 }
 
+/// [`compile_variant`] of an sm_90a file (`item_loglik_fused_v3.cu` or `nearest_tc_v3.cu`).
+pub fn compile_sm90a_variant(file: &str, extra: &[&str]) -> Result<String> {
+    if !matches!(file, "item_loglik_fused_v3.cu" | "nearest_tc_v3.cu") {
+        bail!("{file} is not an sm_90a kernel file");
+    }
+    compile_variant(file, FUSED3_ARCH, extra)
+}
+
+/// NVRTC-compile every kernel source for `arch` (no device needed): the compile check the
+/// tests run wherever libnvrtc is loadable. Returns (file, PTX) pairs. The v3 source targets
+/// sm_90a only and is compiled for [`FUSED3_ARCH`] whatever `arch` is.
 pub fn compile_sources(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
     let plain = |src: &str| src.to_string();
@@ -1260,13 +1270,12 @@ impl CudaKernels {
                     let optin = self.ctx.attribute(
                         sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                     )? as u32;
-                    if optin < launch::NTC_SMEM {
-                        bail!(
-                            "needs {} B of shared memory per block, the device allows {optin} B",
-                            launch::NTC_SMEM
-                        );
+                    let need = launch::NTC_SMEM.max(launch::NTC_RERANK_SMEM);
+                    if optin < need {
+                        bail!("needs {need} B of shared memory per block, the device allows {optin} B");
                     }
-                    let f = compile_and_load(
+                    let rerank = crate::nearest_tc::TcRerank::from_env()?;
+                    let f = compile_and_load_with(
                         &self.ctx,
                         self.arch,
                         "nearest_tc.cu",
@@ -1278,12 +1287,23 @@ impl CudaKernels {
                             "nearest_tc_rerank_all",
                             "nearest_tc_gather",
                         ],
+                        rerank.defines(),
                     )?;
+                    if rerank != crate::nearest_tc::TcRerank::default() {
+                        info_once(format!("kernels: the grounding re-rank reads rows {rerank:?}"));
+                    }
                     f[1].set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         launch::NTC_SMEM as i32,
                     )
                     .context("opting in to dynamic shared memory for nearest_tc_candidates")?;
+                    for func in &f[2..4] {
+                        func.set_attribute(
+                            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            launch::NTC_RERANK_SMEM as i32,
+                        )
+                        .context("opting in to dynamic shared memory for the re-rank kernels")?;
+                    }
                     Ok(NearestTcFns {
                         prep: f[0].clone(),
                         candidates: f[1].clone(),
@@ -1530,9 +1550,8 @@ impl CudaKernels {
         let s = &self.stream;
         let mut cand_k = s.alloc_zeros::<f32>(plan.candidates_len)?;
         let mut cand_i = s.alloc_zeros::<u32>(plan.candidates_len)?;
-        let (bi, ni, di, ki) = (b as i32, n as i32, d as i32, k as i32);
+        let (bi, ni, di) = (b as i32, n as i32, d as i32);
         let per_slice = plan.split.per_slice as i32;
-        let slices = plan.split.slices as i32;
         let maps = self.tc_candidate_maps(cand, &q16, b, cat)?;
         {
             let mut lb = s.launch_builder(cand_fn);
@@ -1548,38 +1567,70 @@ impl CudaKernels {
             unsafe { lb.launch(cfg(plan.candidates)) }
                 .context("launching nearest_tc_candidates")?;
         }
-        let mut out_d = s.alloc_zeros::<f32>(b * k)?;
-        let mut out_i = s.alloc_zeros::<u32>(b * k)?;
-        let mut margin = s.alloc_zeros::<f32>(b)?;
-        let mut status = s.alloc_zeros::<u32>(b)?;
-        {
-            let mut lb = s.launch_builder(&f.rerank);
-            lb.arg(queries)
-                .arg(catalog)
-                .arg(&qnorm)
-                .arg(&cat.cnorm)
-                .arg(&qinfo);
-            lb.arg(&cand_k).arg(&cand_i);
-            lb.arg(&bi).arg(&di).arg(&ki).arg(&slices).arg(&cat.c2max);
-            lb.arg(&mut out_d)
-                .arg(&mut out_i)
-                .arg(&mut margin)
-                .arg(&mut status);
-            // SAFETY: arguments match nearest_tc_rerank; outputs b x k and b.
-            unsafe { lb.launch(cfg(plan.rerank)) }.context("launching nearest_tc_rerank")?;
-        }
-        Ok(TcPending {
+        let mut pending = TcPending {
             plan,
             qnorm,
             q16,
             qinfo,
             cand_k,
             cand_i,
-            out_d,
-            out_i,
-            margin,
-            status,
-        })
+            out_d: s.alloc_zeros::<f32>(b * k)?,
+            out_i: s.alloc_zeros::<u32>(b * k)?,
+            margin: s.alloc_zeros::<f32>(b)?,
+            status: s.alloc_zeros::<u32>(b)?,
+        };
+        self.nearest_tc_rerank_with(&mut pending, queries, catalog, cat, &f.rerank)?;
+        Ok(pending)
+    }
+
+    /// Launch the first-level re-rank and certificate of a search whose candidates are
+    /// launched (`func`: `nearest_tc_rerank`, or for the benchmark's diagnostics a build of it
+    /// with other `NT_DOT_*` settings, [`Self::load_nearest_tc_variant`]). Asynchronous.
+    pub fn nearest_tc_rerank_with(
+        &self,
+        p: &mut TcPending,
+        queries: &CudaSlice<f32>,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        func: &CudaFunction,
+    ) -> Result<()> {
+        let plan = p.plan;
+        let (bi, di, ki) = (plan.queries as i32, cat.d as i32, plan.k as i32);
+        let slices = plan.split.slices as i32;
+        let mut lb = self.stream.launch_builder(func);
+        lb.arg(queries)
+            .arg(catalog)
+            .arg(&p.qnorm)
+            .arg(&cat.cnorm)
+            .arg(&p.qinfo);
+        lb.arg(&p.cand_k).arg(&p.cand_i);
+        lb.arg(&bi).arg(&di).arg(&ki).arg(&slices).arg(&cat.c2max);
+        lb.arg(&mut p.out_d)
+            .arg(&mut p.out_i)
+            .arg(&mut p.margin)
+            .arg(&mut p.status);
+        // SAFETY: arguments match nearest_tc_rerank; outputs b x k and b (allocated with the
+        // plan); the dynamic shared memory (the plan's) was opted in at load.
+        unsafe { lb.launch(cfg(plan.rerank)) }.context("launching nearest_tc_rerank")?;
+        Ok(())
+    }
+
+    /// Benchmark diagnostics: `nearest_tc.cu`'s kernels `names` built with extra `-D` options
+    /// (e.g. `-DNT_DOT_STAGES=0`, the re-rank's plain loop), with the re-rank's dynamic shared
+    /// memory opted in.
+    pub fn load_nearest_tc_variant(
+        &self,
+        names: &[&str],
+        defines: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        self.load_with_smem(
+            self.arch,
+            "nearest_tc.cu",
+            NEAREST_TC_CU,
+            names,
+            launch::NTC_RERANK_SMEM,
+            defines,
+        )
     }
 
     /// Benchmark diagnostics: launch only the candidate kernel `func` of a pending search again
@@ -1688,11 +1739,7 @@ impl CudaKernels {
                 .arg(&mut p.out_i)
                 .arg(&mut p.margin)
                 .arg(&mut p.status);
-            let shape = Shape {
-                grid: (m as u32, 1, 1),
-                block: (launch::NTC_RERANK_WARPS * 32, 1, 1),
-                shared_bytes: 0,
-            };
+            let shape = launch::nearest_tc_rerank_all_shape(m);
             // SAFETY: arguments match nearest_tc_rerank_all; rows < b; outputs b x k and b.
             unsafe { lb.launch(cfg(shape)) }.context("launching nearest_tc_rerank_all")?;
             self.stream

@@ -122,6 +122,16 @@ pub const NTC_THREADS: u32 = 256;
 pub const NTC_LIST: u32 = crate::nearest_tc::TC_LIST as u32;
 /// Tensor-core grounding: warps (queries) per block of the re-rank kernel.
 pub const NTC_RERANK_WARPS: u32 = 8;
+/// Tensor-core grounding, the re-rank's dot products: cp.async stages of each lane's
+/// catalogue row in flight ahead of the FMAs (`NT_DOT_STAGES`; 0 would be the plain loop).
+pub const NTC_DOT_STAGES: u32 = 3;
+/// Tensor-core grounding, the re-rank's dot products: float4 of a row per lane and stage.
+pub const NTC_DOT_BATCH: u32 = 8;
+/// Tensor-core grounding: dynamic shared memory of the re-rank kernels (both levels): per
+/// warp and stage, 32 lanes' slots of NTC_DOT_BATCH float4 plus one of padding, and the
+/// query's NTC_DOT_BATCH float4. Must equal `NTC_RERANK_SMEM` in the `.cu`.
+pub const NTC_RERANK_SMEM: u32 =
+    NTC_RERANK_WARPS * NTC_DOT_STAGES * (32 * (NTC_DOT_BATCH + 1) + NTC_DOT_BATCH) * 16;
 /// Tensor-core grounding: dynamic shared memory of the candidate kernel: the stage ring and
 /// the lists (keys and rows, 4 B each). Must equal `NTC_SMEM` in the `.cu`.
 pub const NTC_SMEM: u32 = NTC_STAGES * (NTC_BM + NTC_BN) * NTC_BK * 2 + 2 * NTC_BM * NTC_LIST * 4;
@@ -142,6 +152,7 @@ pub const NTC_ROWS_PER_WARP: u32 = 16;
 // (`__launch_bounds__(256, 1)`).
 const _: () = assert!(NTC_SMEM <= SMEM_OPTIN_MAX_SM90);
 const _: () = assert!(NTC_SMEM <= 163 * 1024);
+const _: () = assert!(NTC_RERANK_SMEM <= 163 * 1024);
 
 /// Tensor-core grounding, candidate kernel v3 (`kernels/nearest_tc_v3.cu`, wgmma on sm_90a):
 /// catalogue rows per tile (the queries per block stay [`NTC_BM`]).
@@ -836,10 +847,20 @@ pub fn nearest_tc_plan_sliced(
         rerank: Shape {
             grid: ((b as u32).div_ceil(NTC_RERANK_WARPS), 1, 1),
             block: (NTC_RERANK_WARPS * 32, 1, 1),
-            shared_bytes: 0,
+            shared_bytes: NTC_RERANK_SMEM,
         },
         candidates_len: split.slices as usize * b * NTC_LIST as usize,
     })
+}
+
+/// `nearest_tc_rerank_all`: one block per query the first level did not certify (its warps
+/// take the slices in turn), with the re-rank's staging buffers.
+pub fn nearest_tc_rerank_all_shape(m: usize) -> Shape {
+    Shape {
+        grid: (m as u32, 1, 1),
+        block: (NTC_RERANK_WARPS * 32, 1, 1),
+        shared_bytes: NTC_RERANK_SMEM,
+    }
 }
 
 /// `nearest_tc_prep`: one warp per row, 8 rows per block (as the row norms).

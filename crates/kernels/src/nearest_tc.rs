@@ -178,6 +178,44 @@ impl TcRecords {
     }
 }
 
+/// The environment variable that picks how the re-rank kernels (both levels) read the
+/// candidates' f32 catalogue rows (docs/kernels.md, section 3h): `staged` (default: each
+/// lane's row copied through a shared-memory ring with cp.async, two batches in flight ahead
+/// of the FMAs) or `plain` (the loop measured until 2026-11-27, `-DNT_DOT_STAGES=0`). The
+/// arithmetic, and so the top-k, is the same in both.
+pub const NEAREST_TC_RERANK_ENV: &str = "LLM4DSR_NEAREST_TC_RERANK";
+
+/// How the re-rank reads the catalogue rows ([`NEAREST_TC_RERANK_ENV`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcRerank {
+    #[default]
+    Staged,
+    Plain,
+}
+
+impl TcRerank {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "staged" => Ok(TcRerank::Staged),
+            "plain" => Ok(TcRerank::Plain),
+            other => bail!("{NEAREST_TC_RERANK_ENV}={other:?}: expected staged or plain"),
+        }
+    }
+
+    /// The form asked for in the environment (staged when unset).
+    pub fn from_env() -> Result<Self> {
+        crate::launch::env_setting(NEAREST_TC_RERANK_ENV, Self::parse, TcRerank::default())
+    }
+
+    /// The NVRTC options that build it (after the launch constants' `-DNT_DOT_STAGES`).
+    pub fn defines(&self) -> &'static [&'static str] {
+        match self {
+            TcRerank::Staged => &[],
+            TcRerank::Plain => &["-DNT_DOT_STAGES=0"],
+        }
+    }
+}
+
 /// The per-row coefficients of the bound for depth `d` (module doc): `coef_q` multiplies
 /// sqrt(|q|^2) into Q, `coef_c` multiplies sqrt(|c|^2) into e_c. Rounded up to f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -501,6 +539,19 @@ mod tests {
         let e = TcRecords::parse("texture").unwrap_err().to_string();
         assert!(
             e.contains(NEAREST_TC_RECORDS_ENV) && e.contains("texture"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rerank_forms_parse_or_are_refused() {
+        assert_eq!(TcRerank::parse("").unwrap(), TcRerank::Staged);
+        assert_eq!(TcRerank::parse(" PLAIN ").unwrap(), TcRerank::Plain);
+        assert!(TcRerank::Staged.defines().is_empty());
+        assert_eq!(TcRerank::Plain.defines(), &["-DNT_DOT_STAGES=0"]);
+        let e = TcRerank::parse("fast").unwrap_err().to_string();
+        assert!(
+            e.contains(NEAREST_TC_RERANK_ENV) && e.contains("fast"),
             "{e}"
         );
     }

@@ -97,6 +97,8 @@ pub fn nvrtc_defines() -> Vec<String> {
         format!("-DNTC_THREADS={NTC_THREADS}"),
         format!("-DNTC_LIST={NTC_LIST}"),
         format!("-DNTC_RERANK_WARPS={NTC_RERANK_WARPS}"),
+        format!("-DNT_DOT_STAGES={NTC_DOT_STAGES}"),
+        format!("-DNT_DOT_BATCH={NTC_DOT_BATCH}"),
     ]
 }
 
@@ -302,6 +304,17 @@ mod tests {
         assert!(src.contains("#define NT_LIST_OFFSET (NTC_STAGES * NT_STAGE_BYTES)"));
         assert!(src.contains("#define NTC_SMEM (NT_LIST_OFFSET + 2 * NTC_BM * NTC_LIST * 4)"));
         assert!(src.contains("__launch_bounds__(NTC_THREADS, 1)"));
+        // The re-rank's staging buffers: launch::NTC_RERANK_SMEM's formula.
+        assert!(src.contains("#define NT_DOT_SLOT (NT_DOT_BATCH + 1)"));
+        assert!(src.contains("#define NT_DOT_STAGE_F4 (32 * NT_DOT_SLOT + NT_DOT_BATCH)"));
+        assert!(src.contains("#define NT_DOT_WARP_BYTES (NT_DOT_STAGES * NT_DOT_STAGE_F4 * 16)"));
+        assert!(src.contains("#define NTC_RERANK_SMEM (NTC_RERANK_WARPS * NT_DOT_WARP_BYTES)"));
+        use crate::launch::{NTC_DOT_BATCH, NTC_DOT_STAGES, NTC_RERANK_SMEM, NTC_RERANK_WARPS};
+        assert_eq!(
+            NTC_RERANK_SMEM,
+            NTC_RERANK_WARPS * NTC_DOT_STAGES * (32 * (NTC_DOT_BATCH + 1) + NTC_DOT_BATCH) * 16
+        );
+        assert_eq!(NTC_RERANK_SMEM, 113_664);
         // The slack constant is 2^-20, as nearest_tc::tc_slack.
         assert!(src.contains("9.5367431640625e-07"));
         assert_eq!(2f64.powi(-20), 9.5367431640625e-07);
