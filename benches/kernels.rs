@@ -1475,6 +1475,57 @@ mod gpu {
                             ),
                         });
                     }
+                    // The allocator's pool (CudaKernels::set_pool_release_threshold): the
+                    // default search end to end with freed memory kept across synchronisations
+                    // (the default, POOL_KEEP_BYTES) and handed back at each one (the driver's
+                    // default, 0: each call maps its buffers afresh), alternating per round.
+                    {
+                        let keep = llm4dsr_kernels::cuda::POOL_KEEP_BYTES;
+                        let mut t = [Vec::new(), Vec::new()];
+                        for _ in 0..rounds {
+                            for (i, bytes) in [0u64, keep].into_iter().enumerate() {
+                                g.set_pool_release_threshold(bytes)?;
+                                let p =
+                                    g.nearest_tc_launch_with(&q, b, &c, &cat, k, default_cand)?;
+                                g.nearest_tc_finish(p, &q, &c, &cat)?; // settles the pool
+                                let a = g
+                                    .stream
+                                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                                let p =
+                                    g.nearest_tc_launch_with(&q, b, &c, &cat, k, default_cand)?;
+                                g.nearest_tc_finish(p, &q, &c, &cat)?;
+                                let e = g
+                                    .stream
+                                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                                t[i].push(a.elapsed_ms(&e)? as f64);
+                            }
+                        }
+                        g.set_pool_release_threshold(keep)?;
+                        for (i, label) in [
+                            "freed memory handed back at each synchronisation (threshold 0)",
+                            "freed memory kept (threshold 1 GiB, the default)",
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            let t = &mut t[i];
+                            t.sort_by(f64::total_cmp);
+                            inter_rows.push(Row {
+                                case: format!(
+                                    "nearest tc end to end, {default_cand:?} candidates, {label}"
+                                ),
+                                shape: format!("{}: B={b} I={n} d={d} k={k}", s.name),
+                                ms: t[t.len() / 2],
+                                work: nearest_tc_work(s),
+                                note: format!(
+                                    "{rounds} rounds, the two settings alternating: min {:.3} ms, \
+                                     max {:.3} ms",
+                                    t[0],
+                                    t[t.len() - 1]
+                                ),
+                            });
+                        }
+                    }
                     // What the ground stage pays per batch: host queries in, top-k out, the
                     // catalogue resident and prepared once (CatalogSearch on the GPU).
                     let qh = g.stream.clone_dtoh(&q)?;

@@ -444,6 +444,12 @@ pub struct TcPending {
     pub status: CudaSlice<u32>,
 }
 
+/// Freed device memory the allocator's pool keeps for reuse
+/// ([`CudaKernels::set_pool_release_threshold`]): 1 GiB, above every per-call buffer of the
+/// scoring and grounding paths at the benchmark shapes (the largest, the materialising path's
+/// N x V logits at Llama-3-8B b32, is 1.3 GB and only in diagnostics).
+pub const POOL_KEEP_BYTES: u64 = 1 << 30;
+
 impl CudaKernels {
     /// Open device `ordinal`, compile the modules with NVRTC (v1 fused, logits, nearest) and
     /// load every function; the v2 fused module is compiled on first use.
@@ -482,7 +488,7 @@ impl CudaKernels {
         )?
         .into_iter();
         let next = |it: &mut std::vec::IntoIter<CudaFunction>| it.next().unwrap();
-        Ok(CudaKernels {
+        let k = CudaKernels {
             fused_bf16: next(&mut fused),
             fused_f16: next(&mut fused),
             fused_f32: next(&mut fused),
@@ -509,7 +515,42 @@ impl CudaKernels {
             cc,
             arch,
             sm_count,
-        })
+        };
+        k.set_pool_release_threshold(POOL_KEEP_BYTES)?;
+        Ok(k)
+    }
+
+    /// How many bytes of freed device memory the stream-ordered allocator's pool may keep
+    /// across synchronisations (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` of the device's current
+    /// pool, which cudarc's `alloc` draws from with `cuMemAllocAsync`). At the driver's
+    /// default, 0, every synchronisation hands the freed memory back to the system, so each
+    /// grounding or scoring call (which synchronises once to download its results) maps its
+    /// buffers afresh: host time in the critical path of every call, with the GPU idle.
+    /// [`Self::new`] sets [`POOL_KEEP_BYTES`]; the benchmark sets 0 for a comparison row.
+    /// No-op where the device has no stream-ordered allocator (cudarc then uses cuMemAlloc).
+    pub fn set_pool_release_threshold(&self, bytes: u64) -> Result<()> {
+        if !self.ctx.has_async_alloc() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value = bytes;
+        // SAFETY: `pool` receives the device's current pool handle (owned by the driver); the
+        // attribute takes a pointer to a u64 (cuMemPoolSetAttribute's documented type for
+        // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), which lives across the call.
+        unsafe {
+            sys::cuDeviceGetMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .context("cuDeviceGetMemPool")?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut value as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .context("setting the memory pool's release threshold")?;
+        }
+        Ok(())
     }
 
     /// Compile and load another module for this device (benchmarks' input generators).
