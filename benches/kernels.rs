@@ -1198,9 +1198,8 @@ mod gpu {
                     }
                     for (label, cand, func, real) in &variants {
                         let mut p = g.nearest_tc_launch_with(&q, b, &c, &cat, k, *cand)?;
-                        let ms_c = event_ms(g, 1, 3, || {
-                            g.nearest_tc_candidates_again(&mut p, &cat, func)
-                        })?;
+                        let ms_c =
+                            event_ms(g, 1, 3, || g.nearest_tc_candidates_with(&mut p, &cat, func))?;
                         let grid =
                             format!("grid {} x {}", p.plan.query_blocks, p.plan.split.slices);
                         let note = if *real {

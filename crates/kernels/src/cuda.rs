@@ -1578,48 +1578,25 @@ impl CudaKernels {
         slices: Option<u32>,
     ) -> Result<TcPending> {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
-        let cand_fn = match cand {
-            TcCandidates::V2 => &f.candidates,
-            _ => self
-                .nearest_tc_sm90a_fn(cand)
-                .map_err(|e| anyhow!("nearest tc {cand:?} candidates unavailable: {e}"))?,
-        };
+        let cand_fn = self.nearest_tc_candidate_fn(cand)?;
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
         let qnorm = self.row_norms(queries, b, d)?;
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
         let s = &self.stream;
-        let mut cand_k = s.alloc_zeros::<f32>(plan.candidates_len)?;
-        let mut cand_i = s.alloc_zeros::<u32>(plan.candidates_len)?;
-        let (bi, ni, di) = (b as i32, n as i32, d as i32);
-        let per_slice = plan.split.per_slice as i32;
-        let maps = self.tc_candidate_maps(cand, &q16, b, cat)?;
-        {
-            let mut lb = s.launch_builder(cand_fn);
-            lb.arg(&q16).arg(&cat.c16).arg(&qinfo).arg(&cat.info);
-            lb.arg(&bi).arg(&ni).arg(&di).arg(&per_slice);
-            lb.arg(&mut cand_k).arg(&mut cand_i);
-            if let Some((map_q, map_c)) = maps.as_ref() {
-                lb.arg(map_q).arg(map_c);
-            }
-            // SAFETY: arguments match nearest_tc_candidates (v3, v4: the same signature; v5, v6:
-            // the same followed by the tensor maps of q16 and c16, passed above); outputs sized
-            // by the plan; the dynamic shared memory (the plan's) was opted in at load.
-            unsafe { lb.launch(cfg(plan.candidates)) }
-                .context("launching nearest_tc_candidates")?;
-        }
         let mut pending = TcPending {
             plan,
             qnorm,
             q16,
             qinfo,
-            cand_k,
-            cand_i,
+            cand_k: s.alloc_zeros::<f32>(plan.candidates_len)?,
+            cand_i: s.alloc_zeros::<u32>(plan.candidates_len)?,
             out_d: s.alloc_zeros::<f32>(b * k)?,
             out_i: s.alloc_zeros::<u32>(b * k)?,
             margin: s.alloc_zeros::<f32>(b)?,
             status: s.alloc_zeros::<u32>(b)?,
         };
+        self.nearest_tc_candidates_with(&mut pending, cat, cand_fn)?;
         self.nearest_tc_rerank_with(&mut pending, queries, catalog, cat, &f.rerank)?;
         Ok(pending)
     }
@@ -1674,10 +1651,11 @@ impl CudaKernels {
         )
     }
 
-    /// Benchmark diagnostics: launch only the candidate kernel `func` of a pending search again
-    /// (same inputs, plan and buffers; `func` must match the plan's candidate kernel's
-    /// signature and shape, e.g. a variant from [`Self::load_sm90a_variant`]).
-    pub fn nearest_tc_candidates_again(
+    /// Launch the candidate kernel `func` of a search into its buffers (asynchronous): the
+    /// plan's kernel from [`Self::nearest_tc_launch_sliced`], or for the benchmark's
+    /// diagnostics a variant with the same signature and shape (e.g. from
+    /// [`Self::load_sm90a_variant`]) run again on a pending search's inputs.
+    pub fn nearest_tc_candidates_with(
         &self,
         p: &mut TcPending,
         cat: &TcCatalog,
@@ -1694,22 +1672,20 @@ impl CudaKernels {
         if let Some((map_q, map_c)) = maps.as_ref() {
             lb.arg(map_q).arg(map_c);
         }
-        // SAFETY: as in nearest_tc_launch_with: same arguments, buffers sized by the same plan.
-        unsafe { lb.launch(cfg(plan.candidates)) }.context("launching a candidate kernel")?;
+        // SAFETY: arguments match nearest_tc_candidates (v3, v4: the same signature; v5, v6:
+        // the same followed by the tensor maps of q16 and c16, passed above); outputs sized by
+        // the plan; the dynamic shared memory (the plan's) was opted in at load.
+        unsafe { lb.launch(cfg(plan.candidates)) }.context("launching nearest_tc_candidates")?;
         Ok(())
     }
 
-    /// The candidate kernel function of a plan (for [`Self::nearest_tc_candidates_again`]).
+    /// The candidate kernel function of a plan (for [`Self::nearest_tc_candidates_with`]).
     pub fn nearest_tc_candidate_fn(&self, cand: TcCandidates) -> Result<&CudaFunction> {
-        Ok(match cand {
-            TcCandidates::V2 => {
-                &self
-                    .nearest_tc_fns()
-                    .map_err(|e| anyhow!("{e}"))?
-                    .candidates
-            }
-            _ => self.nearest_tc_sm90a_fn(cand).map_err(|e| anyhow!("{e}"))?,
-        })
+        let f = match cand {
+            TcCandidates::V2 => self.nearest_tc_fns().map(|f| &f.candidates),
+            _ => self.nearest_tc_sm90a_fn(cand),
+        };
+        f.map_err(|e| anyhow!("nearest tc {cand:?} candidates unavailable: {e}"))
     }
 
     /// The tensor maps the v5 / v6 candidate kernels read their f16 rows through (queries
