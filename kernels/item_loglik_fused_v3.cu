@@ -284,8 +284,9 @@ item_loglik_fused_v4_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                              tgt_logit, logits_out);
 }
 
-// v5 (opt-in, LLM4DSR_FUSED_VERSION=v5; not yet run on a GPU): warp-specialised, WG5_THREADS
-// threads (a producer warpgroup and two consumers), FUSED5_SMEM bytes of dynamic shared memory.
+// v5 (the default on compute capability 9.0 since the H200 run of docs/kernels.md 8e):
+// warp-specialised, WG5_THREADS threads (a producer warpgroup and two consumers), FUSED5_SMEM
+// bytes of dynamic shared memory.
 // v3's parameters (hidden and head are read through the maps; the pointers stay for the
 // signature) followed by the tensor maps of hidden and head.
 #define FUSED5_SMEM WG5_SMEM
@@ -312,9 +313,9 @@ item_loglik_fused_v5_f16(const u16 *__restrict__ hidden, const u16 *__restrict__
                                        part_s, tgt_logit, logits_out, &map_a, &map_b);
 }
 
-// v6 (opt-in, LLM4DSR_FUSED_VERSION=v6; not yet run on a GPU): v5 on clusters of two blocks
-// along x (two row blocks of one vocabulary slice; the plan pads the row blocks to an even
-// count), the head tile multicast. v5's parameters; the head's tensor map has boxes of 64 x
+// v6 (opt-in, LLM4DSR_FUSED_VERSION=v6; correct on an H200, no faster than v5, 8e): v5 on
+// clusters of two blocks along x (two row blocks of one vocabulary slice; the plan pads the
+// row blocks to an even count), the head tile multicast. v5's parameters; the head's tensor map has boxes of 64 x
 // 128 (each block copies one half of the 256-row tile).
 extern "C" __global__ void __cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)
 item_loglik_fused_v6_bf16(const u16 *__restrict__ hidden, const u16 *__restrict__ head,

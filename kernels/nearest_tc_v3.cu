@@ -398,9 +398,9 @@ nearest_tc_candidates_v4(const u16 *__restrict__ q16, const u16 *__restrict__ c1
     nt3_candidates<NT3_STAGGERED>(q16, c16, qinfo, cinfo, b, n, d, tiles_per_slice, out_key, out_idx);
 }
 
-// v5 (opt-in, LLM4DSR_NEAREST_TC_CANDIDATES=v5; not yet run on a GPU): WG5_THREADS threads,
-// NTC5_SMEM bytes of dynamic shared memory; v3's parameters (the f16 rows are read through the
-// maps) followed by the tensor maps of the queries and the catalogue.
+// v5 (the default on compute capability 9.0 since the H200 run of docs/kernels.md 8e):
+// WG5_THREADS threads, NTC5_SMEM bytes of dynamic shared memory; v3's parameters (the f16 rows
+// are read through the maps) followed by the tensor maps of the queries and the catalogue.
 extern "C" __global__ void __launch_bounds__(WG5_THREADS, 1)
 nearest_tc_candidates_v5(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
                          const NtInfo *__restrict__ qinfo, const NtInfo *__restrict__ cinfo,
@@ -411,9 +411,9 @@ nearest_tc_candidates_v5(const u16 *__restrict__ q16, const u16 *__restrict__ c1
                                     out_idx, &map_q, &map_c);
 }
 
-// v6 (opt-in, LLM4DSR_NEAREST_TC_CANDIDATES=v6; not yet run on a GPU): v5 on clusters of two
-// blocks along x (two query blocks of one catalogue slice; the plan pads the query blocks to
-// an even count), the catalogue tile multicast. v5's parameters; the catalogue's tensor map
+// v6 (opt-in, LLM4DSR_NEAREST_TC_CANDIDATES=v6; correct on an H200, no faster than v5, 8e):
+// v5 on clusters of two blocks along x (two query blocks of one catalogue slice; the plan
+// pads the query blocks to an even count), the catalogue tile multicast. v5's parameters; the catalogue's tensor map
 // has boxes of 64 x 128 (each block copies one half of the 256-row tile).
 extern "C" __global__ void __cluster_dims__(WG6_CLUSTER, 1, 1) __launch_bounds__(WG5_THREADS, 1)
 nearest_tc_candidates_v6(const u16 *__restrict__ q16, const u16 *__restrict__ c16,
