@@ -1233,6 +1233,8 @@ mod tests {
             assert_eq!(p.candidates.block, (256, 1, 1));
             assert_eq!(p.candidates.shared_bytes, NTC_SMEM);
             assert_eq!(p.rerank.grid, (128, 1, 1));
+            assert_eq!(p.rerank.shared_bytes, NTC_RERANK_SMEM);
+            assert_eq!(nearest_tc_rerank_all_shape(3).shared_bytes, NTC_RERANK_SMEM);
             assert_eq!(p.candidates_len, p.split.slices as usize * 1024 * 32);
             // Every (query block, tile) pair is one block's work; the busiest SM within 5% of
             // an even spread.
