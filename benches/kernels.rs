@@ -1477,7 +1477,9 @@ mod gpu {
                     // The allocator's pool (CudaKernels::set_pool_release_threshold): the
                     // default search end to end with freed memory kept across synchronisations
                     // (the default, POOL_KEEP_BYTES) and handed back at each one (the driver's
-                    // default, 0: each call maps its buffers afresh), alternating per round.
+                    // default, 0: a call after a synchronisation maps its buffers afresh; a
+                    // call right after another reuses its buffers either way), alternating
+                    // per round.
                     {
                         let keep = llm4dsr_kernels::cuda::POOL_KEEP_BYTES;
                         let mut t = [Vec::new(), Vec::new()];
@@ -1486,7 +1488,12 @@ mod gpu {
                                 g.set_pool_release_threshold(bytes)?;
                                 let p =
                                     g.nearest_tc_launch_with(&q, b, &c, &cat, k, default_cand)?;
-                                g.nearest_tc_finish(p, &q, &c, &cat)?; // settles the pool
+                                g.nearest_tc_finish(p, &q, &c, &cat)?;
+                                // Its buffers are back in the pool; a synchronisation now is
+                                // where the pool hands them to the system at threshold 0 (as
+                                // the event waits between the interleaved rounds above do), so
+                                // the timed search below maps its buffers afresh there.
+                                g.stream.synchronize()?;
                                 let a = g
                                     .stream
                                     .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;

@@ -523,9 +523,10 @@ impl CudaKernels {
     /// How many bytes of freed device memory the stream-ordered allocator's pool may keep
     /// across synchronisations (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` of the device's current
     /// pool, which cudarc's `alloc` draws from with `cuMemAllocAsync`). At the driver's
-    /// default, 0, every synchronisation hands the freed memory back to the system, so each
-    /// grounding or scoring call (which synchronises once to download its results) maps its
-    /// buffers afresh: host time in the critical path of every call, with the GPU idle.
+    /// default, 0, every stream, event or context synchronisation hands the pool's free memory
+    /// back to the system, so a grounding or scoring call that follows one (the ground stage's
+    /// batches are separated by the embedder's forward; the benchmark's rounds by event
+    /// waits) maps its buffers afresh: host time in the critical path, with the GPU idle.
     /// [`Self::new`] sets [`POOL_KEEP_BYTES`]; the benchmark sets 0 for a comparison row.
     /// No-op where the device has no stream-ordered allocator (cudarc then uses cuMemAlloc).
     pub fn set_pool_release_threshold(&self, bytes: u64) -> Result<()> {
