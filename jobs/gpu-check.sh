@@ -20,10 +20,11 @@
 #                             link-time libcuda stub) into target-gpu/bin/scoring-e2e, so that `run`
 #                             also times end-to-end scoring (the LLM forward on the GPU + the fused
 #                             kernel) next to hf_scoring_baseline.py at the same shapes.
-#   jobs/gpu-check.sh profile [v3] [v5] [v6]
+#   jobs/gpu-check.sh profile [v3] [v5] [v6] [rerank]
 #                             on the GPU machine (same carry): Nsight Compute on the first launch of
 #                             the scoring (SmolLM2 b64, Llama-3-8B b32) and grounding (1M x 4096)
-#                             kernels of each version named (default v5): stall reasons,
+#                             kernels of each version named (default v5; "rerank": the
+#                             grounding's first-level re-rank at 1M x 4096): stall reasons,
 #                             throughput, the SASS page; ~20-40 s per profile.
 #                             `run --then-profile` does it after the run, in the same call, for
 #                             v3 and for v5 / v6 where their smoke tests passed.
@@ -124,7 +125,7 @@ for a in "$@"; do
     run:--e2e-only) e2e_only=1 ;;
     run:--no-torch) torch=0 ;;
     run:--then-profile) then_profile=1 ;;
-    profile:v3|profile:v5|profile:v6) versions="$versions $a" ;;
+    profile:v3|profile:v5|profile:v6|profile:rerank) versions="$versions $a" ;;
     *) echo "unknown option $a for $mode" >&2; exit 2 ;;
   esac
 done
@@ -233,13 +234,16 @@ profile() {  # profile VERSION...: the kernels of each version, unless its setti
   "$NCU" --version | tail -1
   for v in "$@"; do
     # scoring at SmolLM2 b64 (shape 0: the epilogue's 18%) and Llama-3-8B b32 (shape 3: the
-    # main loop), grounding at 1M x 4096 (shape 0).
-    for spec in "scoring 0 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
-                "scoring 3 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}" \
-                "grounding 0 nearest_tc_candidates_${v} LLM4DSR_NEAREST_TC_${v^^}"; do
+    # main loop), grounding at 1M x 4096 (shape 0); "rerank": the grounding's first-level
+    # re-rank at 1M x 4096 (docs/kernels.md 3h; no setting turns it off).
+    local specs=("scoring 0 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}"
+                 "scoring 3 item_loglik_fused_${v}_bf16 LLM4DSR_FUSED_${v^^}"
+                 "grounding 0 nearest_tc_candidates_${v} LLM4DSR_NEAREST_TC_${v^^}")
+    [ "$v" = rerank ] && specs=("grounding 0 nearest_tc_rerank -")
+    for spec in "${specs[@]}"; do
       read -r part shape kern off <<< "$spec"
       local tag="$kern-s$shape"
-      if [ "${!off:-}" = off ]; then
+      if [ "$off" != - ] && [ "${!off:-}" = off ]; then
         echo "SKIP: ncu $kern ($off=off: its smoke test failed)"; continue
       fi
       # Leave the device call's 600 s some margin (a profile takes ~20-40 s).
