@@ -1134,7 +1134,7 @@ mod tests {
                 (p6.fused.block, p6.fused.shared_bytes),
                 (p5.fused.block, p5.fused.shared_bytes)
             );
-            if p6.row_blocks % 2 == 0 {
+            if p6.row_blocks.is_multiple_of(2) {
                 let p3 =
                     fused_plan_version(V3, FusedVariant::TensorCoreBf16, n, v, d, 132).unwrap();
                 assert_eq!((p6.fused.grid, p6.split), (p3.fused.grid, p3.split));
