@@ -516,7 +516,10 @@ impl CudaKernels {
             arch,
             sm_count,
         };
-        k.set_pool_release_threshold(POOL_KEEP_BYTES)?;
+        // A speed setting: where the driver refuses it, the kernels run as before.
+        if let Err(e) = k.set_pool_release_threshold(POOL_KEEP_BYTES) {
+            tracing::warn!("kernels: the memory pool keeps no freed memory ({e:#})");
+        }
         Ok(k)
     }
 
