@@ -476,5 +476,9 @@ if [ $then_profile = 1 ] && [ $e2e_only = 0 ]; then
   profile ${PROFILE_VERSIONS:-v3 v5 v6}
   clocks_summary
 fi
+# The grounding target's verdict last, where the call's output tail always has it.
+if grep -q '^## Grounding target' "$OUT/bench.log" 2>/dev/null; then
+  echo; sed -n '/^## Grounding target/,/^$/p' "$OUT/bench.log"
+fi
 echo "gpu-check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $OUT)"
 exit $status

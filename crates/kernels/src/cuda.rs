@@ -1581,8 +1581,27 @@ impl CudaKernels {
         cand: TcCandidates,
         slices: Option<u32>,
     ) -> Result<TcPending> {
-        let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
         let cand_fn = self.nearest_tc_candidate_fn(cand)?;
+        self.nearest_tc_launch_using(queries, b, catalog, cat, k, cand, slices, cand_fn)
+    }
+
+    /// [`Self::nearest_tc_launch_sliced`] with `cand_fn` as the candidate kernel: `cand`'s
+    /// own, or for the benchmark a build of it with other options (e.g. where the epilogue
+    /// reads the row records from, [`crate::nearest_tc::TcRecords`]), which must have `cand`'s
+    /// signature and launch shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn nearest_tc_launch_using(
+        &self,
+        queries: &CudaSlice<f32>,
+        b: usize,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        k: usize,
+        cand: TcCandidates,
+        slices: Option<u32>,
+        cand_fn: &CudaFunction,
+    ) -> Result<TcPending> {
+        let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
         let (n, d) = (cat.n, cat.d);
         let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
         let qnorm = self.row_norms(queries, b, d)?;
