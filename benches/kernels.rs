@@ -1431,7 +1431,7 @@ mod gpu {
                             inter.push((label.clone(), *cand, func.clone()));
                         }
                     }
-                    let rounds = if quick { 3 } else { 9 };
+                    let rounds = if quick { 3 } else { 15 };
                     let mut times = vec![Vec::with_capacity(rounds); inter.len()];
                     let mut checks = vec![String::new(); inter.len()];
                     let mut exact = vec![false; inter.len()];
