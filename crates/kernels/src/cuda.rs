@@ -1601,10 +1601,25 @@ impl CudaKernels {
         slices: Option<u32>,
         cand_fn: &CudaFunction,
     ) -> Result<TcPending> {
+        let plan = launch::nearest_tc_plan_sliced(cand, b, cat.n, cat.d, k, self.sm_count, slices)?;
+        let qnorm = self.row_norms(queries, b, cat.d)?;
+        self.nearest_tc_launch_planned(queries, qnorm, catalog, cat, plan, cand_fn)
+    }
+
+    /// Launch a planned search whose query norms (`qnorm`, [`Self::row_norms`] of `queries`)
+    /// are computed: query prep, candidates (`cand_fn`, the plan's kernel or a build of it),
+    /// re-rank and certificate (asynchronous).
+    fn nearest_tc_launch_planned(
+        &self,
+        queries: &CudaSlice<f32>,
+        qnorm: CudaSlice<f32>,
+        catalog: &CudaSlice<f32>,
+        cat: &TcCatalog,
+        plan: launch::NearestTcPlan,
+        cand_fn: &CudaFunction,
+    ) -> Result<TcPending> {
         let f = self.nearest_tc_fns().map_err(|e| anyhow!("{e}"))?;
-        let (n, d) = (cat.n, cat.d);
-        let plan = launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices)?;
-        let qnorm = self.row_norms(queries, b, d)?;
+        let (b, k, d) = (plan.queries as usize, plan.k as usize, cat.d);
         let (q16, qinfo) = self.tc_prep(queries, &qnorm, b, d, tc_bound(d).coef_q)?;
         let s = &self.stream;
         let mut pending = TcPending {
@@ -2006,9 +2021,12 @@ impl CudaKernels {
         }
         if let Some(tc) = cat.tc.as_ref().filter(|_| k <= TC_KMAX) {
             let cand = self.tc_candidates()?;
-            match launch::nearest_tc_plan_with(cand, b, n, d, k, self.sm_count) {
-                Ok(_) => {
-                    let p = self.nearest_tc_launch_with(&q, b, &cat.rows, tc, k, cand)?;
+            let slices = crate::nearest_tc::tc_slices_from_env()?;
+            match launch::nearest_tc_plan_sliced(cand, b, n, d, k, self.sm_count, slices) {
+                Ok(plan) => {
+                    // The query norms computed above (the check) serve the search too.
+                    let func = self.nearest_tc_candidate_fn(cand)?;
+                    let p = self.nearest_tc_launch_planned(&q, qn, &cat.rows, tc, plan, func)?;
                     let (r, st) = self.nearest_tc_finish(p, &q, &cat.rows, tc)?;
                     tracing::debug!(
                         "nearest tc (resident catalogue): {} queries, {} certified, {} through \
