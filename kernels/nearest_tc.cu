@@ -110,6 +110,35 @@ __device__ __forceinline__ bool nt_before(float d1, u32 i1, float d2, u32 i2) {
     return d1 < d2 || (d1 == d2 && i1 < i2);
 }
 
+// Merge one candidate per lane, (v, i) (none where i == NT_NONE), into the warp's register
+// list (L, Li): one entry per lane, sorted by (value, row). The lanes whose candidate beats
+// the list's 32nd entry as it was on entry insert theirs in lane order; each insertion shifts
+// the tail up by one and drops the 33rd. Used by both re-rank levels (merging slice lists and
+// warps' lists, and inserting re-ranked distances).
+__device__ __forceinline__ void nt_list_merge(float &L, u32 &Li, float v, u32 i, int lane) {
+    const float thv = __shfl_sync(NT_FULL, L, 31);
+    const u32 thi = __shfl_sync(NT_FULL, Li, 31);
+    u32 want = __ballot_sync(NT_FULL, i != NT_NONE && nt_before(v, i, thv, thi));
+    while (want) {
+        const int src = __ffs(want) - 1;
+        want &= want - 1;
+        const float sv = __shfl_sync(NT_FULL, v, src);
+        const u32 sx = __shfl_sync(NT_FULL, i, src);
+        const int pos = __popc(__ballot_sync(NT_FULL, nt_before(L, Li, sv, sx)));
+        const float uv = __shfl_up_sync(NT_FULL, L, 1);
+        const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
+        if (pos < 32) {
+            if (lane > pos) {
+                L = uv;
+                Li = ui;
+            } else if (lane == pos) {
+                L = sv;
+                Li = sx;
+            }
+        }
+    }
+}
+
 __device__ __forceinline__ u16 nt_f32_to_f16(float x) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
@@ -547,27 +576,7 @@ nearest_tc_rerank(const float *__restrict__ queries, const float *__restrict__ c
         const float ck = cand_key[base + lane];
         const u32 ci = cand_idx[base + lane];
         tl = fminf(tl, __shfl_sync(NT_FULL, ck, NTC_LIST - 1));
-        const float thk = __shfl_sync(NT_FULL, Lk, 31);
-        const u32 thi = __shfl_sync(NT_FULL, Li, 31);
-        u32 want = __ballot_sync(NT_FULL, ci != NT_NONE && nt_before(ck, ci, thk, thi));
-        while (want) {
-            const int src = __ffs(want) - 1;
-            want &= want - 1;
-            const float sk = __shfl_sync(NT_FULL, ck, src);
-            const u32 sx = __shfl_sync(NT_FULL, ci, src);
-            const int pos = __popc(__ballot_sync(NT_FULL, nt_before(Lk, Li, sk, sx)));
-            const float uk = __shfl_up_sync(NT_FULL, Lk, 1);
-            const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
-            if (pos < 32) {
-                if (lane > pos) {
-                    Lk = uk;
-                    Li = ui;
-                } else if (lane == pos) {
-                    Lk = sk;
-                    Li = sx;
-                }
-            }
-        }
+        nt_list_merge(Lk, Li, ck, ci, lane);
     }
     const float T = fminf(tl, __shfl_sync(NT_FULL, Lk, 31));
 
@@ -657,27 +666,7 @@ nearest_tc_rerank_all(const float *__restrict__ queries, const float *__restrict
             dist = fmaxf(qn + cnorm[ci] - 2.f * dot, 0.f);
             if (!(dist < NT_POS_INF)) dist = NT_POS_INF;
         }
-        const float thd = __shfl_sync(NT_FULL, Ld, 31);
-        const u32 thi = __shfl_sync(NT_FULL, Li, 31);
-        u32 want = __ballot_sync(NT_FULL, ci != NT_NONE && nt_before(dist, ci, thd, thi));
-        while (want) {
-            const int src = __ffs(want) - 1;
-            want &= want - 1;
-            const float sdist = __shfl_sync(NT_FULL, dist, src);
-            const u32 sx = __shfl_sync(NT_FULL, ci, src);
-            const int pos = __popc(__ballot_sync(NT_FULL, nt_before(Ld, Li, sdist, sx)));
-            const float ud = __shfl_up_sync(NT_FULL, Ld, 1);
-            const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
-            if (pos < 32) {
-                if (lane > pos) {
-                    Ld = ud;
-                    Li = ui;
-                } else if (lane == pos) {
-                    Ld = sdist;
-                    Li = sx;
-                }
-            }
-        }
+        nt_list_merge(Ld, Li, dist, ci, lane);
     }
     sd[w][lane] = Ld;
     si[w][lane] = Li;
@@ -689,27 +678,7 @@ nearest_tc_rerank_all(const float *__restrict__ queries, const float *__restrict
         const float cd = sd[v][lane];
         const u32 ci = si[v][lane];
         tl = fminf(tl, stl[v]);
-        const float thd = __shfl_sync(NT_FULL, Ld, 31);
-        const u32 thi = __shfl_sync(NT_FULL, Li, 31);
-        u32 want = __ballot_sync(NT_FULL, ci != NT_NONE && nt_before(cd, ci, thd, thi));
-        while (want) {
-            const int src = __ffs(want) - 1;
-            want &= want - 1;
-            const float sdist = __shfl_sync(NT_FULL, cd, src);
-            const u32 sx = __shfl_sync(NT_FULL, ci, src);
-            const int pos = __popc(__ballot_sync(NT_FULL, nt_before(Ld, Li, sdist, sx)));
-            const float ud = __shfl_up_sync(NT_FULL, Ld, 1);
-            const u32 ui = __shfl_up_sync(NT_FULL, Li, 1);
-            if (pos < 32) {
-                if (lane > pos) {
-                    Ld = ud;
-                    Li = ui;
-                } else if (lane == pos) {
-                    Ld = sdist;
-                    Li = sx;
-                }
-            }
-        }
+        nt_list_merge(Ld, Li, cd, ci, lane);
     }
     if (lane < k) {
         out_d[(u64)q * k + lane] = Ld;
