@@ -97,40 +97,68 @@ pub fn tc_slices_from_env() -> Result<Option<u32>> {
     crate::launch::env_setting(NEAREST_TC_SLICES_ENV, parse_tc_slices, None)
 }
 
+/// A build form of the grounding kernels, picked by an environment variable: an enum whose
+/// variants each have their spellings (the first is the canonical one; the default also takes
+/// the empty string) and the NVRTC `-D` options that build them. Generates `parse`,
+/// `from_env` (the default when unset) and `defines`.
+macro_rules! kernel_form {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $env:ident, default $def:ident,
+        { $( $(#[$vmeta:meta])* $var:ident [$first:literal $(, $alias:literal)*] => [$($define:literal),*] ),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $var, )+
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name::$def
+            }
+        }
+
+        impl $name {
+            /// The spelling of `s` (trimmed, any case; empty: the default), or an error naming
+            /// the variable and the spellings it takes.
+            pub fn parse(s: &str) -> Result<Self> {
+                let s = s.trim().to_ascii_lowercase();
+                if s.is_empty() {
+                    return Ok($name::$def);
+                }
+                $( if s == $first $(|| s == $alias)* { return Ok($name::$var); } )+
+                let expected: &[&str] = &[$($first),+];
+                bail!("{}={s:?}: expected {}", $env, expected.join(", "))
+            }
+
+            /// The form asked for in the environment (the default when unset).
+            pub fn from_env() -> Result<Self> {
+                crate::launch::env_setting($env, Self::parse, $name::$def)
+            }
+
+            /// The NVRTC options that build it.
+            pub fn defines(&self) -> &'static [&'static str] {
+                match self {
+                    $( $name::$var => &[$($define),*], )+
+                }
+            }
+        }
+    };
+}
+
 /// The environment variable that picks the form of the sm_90a candidate kernels' top-32
 /// selection: `unrolled` (default, the form measured on an H200) or `compact`
 /// (`-DNT3_SELECT_COMPACT`: the same insertions in the same order from about half the
 /// epilogue's code; docs/kernels.md, section 3g).
 pub const NEAREST_TC_SELECT_ENV: &str = "LLM4DSR_NEAREST_TC_SELECT";
 
-/// The selection's form in the sm_90a candidate kernels (the same lists either way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TcSelect {
-    #[default]
-    Unrolled,
-    Compact,
-}
-
-impl TcSelect {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "" | "unrolled" => Ok(TcSelect::Unrolled),
-            "compact" => Ok(TcSelect::Compact),
-            other => bail!("{NEAREST_TC_SELECT_ENV}={other:?}: expected unrolled or compact"),
-        }
-    }
-
-    /// The form asked for in the environment (unrolled when unset).
-    pub fn from_env() -> Result<Self> {
-        crate::launch::env_setting(NEAREST_TC_SELECT_ENV, Self::parse, TcSelect::default())
-    }
-
-    /// The NVRTC options that build it.
-    pub fn defines(&self) -> &'static [&'static str] {
-        match self {
-            TcSelect::Unrolled => &[],
-            TcSelect::Compact => &["-DNT3_SELECT_COMPACT"],
-        }
+kernel_form! {
+    /// The selection's form in the sm_90a candidate kernels (the same lists either way).
+    TcSelect, NEAREST_TC_SELECT_ENV, default Unrolled,
+    {
+        Unrolled ["unrolled"] => [],
+        Compact ["compact"] => ["-DNT3_SELECT_COMPACT"],
     }
 }
 
@@ -144,37 +172,14 @@ impl TcSelect {
 /// the same in every form.
 pub const NEAREST_TC_RECORDS_ENV: &str = "LLM4DSR_NEAREST_TC_RECORDS";
 
-/// Where the candidate kernels' epilogue reads the row records from ([`NEAREST_TC_RECORDS_ENV`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TcRecords {
-    #[default]
-    Global,
-    Prefetch,
-    Smem,
-}
-
-impl TcRecords {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "" | "global" => Ok(TcRecords::Global),
-            "prefetch" => Ok(TcRecords::Prefetch),
-            "smem" | "shared" => Ok(TcRecords::Smem),
-            other => bail!("{NEAREST_TC_RECORDS_ENV}={other:?}: expected global, prefetch or smem"),
-        }
-    }
-
-    /// The form asked for in the environment (global when unset).
-    pub fn from_env() -> Result<Self> {
-        crate::launch::env_setting(NEAREST_TC_RECORDS_ENV, Self::parse, TcRecords::default())
-    }
-
-    /// The NVRTC options that build it.
-    pub fn defines(&self) -> &'static [&'static str] {
-        match self {
-            TcRecords::Global => &[],
-            TcRecords::Prefetch => &["-DNT3_PREFETCH_INFO"],
-            TcRecords::Smem => &["-DNT3_RECORDS_SMEM", "-DWG5_STAGES=3"],
-        }
+kernel_form! {
+    /// Where the candidate kernels' epilogue reads the row records from
+    /// ([`NEAREST_TC_RECORDS_ENV`]).
+    TcRecords, NEAREST_TC_RECORDS_ENV, default Global,
+    {
+        Global ["global"] => [],
+        Prefetch ["prefetch"] => ["-DNT3_PREFETCH_INFO"],
+        Smem ["smem", "shared"] => ["-DNT3_RECORDS_SMEM", "-DWG5_STAGES=3"],
     }
 }
 
@@ -185,34 +190,13 @@ impl TcRecords {
 /// arithmetic, and so the top-k, is the same in both.
 pub const NEAREST_TC_RERANK_ENV: &str = "LLM4DSR_NEAREST_TC_RERANK";
 
-/// How the re-rank reads the catalogue rows ([`NEAREST_TC_RERANK_ENV`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TcRerank {
-    #[default]
-    Staged,
-    Plain,
-}
-
-impl TcRerank {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "" | "staged" => Ok(TcRerank::Staged),
-            "plain" => Ok(TcRerank::Plain),
-            other => bail!("{NEAREST_TC_RERANK_ENV}={other:?}: expected staged or plain"),
-        }
-    }
-
-    /// The form asked for in the environment (staged when unset).
-    pub fn from_env() -> Result<Self> {
-        crate::launch::env_setting(NEAREST_TC_RERANK_ENV, Self::parse, TcRerank::default())
-    }
-
-    /// The NVRTC options that build it (after the launch constants' `-DNT_DOT_STAGES`).
-    pub fn defines(&self) -> &'static [&'static str] {
-        match self {
-            TcRerank::Staged => &[],
-            TcRerank::Plain => &["-DNT_DOT_STAGES=0"],
-        }
+kernel_form! {
+    /// How the re-rank reads the catalogue rows ([`NEAREST_TC_RERANK_ENV`]); its defines come
+    /// after the launch constants' `-DNT_DOT_STAGES`.
+    TcRerank, NEAREST_TC_RERANK_ENV, default Staged,
+    {
+        Staged ["staged"] => [],
+        Plain ["plain"] => ["-DNT_DOT_STAGES=0"],
     }
 }
 
@@ -536,9 +520,12 @@ mod tests {
         assert_eq!(TcRecords::parse("smem").unwrap(), TcRecords::Smem);
         assert!(TcRecords::Global.defines().is_empty());
         assert!(TcRecords::Smem.defines().contains(&"-DWG5_STAGES=3"));
+        assert_eq!(TcRecords::parse("Shared").unwrap(), TcRecords::Smem);
         let e = TcRecords::parse("texture").unwrap_err().to_string();
         assert!(
-            e.contains(NEAREST_TC_RECORDS_ENV) && e.contains("texture"),
+            e.contains(NEAREST_TC_RECORDS_ENV)
+                && e.contains("texture")
+                && e.contains("expected global, prefetch, smem"),
             "{e}"
         );
     }
