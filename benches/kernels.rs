@@ -1167,6 +1167,19 @@ mod gpu {
                             TcCandidates::V5,
                             &["-DWG5_STAGES=3"][..],
                         ));
+                        // v5's ceiling: its main loop alone, and its keys without the
+                        // selection (lists wrong): what the epilogue costs where the
+                        // consumers' epilogues fall in the same window.
+                        let v5_diag = [
+                            (
+                                "v5 candidates, keys but no selection",
+                                &["-DNT3_DIAG_NO_SELECT"][..],
+                            ),
+                            (
+                                "v5 main loop only (epilogue = sum)",
+                                &["-DNT3_DIAG_NO_EPILOGUE"][..],
+                            ),
+                        ];
                         for (label, cand, extra) in form_builds {
                             if smem_off && extra.contains(&"-DNT3_RECORDS_SMEM") {
                                 eprintln!("{label}: skipped (LLM4DSR_NEAREST_TC_RECORDS_SMEM=off)");
@@ -1178,6 +1191,15 @@ mod gpu {
                                 let mut defs = extra.to_vec();
                                 defs.extend(ws_regs);
                                 builds.push((label, cand, defs, true));
+                            }
+                        }
+                        if g.nearest_tc_candidates_unavailable(TcCandidates::V5)
+                            .is_none()
+                        {
+                            for (label, extra) in v5_diag {
+                                let mut defs = extra.to_vec();
+                                defs.extend(ws_regs);
+                                builds.push((label.into(), TcCandidates::V5, defs, false));
                             }
                         }
                         for (label, cand, defs, real) in builds {
