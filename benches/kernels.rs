@@ -1391,12 +1391,21 @@ mod gpu {
                                     k,
                                     cand,
                                     Some(slices),
+                                    None,
                                 )?;
                                 plan = Some(p.plan);
                                 Ok(())
                             })?;
-                            let p =
-                                g.nearest_tc_launch_sliced(&q, b, &c, &cat, k, cand, Some(slices))?;
+                            let p = g.nearest_tc_launch_sliced(
+                                &q,
+                                b,
+                                &c,
+                                &cat,
+                                k,
+                                cand,
+                                Some(slices),
+                                None,
+                            )?;
                             let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
                             let plan = plan.context("no sliced launch")?;
                             let blocks = plan.candidates.blocks();
@@ -1459,8 +1468,16 @@ mod gpu {
                     let mut exact = vec![false; inter.len()];
                     let slices = llm4dsr_kernels::nearest_tc::tc_slices_from_env()?;
                     for (_, cand, func) in &inter {
-                        let p =
-                            g.nearest_tc_launch_using(&q, b, &c, &cat, k, *cand, slices, func)?;
+                        let p = g.nearest_tc_launch_sliced(
+                            &q,
+                            b,
+                            &c,
+                            &cat,
+                            k,
+                            *cand,
+                            slices,
+                            Some(func),
+                        )?;
                         g.nearest_tc_finish(p, &q, &c, &cat)?;
                     }
                     for round in 0..rounds {
@@ -1468,8 +1485,16 @@ mod gpu {
                             let a = g
                                 .stream
                                 .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-                            let p =
-                                g.nearest_tc_launch_using(&q, b, &c, &cat, k, *cand, slices, func)?;
+                            let p = g.nearest_tc_launch_sliced(
+                                &q,
+                                b,
+                                &c,
+                                &cat,
+                                k,
+                                *cand,
+                                slices,
+                                Some(func),
+                            )?;
                             let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
                             let e = g
                                 .stream

@@ -1565,11 +1565,14 @@ impl CudaKernels {
         cand: TcCandidates,
     ) -> Result<TcPending> {
         let slices = crate::nearest_tc::tc_slices_from_env()?;
-        self.nearest_tc_launch_sliced(queries, b, catalog, cat, k, cand, slices)
+        self.nearest_tc_launch_sliced(queries, b, catalog, cat, k, cand, slices, None)
     }
 
     /// [`Self::nearest_tc_launch_with`] with the catalogue cut into `slices` slices (None: the
-    /// plan's choice; the benchmark sweeps it).
+    /// plan's choice; the benchmark sweeps it), and with `cand_fn` as the candidate kernel
+    /// when given (None: `cand`'s own; the benchmark passes builds of it with other options,
+    /// e.g. where the epilogue reads the row records from, [`crate::nearest_tc::TcRecords`],
+    /// which must have `cand`'s signature and launch shape).
     #[allow(clippy::too_many_arguments)]
     pub fn nearest_tc_launch_sliced(
         &self,
@@ -1580,27 +1583,12 @@ impl CudaKernels {
         k: usize,
         cand: TcCandidates,
         slices: Option<u32>,
+        cand_fn: Option<&CudaFunction>,
     ) -> Result<TcPending> {
-        let cand_fn = self.nearest_tc_candidate_fn(cand)?;
-        self.nearest_tc_launch_using(queries, b, catalog, cat, k, cand, slices, cand_fn)
-    }
-
-    /// [`Self::nearest_tc_launch_sliced`] with `cand_fn` as the candidate kernel: `cand`'s
-    /// own, or for the benchmark a build of it with other options (e.g. where the epilogue
-    /// reads the row records from, [`crate::nearest_tc::TcRecords`]), which must have `cand`'s
-    /// signature and launch shape.
-    #[allow(clippy::too_many_arguments)]
-    pub fn nearest_tc_launch_using(
-        &self,
-        queries: &CudaSlice<f32>,
-        b: usize,
-        catalog: &CudaSlice<f32>,
-        cat: &TcCatalog,
-        k: usize,
-        cand: TcCandidates,
-        slices: Option<u32>,
-        cand_fn: &CudaFunction,
-    ) -> Result<TcPending> {
+        let cand_fn = match cand_fn {
+            Some(f) => f,
+            None => self.nearest_tc_candidate_fn(cand)?,
+        };
         let plan = launch::nearest_tc_plan_sliced(cand, b, cat.n, cat.d, k, self.sm_count, slices)?;
         let qnorm = self.row_norms(queries, b, cat.d)?;
         self.nearest_tc_launch_planned(queries, qnorm, catalog, cat, plan, cand_fn)
