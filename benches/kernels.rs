@@ -1381,9 +1381,10 @@ mod gpu {
                             continue;
                         }
                         for slices in [8u32, 16, 24, 33, 66] {
-                            let mut plan = None;
+                            // The last timed search is the one checked.
+                            let mut pend = None;
                             let ms_s = event_ms(g, 1, 3, || {
-                                let p = g.nearest_tc_launch_sliced(
+                                pend = Some(g.nearest_tc_launch_sliced(
                                     &q,
                                     b,
                                     &c,
@@ -1392,22 +1393,12 @@ mod gpu {
                                     cand,
                                     Some(slices),
                                     None,
-                                )?;
-                                plan = Some(p.plan);
+                                )?);
                                 Ok(())
                             })?;
-                            let p = g.nearest_tc_launch_sliced(
-                                &q,
-                                b,
-                                &c,
-                                &cat,
-                                k,
-                                cand,
-                                Some(slices),
-                                None,
-                            )?;
+                            let p = pend.context("no sliced launch")?;
+                            let plan = p.plan;
                             let (res, st) = g.nearest_tc_finish(p, &q, &c, &cat)?;
-                            let plan = plan.context("no sliced launch")?;
                             let blocks = plan.candidates.blocks();
                             sweep_rows.push(Row {
                                 case: format!(
