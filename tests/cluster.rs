@@ -225,13 +225,47 @@ fn popularity_scores_match_training_frequencies() {
         "parts removed after commit"
     );
 
-    // The output exists now: a second run refuses to overwrite it silently.
-    let o = run(
-        &score_args(data.to_str().unwrap(), out.to_str().unwrap(), "popularity"),
-        &[],
-    );
+    // The same run again: up to date, nothing rewritten; the parts directory a run killed
+    // between its commit and its clean-up would leave is removed.
+    let (d, o_) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
+    let reference = file_bytes(&out);
+    let leftover = tmp.path().join("scores.parts").join("train");
+    std::fs::create_dir_all(&leftover).unwrap();
+    let o = run(&score_args(d, o_, "popularity"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("up to date"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+    assert!(!tmp.path().join("scores.parts").exists());
+
+    // Another method into the same directory: refused, the scores untouched.
+    let o = run(&score_args(d, o_, "cooccurrence"), &[]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(o_) && e.contains("another run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+
+    // A damaged output of the same run: rebuilt to the same bytes, the file named.
+    let test = out.join("scores/test.parquet");
+    let len = std::fs::metadata(&test).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&test)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let o = run(&score_args(d, o_, "popularity"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("rebuilding") && e.contains("test.parquet"),
+        "{e}"
+    );
+    assert_eq!(file_bytes(&out), reference);
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
 }
 
 #[test]

@@ -233,10 +233,22 @@ fn same_seed_gives_byte_identical_files_other_seed_differs() {
 }
 
 #[test]
-fn rerun_is_up_to_date_and_a_different_dataset_is_refused() {
+fn rerun_is_up_to_date_a_damaged_one_rebuilt_and_a_different_dataset_is_refused() {
     let f = Fixture::new();
     let out = f.out("ds");
+    // What a killed run on this machine leaves: its staging directory, named after a process
+    // that is gone (a pid above the kernel's limit). The next run removes it.
+    let killed = {
+        let t = llm4dsr_data::atomic::temp_sibling(&out);
+        let t = t.to_str().unwrap();
+        PathBuf::from(format!("{}-999999999", t.rsplit_once('-').unwrap().0))
+    };
+    std::fs::create_dir_all(killed.join("windows")).unwrap();
+    std::fs::write(killed.join("windows/train.parquet"), b"partial").unwrap();
     assert!(f.prepare(&out, &[]).status.success());
+    if Path::new("/proc/self").exists() {
+        assert!(!killed.exists(), "a killed run's staging directory is left");
+    }
     let before = std::fs::read(out.join("manifest.json")).unwrap();
     // Same config and inputs: left alone, success.
     let o = f.prepare(&out, &[]);
@@ -247,9 +259,25 @@ fn rerun_is_up_to_date_and_a_different_dataset_is_refused() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
-        e.contains(p(&out)) && e.contains("different dataset") && e.contains("--overwrite"),
+        e.contains(p(&out)) && e.contains("another run") && e.contains("--overwrite"),
         "{e}"
     );
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+    // The same dataset, damaged (a file truncated, another removed): rebuilt, named.
+    let train = out.join("windows/train.parquet");
+    let good = std::fs::read(&train).unwrap();
+    let sft = std::fs::read(out.join("sft.parquet")).unwrap();
+    std::fs::write(&train, &good[..good.len() / 2]).unwrap();
+    std::fs::remove_file(out.join("sft.parquet")).unwrap();
+    let o = f.prepare(&out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rebuilding") && stderr(&o).contains("train.parquet"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&train).unwrap(), good);
+    assert_eq!(std::fs::read(out.join("sft.parquet")).unwrap(), sft);
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
     // With --overwrite: replaced.
     let o = f.prepare(&out, &["--noise-p", "0.1", "--overwrite"]);

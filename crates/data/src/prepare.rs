@@ -583,35 +583,16 @@ pub fn write_dataset(prepared: &Prepared, out: &Path, mut manifest: Manifest) ->
 }
 
 /// What to do about an existing output directory: `Ok(Some(manifest))` when it already holds
-/// this exact dataset (same stage, config, seed and input hashes), `Ok(None)` when the path is
-/// free or `overwrite` is set, an error otherwise.
+/// this exact dataset (same stage, config, seed and input hashes) with every output intact,
+/// `Ok(None)` when the path is free, holds this dataset damaged (rebuilt), or `overwrite` is
+/// set, an error otherwise ([`crate::manifest::reuse_existing`]).
 pub fn check_existing(out: &Path, overwrite: bool, wanted: &Manifest) -> Result<Option<Manifest>> {
-    if !out.exists() {
-        return Ok(None);
-    }
-    let existing = Manifest::read(out).ok();
-    if let Some(m) = &existing {
-        if m.stage == wanted.stage
+    crate::manifest::reuse_existing(out, overwrite, |m| {
+        m.stage == wanted.stage
             && m.config == wanted.config
             && m.seed == wanted.seed
             && same_inputs(m, wanted)
-        {
-            return Ok(Some(m.clone()));
-        }
-    }
-    if overwrite {
-        return Ok(None);
-    }
-    match existing {
-        Some(_) => bail!(
-            "{}: output directory already holds a different dataset (its manifest.json has another config or inputs); pass --overwrite to replace it",
-            out.display()
-        ),
-        None => bail!(
-            "{}: output directory already exists and is not a prepared dataset (no readable manifest.json); pass --overwrite to replace it",
-            out.display()
-        ),
-    }
+    })
 }
 
 fn same_inputs(a: &Manifest, b: &Manifest) -> bool {

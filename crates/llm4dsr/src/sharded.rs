@@ -102,6 +102,42 @@ pub fn fingerprint(what: &impl Serialize) -> Result<String> {
     Ok(sha256_bytes(&serde_json::to_vec(what)?))
 }
 
+/// Whether the output directory `out` of a sharded stage is up to date: its manifest is
+/// `stage`'s with this `fingerprint` (everything the output depends on) and every output it
+/// records is intact. Then the stage has nothing to do, and a parts directory that a run killed
+/// between its commit and its clean-up left beside `out` is removed. A damaged output of the
+/// same run is rebuilt (with a warning naming the file); anything else at `out` is refused
+/// unless `overwrite` (an error naming `out`, nothing touched). Rank 0 decides and every rank
+/// learns the answer (a collective: every rank calls it).
+pub fn output_up_to_date(
+    comm: &dyn Comm,
+    out: &Path,
+    overwrite: bool,
+    stage: &str,
+    fingerprint: &str,
+) -> Result<bool> {
+    let mut verdict = Vec::new();
+    if comm.is_root() {
+        let found = llm4dsr_data::manifest::reuse_existing(out, overwrite, |m| {
+            m.stage == stage && m.fingerprint == fingerprint
+        })?;
+        if found.is_some() {
+            let parts = parts_root_of(out);
+            if parts.exists() {
+                std::fs::remove_dir_all(&parts)
+                    .with_context(|| format!("removing {}", parts.display()))?;
+            }
+            tracing::info!(
+                "{}: up to date (the same {stage} run's output, every file intact): nothing to do",
+                out.display()
+            );
+        }
+        verdict.push(found.is_some() as u8);
+    }
+    comm.broadcast_bytes(0, &mut verdict)?;
+    Ok(verdict.first() == Some(&1))
+}
+
 impl<'a> ShardedStage<'a> {
     fn part_path(&self, shard: u32) -> PathBuf {
         self.parts_dir.join(part_name(shard, self.num_shards))
@@ -155,6 +191,8 @@ impl<'a> ShardedStage<'a> {
     pub fn produce(&self, mut work: impl FnMut(u32) -> Result<ShardOutput>) -> Result<(u32, u32)> {
         std::fs::create_dir_all(&self.parts_dir)
             .with_context(|| format!("creating {}", self.parts_dir.display()))?;
+        // Temporary part files of a killed run on this machine.
+        llm4dsr_data::atomic::sweep_stale_in(&self.parts_dir);
         let abort_after = abort_hook(self.comm.rank())?;
         let mine = shards_of_rank(self.comm.rank(), self.comm.size(), self.num_shards);
         let bar = if self.comm.is_root() {

@@ -33,7 +33,7 @@
 //! killed run re-run with the same flags reuses every finished block (`<out>.parts/`).
 
 use crate::config::ConfigFile;
-use crate::sharded::{fingerprint, parts_root_of, ShardOutput, ShardedStage};
+use crate::sharded::{fingerprint, output_up_to_date, parts_root_of, ShardOutput, ShardedStage};
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::cast::AsArray;
@@ -97,7 +97,10 @@ pub struct GroundArgs {
     /// Titles per shard of the grounding pass.
     #[arg(long, default_value_t = 1024)]
     pub query_shard_rows: u32,
-    /// Replace an existing output directory.
+    /// Replace an output directory that holds something else. Without it, a directory
+    /// holding this same run's output (same fingerprint: config, inputs, model, tool version)
+    /// with every file intact is left alone (nothing to do), a damaged one is rebuilt, and
+    /// anything else is refused.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -226,12 +229,6 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         args.catalog_shard_items >= 1 && args.query_shard_rows >= 1,
         "--catalog-shard-items and --query-shard-rows must be at least 1"
     );
-    if out.exists() && !args.overwrite {
-        bail!(
-            "output directory {} already exists (pass --overwrite to replace it)",
-            out.display()
-        );
-    }
     let device = llm4dsr_llm::llm_device(args.device)?;
     let catalog_path = dataset.join("catalog.parquet");
     let catalog = Catalog::read_parquet(&catalog_path)
@@ -281,14 +278,7 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
     let mut manifest = Manifest::new("ground", 0, serde_json::to_value(&args)?);
     manifest.add_input(&catalog_path)?;
     manifest.add_input(&queries_path)?;
-    let parts_root = parts_root_of(&out);
-    let staging = if comm.is_root() {
-        Some(StagingDir::new(&out, args.overwrite)?)
-    } else {
-        None
-    };
-
-    // Pass 1: the catalogue's embeddings.
+    // Everything each pass's output depends on.
     let d = embedder.dim();
     let block = args.catalog_shard_items;
     let embed_fp = fingerprint(&serde_json::json!({
@@ -301,6 +291,27 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         "batch": args.batch,
         "block": block,
     }))?;
+    let q = queries.ids.len() as u32;
+    let rows = args.query_shard_rows;
+    let query_fp = fingerprint(&serde_json::json!({
+        "stage": "ground/queries",
+        "embeddings": embed_fp,
+        "queries": queries_sha,
+        "k": args.k,
+        "rows": rows,
+    }))?;
+    manifest.fingerprint = query_fp.clone();
+    if output_up_to_date(comm, &out, args.overwrite, "ground", &manifest.fingerprint)? {
+        return Ok(());
+    }
+    let parts_root = parts_root_of(&out);
+    let staging = if comm.is_root() {
+        Some(StagingDir::new(&out, true)?)
+    } else {
+        None
+    };
+
+    // Pass 1: the catalogue's embeddings.
     let embed_stage = ShardedStage {
         name: "ground/embeddings".into(),
         parts_dir: parts_root.join("embeddings"),
@@ -340,15 +351,6 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
     );
 
     // Pass 2: the titles.
-    let q = queries.ids.len() as u32;
-    let rows = args.query_shard_rows;
-    let query_fp = fingerprint(&serde_json::json!({
-        "stage": "ground/queries",
-        "embeddings": embed_fp,
-        "queries": queries_sha,
-        "k": args.k,
-        "rows": rows,
-    }))?;
     let query_stage = ShardedStage {
         name: "ground/queries".into(),
         parts_dir: parts_root.join("queries"),

@@ -12,8 +12,9 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Replace an output directory that holds a different dataset. Without it, a directory
-    /// holding the same dataset (same config and input hashes) is left alone and anything else
-    /// is refused.
+    /// holding the same dataset (same config and input hashes) with every file intact (the
+    /// sha256 values of its manifest) is left alone, a damaged one is rebuilt, and anything
+    /// else is refused.
     #[arg(long)]
     pub overwrite: bool,
     /// Source format: recbole (atomic .inter/.item files), parquet (generic), or movie-csv

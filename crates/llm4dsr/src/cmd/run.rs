@@ -50,7 +50,10 @@ pub struct RunArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Redo every step even when its output is complete.
+    /// Replace what the work directory holds: a dataset prepared with another config is
+    /// rebuilt (without the flag it is refused), and the training runs restart from scratch.
+    /// A dataset or scores that are this run's own output with every file intact are kept
+    /// either way (redoing them gives the same bytes); damaged ones are always rebuilt.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -124,21 +127,19 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
     let mut detection: Vec<(String, String, DetectionMetrics)> = Vec::new();
     for method in &args.detectors {
         let out = wd.join(format!("scores-{method}"));
-        if args.overwrite || !out.join("manifest.json").exists() {
-            tracing::info!("step 3/5: score {} with {method}", noisy.display());
-            let mut argv = vec![
-                "--dataset".into(),
-                s(&noisy),
-                "--out".into(),
-                s(&out),
-                "--method".into(),
-                method.clone(),
-            ];
-            if out.exists() {
-                argv.push("--overwrite".into());
-            }
-            cmd::score::run(stage_args(config, "score", &argv)?, config, comm)?;
-        }
+        tracing::info!("step 3/5: score {} with {method}", noisy.display());
+        // Scores up to date with the noisy dataset are left alone (the stage checks its
+        // fingerprint and its files); anything else in the job's own directory is redone.
+        let argv = vec![
+            "--dataset".into(),
+            s(&noisy),
+            "--out".into(),
+            s(&out),
+            "--method".into(),
+            method.clone(),
+            "--overwrite".into(),
+        ];
+        cmd::score::run(stage_args(config, "score", &argv)?, config, comm)?;
         for split in ["valid", "test"] {
             let m = detection_of(&noisy, &out, split)?;
             detection.push((method.clone(), split.to_string(), m));

@@ -31,7 +31,7 @@
 //! each shard's fingerprint, so a resumed run never mixes two models' scores.
 
 use crate::config::ConfigFile;
-use crate::sharded::{fingerprint, parts_root_of, ShardOutput, ShardedStage};
+use crate::sharded::{fingerprint, output_up_to_date, parts_root_of, ShardOutput, ShardedStage};
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::{RecordBatch, StringArray, UInt32Array};
@@ -65,7 +65,10 @@ pub struct ScoreArgs {
     /// output depends on it only through row order); more shards = finer resume.
     #[arg(long, default_value_t = 16)]
     pub num_shards: u32,
-    /// Replace an existing output directory.
+    /// Replace an output directory that holds something else. Without it, a directory
+    /// holding this same run's output (same fingerprint: config, inputs, model, tool version)
+    /// with every file intact is left alone (nothing to do), a damaged one is rebuilt, and
+    /// anything else is refused.
     #[arg(long)]
     pub overwrite: bool,
     /// LLM detectors: HF model directory or .gguf file (default: the SmolLM2-135M-Instruct asset).
@@ -196,12 +199,6 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             splits.push(known);
         }
     }
-    if out.exists() && !args.overwrite {
-        bail!(
-            "output directory {} already exists (pass --overwrite to replace it)",
-            out.display()
-        );
-    }
 
     let catalog_path = dataset.join("catalog.parquet");
     let catalog = Catalog::read_parquet(&catalog_path)
@@ -262,25 +259,14 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
         manifest.count("windows_per_batch", w as u64);
     }
 
-    let parts_root = parts_root_of(&out);
-    let staging = if comm.is_root() {
-        Some(StagingDir::new(&out, args.overwrite)?)
-    } else {
-        None
-    };
-    let mut stages = Vec::new();
+    let mut split_fps = Vec::new();
     for split in &splits {
         let path = split_path(&dataset, split);
-        let windows = if *split == "train" {
-            train.clone()
-        } else {
-            let w = read_split(&dataset, split)?;
-            w.validate_ids(catalog.num_items(), &path)?;
+        if *split != "train" {
             manifest.add_input(&path)?;
-            w
-        };
+        }
         let split_sha = sha256_file(&path)?.0;
-        let fp = fingerprint(&serde_json::json!({
+        split_fps.push(fingerprint(&serde_json::json!({
             "stage": "score",
             "tool_version": env!("CARGO_PKG_VERSION"),
             "split": split,
@@ -291,7 +277,30 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             "input": split_sha,
             "model": model_sha,
             "windows_per_batch": windows_per_batch,
-        }))?;
+        }))?);
+    }
+    manifest.fingerprint =
+        fingerprint(&serde_json::json!({ "splits": splits, "parts": split_fps }))?;
+    if output_up_to_date(comm, &out, args.overwrite, "score", &manifest.fingerprint)? {
+        return Ok(());
+    }
+
+    let parts_root = parts_root_of(&out);
+    let staging = if comm.is_root() {
+        Some(StagingDir::new(&out, true)?)
+    } else {
+        None
+    };
+    let mut stages = Vec::new();
+    for (split, fp) in splits.iter().zip(split_fps) {
+        let path = split_path(&dataset, split);
+        let windows = if *split == "train" {
+            train.clone()
+        } else {
+            let w = read_split(&dataset, split)?;
+            w.validate_ids(catalog.num_items(), &path)?;
+            w
+        };
         let stage = ShardedStage {
             name: format!("score/{split}"),
             parts_dir: parts_root.join(split),
