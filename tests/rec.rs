@@ -418,6 +418,14 @@ fn cli_trains_evaluates_and_rejects_bad_input() {
     let e: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&ev).unwrap()).unwrap();
     assert_eq!(e["metrics"]["values"], metrics["test"]["values"]);
+    let test_windows = llm4dsr_data::Windows::read_parquet(&ds.join("windows/test.parquet"))
+        .unwrap()
+        .len() as u64;
+    assert_eq!(e["windows"], test_windows);
+    assert_eq!(
+        e["windows_ranked"].as_u64().unwrap() + e["windows_without_history"].as_u64().unwrap(),
+        test_windows
+    );
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 3);
 
     // An existing run directory is not overwritten silently.
@@ -472,6 +480,58 @@ fn cli_trains_evaluates_and_rejects_bad_input() {
     ]);
     assert!(!ok && err.contains("unknown key `epochz`"), "{err}");
     assert!(!run2.exists());
+
+    // Values no run can use are named, and leave no run directory.
+    for (flag, v) in [("--lr", "-1"), ("--epochs", "0"), ("--batch-size", "0")] {
+        let arg = format!("{flag}={v}");
+        let (ok, _, err) = llm4dsr(&["train", "--dataset", s(&ds), "--out", s(&run2), &arg]);
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        assert!(!ok && err.contains(&key), "{flag} {v}: {err}");
+        assert!(!run2.exists(), "{flag} {v}: run directory left");
+    }
+
+    // Windows whose `pos` is not a sequence index (imported as they are, e.g. movie-csv)
+    // cannot give every-prefix targets: refused, naming the file and the way out.
+    let ordinal = d.path().join("ordinal");
+    write_dataset(&ordinal, SPEC).unwrap();
+    let tp = ordinal.join("windows/train.parquet");
+    let w = llm4dsr_data::Windows::read_parquet(&tp).unwrap();
+    let mut renum = llm4dsr_data::Windows::new();
+    for (i, win) in w.iter().enumerate() {
+        renum.push(
+            win.user,
+            (i % 3) as u32,
+            win.items,
+            win.mask,
+            win.original,
+            win.target_timestamp,
+        );
+    }
+    renum.write_parquet(&tp).unwrap();
+    let (ok, _, err) = llm4dsr(&["train", "--dataset", s(&ordinal), "--out", s(&run2)]);
+    assert!(
+        !ok && err.contains("train.parquet")
+            && err.contains("every-prefix")
+            && err.contains("`last`"),
+        "{err}"
+    );
+    assert!(!run2.exists());
+    let (ok, _, err) = llm4dsr(&[
+        "train",
+        "--dataset",
+        s(&ordinal),
+        "--out",
+        s(&run2),
+        "--targets",
+        "last",
+        "--epochs",
+        "1",
+        "--dim",
+        "16",
+        "--inner",
+        "16",
+    ]);
+    assert!(ok, "{err}");
 }
 
 /// The fused engines train to the weights the candle (autograd) engine reaches: two epochs

@@ -9,6 +9,19 @@ use clap::{ArgMatches, FromArgMatches};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
+/// The tables a config may hold: one per stage that reads flags from it.
+pub const SECTIONS: &[&str] = &[
+    "prepare",
+    "score",
+    "ground",
+    "comm-check",
+    "train",
+    "evaluate",
+    "run",
+    "model-convert",
+    "inspect-scores",
+];
+
 /// A parsed config file: one table per stage.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigFile {
@@ -22,20 +35,50 @@ impl ConfigFile {
             .with_context(|| format!("reading config {}", path.display()))?;
         let table: toml::Table =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
-        Ok(Self {
+        let c = Self {
             path: Some(path.to_path_buf()),
             table,
-        })
+        };
+        c.check_sections()?;
+        Ok(c)
+    }
+
+    /// Every top-level key must be a known stage's table, so a misspelt table is an error
+    /// rather than a config silently ignored.
+    fn check_sections(&self) -> Result<()> {
+        for (key, v) in &self.table {
+            if !SECTIONS.contains(&key.as_str()) {
+                let hint = match SECTIONS.iter().find(|s| **s == key.replace('_', "-")) {
+                    Some(s) => format!(" (did you mean [{s}]?)"),
+                    None => String::new(),
+                };
+                bail!(
+                    "{}: unknown table [{key}]{hint}; a config holds the tables {}",
+                    self.describe(),
+                    SECTIONS
+                        .iter()
+                        .map(|s| format!("[{s}]"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if !v.is_table() {
+                bail!("{}: `{key}` must be a table ([{key}])", self.describe());
+            }
+        }
+        Ok(())
     }
 
     /// A config from text (e.g. one embedded in the binary); `origin` names it in errors.
     pub fn from_str(text: &str, origin: &str) -> Result<Self> {
         let table: toml::Table =
             toml::from_str(text).with_context(|| format!("parsing config {origin}"))?;
-        Ok(Self {
+        let c = Self {
             path: Some(origin.into()),
             table,
-        })
+        };
+        c.check_sections()?;
+        Ok(c)
     }
 
     /// The `[section]` table, if present.
@@ -64,6 +107,7 @@ impl ConfigFile {
             return Ok(parsed);
         };
         let mut value = serde_json::to_value(&parsed)?;
+        let defaults = value.clone();
         let obj = value
             .as_object_mut()
             .ok_or_else(|| anyhow!("arguments of `{section}` are not a struct"))?;
@@ -89,11 +133,23 @@ impl ConfigFile {
                 obj.insert(key.clone(), serde_json::to_value(v)?);
             }
         }
-        serde_json::from_value(value).with_context(|| {
-            format!(
-                "{}: a value in [{section}] has the wrong type",
-                self.describe()
-            )
+        serde_json::from_value::<A>(value).map_err(|e| {
+            // Name the key: the first whose value alone fails to deserialise.
+            let bad = table.iter().find(|(key, v)| {
+                let mut one = defaults.clone();
+                one[key.as_str()] = serde_json::to_value(v).unwrap_or_default();
+                serde_json::from_value::<A>(one).is_err()
+            });
+            match bad {
+                Some((key, v)) => anyhow!(
+                    "{}: [{section}] {key} = {v}: wrong type or value ({e})",
+                    self.describe()
+                ),
+                None => anyhow!(
+                    "{}: a value in [{section}] has the wrong type ({e})",
+                    self.describe()
+                ),
+            }
         })
     }
 }
@@ -133,6 +189,40 @@ mod tests {
                 name: None
             }
         );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let c = cfg("[s]\nk_core = 10\nnoise = \"lots\"\n");
+        let m = Demo::command().get_matches_from(["demo"]);
+        let e = c.resolve::<Demo>("s", &m).unwrap_err().to_string();
+        assert!(e.contains("[s] noise = \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_or_misspelt_table_is_an_error() {
+        let e = ConfigFile::from_str("[prepar]\nseed = 1\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml") && e.contains("unknown table [prepar]"),
+            "{e}"
+        );
+        let e = ConfigFile::from_str("[inspect_scores]\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean [inspect-scores]"), "{e}");
+        let e = ConfigFile::from_str("seed = 1\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown table [seed]"), "{e}");
+        let e = ConfigFile::from_str("score = 1\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be a table"), "{e}");
+        for s in SECTIONS {
+            ConfigFile::from_str(&format!("[{s}]\n"), "c.toml").unwrap();
+        }
     }
 
     #[test]

@@ -33,6 +33,32 @@ pub struct Instance {
     pub end: u32,
 }
 
+/// Whether `targets` can be built from these windows. [`Targets::EveryPrefix`] places each
+/// window slot in its user's sequence from the window's `pos` (its target's index in that
+/// sequence), so that an interaction held by several overlapping windows is a target once;
+/// windows imported as they are (movie-csv: `pos` is the window's ordinal among its user's
+/// windows) cannot be placed, and are refused here rather than trained on wrongly.
+pub fn check_targets(w: &Windows, targets: Targets) -> Result<()> {
+    if targets != Targets::EveryPrefix {
+        return Ok(());
+    }
+    if let Some(win) = w
+        .iter()
+        .find(|win| (win.pos as usize) + 1 < win.items.len())
+    {
+        bail!(
+            "targets every-prefix: the window of user {} at pos {} holds {} items, so its `pos` \
+             is not its target's index in the user's sequence (windows imported as they are, \
+             e.g. movie-csv); use targets `last` (one instance per window: the reference \
+             code's protocol for such windows) or `all-positions`",
+            win.user,
+            win.pos,
+            win.items.len()
+        );
+    }
+    Ok(())
+}
+
 /// Instances for training under `targets`, in a fixed order (independent of ranks).
 pub fn training_instances(w: &Windows, targets: Targets) -> Vec<Instance> {
     let mut out = Vec::new();
@@ -66,9 +92,14 @@ pub fn training_instances(w: &Windows, targets: Targets) -> Vec<Instance> {
             for i in 0..w.len() {
                 let win = w.get(i);
                 let k = win.items.len() as u32;
+                if win.pos + 1 < k {
+                    // `pos` is not the target's index in the user's sequence (refused by
+                    // `check_targets`): no inner position can be placed.
+                    continue;
+                }
                 for j in (1..k.saturating_sub(1)).rev() {
                     let seq_pos = win.pos + j + 1 - k;
-                    if win.pos + 1 >= k && seen.insert((win.user, seq_pos)) {
+                    if seen.insert((win.user, seq_pos)) {
                         out.push(Instance {
                             window: i as u32,
                             end: j,
@@ -303,6 +334,28 @@ mod tests {
             assert_eq!(i.end, (t - 1).min(10), "{i:?}");
         }
         assert_eq!(training_instances(&w, Targets::Last).len(), 5);
+    }
+
+    #[test]
+    fn windows_imported_as_they_are_are_refused_for_every_prefix() {
+        // movie-csv: `pos` is the window's ordinal, smaller than its length - 1.
+        let mut w = Windows::new();
+        let items: Vec<u32> = (1..=11).collect();
+        let z = vec![0u8; 11];
+        w.push(3, 0, &items, &z, &items, 0);
+        let e = check_targets(&w, Targets::EveryPrefix)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("user 3 at pos 0") && e.contains("`last`"), "{e}");
+        check_targets(&w, Targets::Last).unwrap();
+        check_targets(&w, Targets::AllPositions).unwrap();
+        // No overflow: the inner positions of such a window are simply not placed.
+        assert_eq!(training_instances(&w, Targets::EveryPrefix).len(), 1);
+        check_targets(
+            &user_windows(7, &(1..=15).collect::<Vec<_>>(), 11),
+            Targets::EveryPrefix,
+        )
+        .unwrap();
     }
 
     #[test]

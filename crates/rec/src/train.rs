@@ -11,7 +11,9 @@
 //! - identical Adam steps everywhere; checkpoints are written by rank 0 only.
 
 use crate::adam::{Adam, AdamConfig};
-use crate::batch::{loss_terms, training_instances, Dropout, Instance, SeqBatch, Targets};
+use crate::batch::{
+    check_targets, loss_terms, training_instances, Dropout, Instance, SeqBatch, Targets,
+};
 use crate::evaluate::{evaluate, rank_slice, EvalOptions};
 use crate::fused::{FusedEngine, FusedLoss};
 use crate::metrics::Metrics;
@@ -79,6 +81,44 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Refuse values no run can use (each named by its `train` flag / config key).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let a = &self.adam;
+        let checks = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (
+                self.eval_batch_size >= 1,
+                "eval_batch_size must be at least 1",
+            ),
+            (
+                a.lr.is_finite() && a.lr > 0.0,
+                "lr must be a positive finite number",
+            ),
+            ((0.0..1.0).contains(&a.beta2), "beta2 must be in [0, 1)"),
+            (
+                a.weight_decay.is_finite() && a.weight_decay >= 0.0,
+                "weight_decay must be a finite number >= 0",
+            ),
+        ];
+        for (ok, why) in checks {
+            if !ok {
+                bail!(
+                    "train: {why} (got epochs {}, batch_size {}, eval_batch_size {}, lr {}, \
+                     beta2 {}, weight_decay {})",
+                    self.epochs,
+                    self.batch_size,
+                    self.eval_batch_size,
+                    a.lr,
+                    a.beta2,
+                    a.weight_decay
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(model: ModelConfig) -> Self {
         Self {
             model,
@@ -185,9 +225,8 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     let l = cfg.model.max_len;
     tune_allocator();
-    if cfg.batch_size == 0 {
-        bail!("batch_size must be positive");
-    }
+    cfg.validate()?;
+    check_targets(train, cfg.targets)?;
     let insts = training_instances(train, cfg.targets);
     if insts.is_empty() {
         bail!("no training instances: every training window has a single item");

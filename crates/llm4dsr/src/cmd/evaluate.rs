@@ -70,6 +70,10 @@ pub fn run_with(args: EvaluateArgs, comm: &dyn Comm) -> Result<()> {
             data.num_users
         );
     }
+    anyhow::ensure!(
+        args.batch_size >= 1,
+        "--batch-size must be at least 1 (or `batch_size` in [evaluate])"
+    );
     let (model, _) = llm4dsr_rec::checkpoint::load(&ckpt)?;
     let w = data.split(&args.split)?;
     let m = llm4dsr_rec::evaluate(
@@ -85,6 +89,17 @@ pub fn run_with(args: EvaluateArgs, comm: &dyn Comm) -> Result<()> {
     if !comm.is_root() {
         return Ok(());
     }
+    // Windows of the target alone have no history to rank from: counted, not ranked.
+    let windows = w.len() as u64;
+    let no_history = windows - llm4dsr_rec::batch::eval_instances(w).len() as u64;
+    if no_history > 0 {
+        tracing::warn!(
+            "{}: {no_history} of {windows} `{}` windows hold only their target (no history) \
+             and are not ranked",
+            dataset.display(),
+            args.split
+        );
+    }
     let v = serde_json::json!({
         "checkpoint": ckpt.display().to_string(),
         "dataset": dataset.display().to_string(),
@@ -93,6 +108,9 @@ pub fn run_with(args: EvaluateArgs, comm: &dyn Comm) -> Result<()> {
         "epoch": cc.epoch,
         "mask_history": args.mask_history,
         "rank_ties": "pessimistic (tied items count above the target)",
+        "windows": windows,
+        "windows_ranked": m.count,
+        "windows_without_history": no_history,
         "metrics": m,
     });
     match &args.out {

@@ -1,7 +1,7 @@
 //! `llm4dsr prepare`: interactions + catalogue -> dataset directory (see docs/data.md).
 
 use crate::config::ConfigFile;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use llm4dsr_data::prepare::{Protocol, Source, SourceFormat, SplitProtocol};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -95,7 +95,10 @@ pub struct PrepareArgs {
 impl PrepareArgs {
     /// The source with paths resolved (an asset name becomes cache paths).
     pub fn source(&self) -> Result<Source> {
-        let format: SourceFormat = self.format.parse()?;
+        let format: SourceFormat = self
+            .format
+            .parse()
+            .with_context(|| format!("format = {:?}", self.format))?;
         let (mut inter, mut item) = (self.inter.clone(), self.item.clone());
         if let Some(a) = &self.asset {
             if format != SourceFormat::Recbole {
@@ -124,7 +127,10 @@ impl PrepareArgs {
     }
 
     pub fn protocol(&self) -> Result<Protocol> {
-        let split: SplitProtocol = self.split.parse()?;
+        let split: SplitProtocol = self
+            .split
+            .parse()
+            .with_context(|| format!("split = {:?}", self.split))?;
         Ok(Protocol {
             seed: self.seed,
             k_core: self.k_core,
@@ -144,13 +150,13 @@ pub fn run(args: PrepareArgs, config: &ConfigFile) -> Result<()> {
         .out
         .clone()
         .ok_or_else(|| anyhow!("no output directory: pass --out or set `out` in [prepare]"))?;
-    let source = args.source()?;
-    let protocol = args.protocol()?;
     // Name where the parameters came from, so a bad value points at the right file.
     let origin = match (&config.path, config.section("prepare")?) {
         (Some(p), Some(_)) => format!("{} [prepare] (or its command-line flag)", p.display()),
         _ => "command line".to_string(),
     };
+    let source = args.source().with_context(|| origin.clone())?;
+    let protocol = args.protocol().with_context(|| origin.clone())?;
     let recorded = serde_json::json!({ "source": source, "protocol": protocol });
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(format!("preparing {}", out.display()));

@@ -239,9 +239,11 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         .clone()
         .context("--out is required (or `out` in [train])")?;
     let cfg = args.train_config();
-    cfg.model.validate()?;
+    cfg.validate()?;
     // Every input is read and checked before anything is written.
     let data = RecDataset::load(&dataset)?;
+    llm4dsr_rec::batch::check_targets(&data.train, cfg.targets)
+        .with_context(|| format!("{}", dataset.join("windows/train.parquet").display()))?;
     let exists = out.exists();
     // Every rank decides from the same state of the disk, before rank 0 changes it.
     comm.barrier()?;
@@ -256,10 +258,29 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
     if args.resume && !out.join("last").join("state.json").exists() {
         bail!("{}: nothing to resume (no last/state.json)", out.display());
     }
+    let created = !out.exists();
     if comm.is_root() {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     }
     comm.barrier()?;
+    let result = train_in(&args, &cfg, &data, &dataset, &out, comm);
+    // A run that failed before its first checkpoint leaves nothing to resume: no directory.
+    if result.is_err() && created && comm.is_root() && !out.join("last").join("state.json").exists()
+    {
+        std::fs::remove_dir_all(&out).ok();
+    }
+    result
+}
+
+/// Train into the run directory `out` (created), then write metrics, manifest and CSV row.
+fn train_in(
+    args: &TrainArgs,
+    cfg: &llm4dsr_rec::TrainConfig,
+    data: &RecDataset,
+    dataset: &std::path::Path,
+    out: &std::path::Path,
+    comm: &dyn Comm,
+) -> Result<()> {
     let select = match cfg.select_on {
         SelectOn::Valid => &data.valid,
         SelectOn::Test => {
@@ -268,7 +289,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         }
     };
     let plan = CheckpointPlan {
-        dir: out.clone(),
+        dir: out.to_path_buf(),
         resume: args.resume,
     };
     let outcome = llm4dsr_rec::train(
@@ -276,7 +297,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         select,
         data.num_items,
         data.num_users,
-        &cfg,
+        cfg,
         comm,
         Some(&plan),
     )?;
@@ -322,7 +343,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         "config": cfg,
     });
     write_json(&out.join("metrics.json"), &summary)?;
-    let mut manifest = Manifest::new("train", cfg.seed, serde_json::to_value(&args)?);
+    let mut manifest = Manifest::new("train", cfg.seed, serde_json::to_value(args)?);
     for s in llm4dsr_data::windows::SPLITS {
         manifest.add_input(&dataset.join("windows").join(format!("{s}.parquet")))?;
     }
@@ -330,10 +351,18 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
     manifest.count("train.windows", data.train.len() as u64);
     manifest.count("train.instances", outcome.instances as u64);
     manifest.count("train.loss_terms", outcome.loss_terms);
-    manifest.count("valid.windows", data.valid.len() as u64);
-    manifest.count("valid.ranked", valid_m.count);
-    manifest.count("test.windows", data.test.len() as u64);
-    manifest.count("test.ranked", test_m.count);
+    // windows = ranked + without history (the target alone: nothing to rank from).
+    for (split, w, m) in [
+        ("valid", &data.valid, &valid_m),
+        ("test", &data.test, &test_m),
+    ] {
+        manifest.count(&format!("{split}.windows"), w.len() as u64);
+        manifest.count(&format!("{split}.ranked"), m.count);
+        manifest.count(
+            &format!("{split}.windows_without_history"),
+            w.len() as u64 - m.count,
+        );
+    }
     manifest.count("epochs_run", outcome.state.epochs_done as u64);
     manifest.count("best_epoch", outcome.state.best_epoch as u64);
     manifest
@@ -345,8 +374,8 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         outcome.instances,
         data.train.len()
     ));
-    manifest.add_outputs_under(&out)?;
-    manifest.write(&out)?;
+    manifest.add_outputs_under(out)?;
+    manifest.write(out)?;
     if let Some(csv) = &args.results_csv {
         let sel = if cfg.select_on == SelectOn::Valid {
             "valid"
@@ -355,7 +384,7 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
         };
         let row = csv_row(
             &args.label,
-            &dataset,
+            dataset,
             cfg.model.kind,
             "test",
             sel,
