@@ -23,9 +23,9 @@ pub struct ConvertArgs {
     /// GGUF file to convert (default: the SmolLM2-135M-Instruct asset in the cache).
     #[arg(long)]
     pub gguf: Option<PathBuf>,
-    /// Output directory (written atomically).
+    /// Output directory (written atomically; or `out` in [model-convert] of the config).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -38,19 +38,22 @@ pub fn run(config: &ConfigFile, matches: &ArgMatches) -> Result<()> {
     match name {
         "convert" => {
             let args: ConvertArgs = config.resolve("model-convert", sub)?;
+            let out = args
+                .out
+                .ok_or_else(|| anyhow!("--out is required (or `out` in [model-convert])"))?;
             let gguf = match args.gguf {
                 Some(p) => p,
                 None => llm4dsr_data::assets::require(SMOLLM2_GGUF)?,
             };
             let t0 = std::time::Instant::now();
-            llm4dsr_llm::gguf::convert_to_hf_dir(&gguf, &args.out, args.overwrite)?;
+            llm4dsr_llm::gguf::convert_to_hf_dir(&gguf, &out, args.overwrite)?;
             tracing::info!(
                 gguf = %gguf.display(),
-                out = %args.out.display(),
+                out = %out.display(),
                 secs = t0.elapsed().as_secs_f32(),
                 "converted"
             );
-            println!("{}", args.out.display());
+            println!("{}", out.display());
             Ok(())
         }
         other => unreachable!("unhandled model subcommand {other}"),
