@@ -732,3 +732,215 @@ fn assets_fetch_is_idempotent_and_fails_clearly_offline() {
         "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
     );
 }
+
+#[test]
+fn recbole_timestamp_tag_long_rows_and_blank_lines_are_refused() {
+    // RecBole types timestamps `float`: a `token` timestamp is refused, naming the tag.
+    let mut f = Fixture::new();
+    f.inter_lines[0] = "user_id:token\titem_id:token\trating:float\ttimestamp:token".into();
+    let out = f.out("ds");
+    assert_refused(
+        &f.prepare(&out, &[]),
+        &out,
+        "x.inter",
+        "field `timestamp` has type `token`, expected `float`",
+    );
+
+    // A row with a field too many is refused like one with a field too few.
+    let mut f = Fixture::new();
+    f.inter_lines[7] = "u3\t4\t4\t1000007\textra".into();
+    assert_refused(
+        &f.prepare(&out, &[]),
+        &out,
+        "x.inter: line 8",
+        "expected 4 fields, found 5",
+    );
+    let mut f = Fixture::new();
+    f.item_lines[2] = "2\tMovie number 2\t1972\textra".into();
+    assert_refused(
+        &f.prepare(&out, &[]),
+        &out,
+        "x.item: line 3",
+        "expected 3 fields, found 4",
+    );
+
+    // A blank line is refused with its line, not skipped uncounted.
+    let mut f = Fixture::new();
+    f.inter_lines.insert(50, String::new());
+    assert_refused(
+        &f.prepare(&out, &[]),
+        &out,
+        "x.inter: line 51",
+        "blank line",
+    );
+    let mut f = Fixture::new();
+    f.item_lines.insert(4, "\r".into());
+    assert_refused(&f.prepare(&out, &[]), &out, "x.item: line 5", "blank line");
+}
+
+#[test]
+fn parquet_source_refuses_out_of_range_timestamps_and_empty_user_ids() {
+    use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |path: &Path, cols: Vec<(&str, ArrayRef)>| {
+        let b = RecordBatch::try_from_iter(cols).unwrap();
+        llm4dsr_data::parquet_io::write_batches(path, b.schema(), &[b]).unwrap();
+    };
+    let cat = dir.path().join("catalog_in.parquet");
+    write(
+        &cat,
+        vec![
+            (
+                "item",
+                Arc::new(StringArray::from_iter_values(
+                    (0..10).map(|i| format!("b{i}")),
+                )) as ArrayRef,
+            ),
+            (
+                "title",
+                Arc::new(StringArray::from_iter_values(
+                    (0..10).map(|i| format!("Book {i}")),
+                )),
+            ),
+        ],
+    );
+    let log = dir.path().join("log.parquet");
+    let out = dir.path().join("ds");
+    let prepare = |users: Vec<&str>, ts: ArrayRef| {
+        let items: Vec<String> = (0..users.len()).map(|i| format!("b{}", i % 10)).collect();
+        write(
+            &log,
+            vec![
+                ("user_id", Arc::new(StringArray::from(users)) as ArrayRef),
+                ("item", Arc::new(StringArray::from(items))),
+                ("timestamp", ts),
+            ],
+        );
+        run(&[
+            "prepare",
+            "--format",
+            "parquet",
+            "--inter",
+            p(&log),
+            "--item",
+            p(&cat),
+            "--item-field",
+            "item",
+            "--title-field",
+            "title",
+            "--k-core",
+            "2",
+            "--out",
+            p(&out),
+        ])
+    };
+    let users = || {
+        (0..80)
+            .map(|i| ["u1", "u2", "u3", "u4"][i % 4])
+            .collect::<Vec<_>>()
+    };
+    let ts: Vec<f64> = (0..80).map(|i| 1e9 + i as f64).collect();
+    let o = prepare(users(), Arc::new(Float64Array::from(ts.clone())));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        Manifest::read(&out).unwrap().counts["01_read.interactions"],
+        80
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // A float timestamp beyond what the RecBole reader takes is refused, not saturated.
+    let mut big = ts.clone();
+    big[17] = 1e30;
+    assert_refused(
+        &prepare(users(), Arc::new(Float64Array::from(big))),
+        &out,
+        "log.parquet: row 17",
+        "field `timestamp`: timestamp 1e30 is out of range",
+    );
+    // A u64 above i64::MAX is named as out of range (not as null or non-finite).
+    let mut big: Vec<u64> = (0..80).map(|i| 1_000_000_000 + i).collect();
+    big[3] = u64::MAX;
+    assert_refused(
+        &prepare(users(), Arc::new(UInt64Array::from(big))),
+        &out,
+        "log.parquet: row 3",
+        &format!("field `timestamp`: timestamp {} is out of range", u64::MAX),
+    );
+    // An empty user id is refused, as the RecBole reader refuses it.
+    let mut empty = users();
+    empty[5] = "";
+    assert_refused(
+        &prepare(empty, Arc::new(Int64Array::from_iter_values(0..80))),
+        &out,
+        "log.parquet: row 5",
+        "field `user_id`: empty user id",
+    );
+}
+
+/// pyarrow names a list's child field `element` (arrow-rs: `item`); windows written that way
+/// are read by the stages that read windows (here `inspect-scores`, which reads the split
+/// before it needs a model).
+#[test]
+fn windows_with_pyarrow_list_child_names_are_read() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
+    use std::sync::Arc;
+    let f = Fixture::new();
+    let out = f.out("ds");
+    let o = f.prepare(&out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = out.join("windows/test.parquet");
+    let before = llm4dsr_data::read_split(&out, "test").unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let batches: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 1024)
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+    let renamed: Vec<RecordBatch> = batches
+        .iter()
+        .map(|b| {
+            let schema = b.schema();
+            let cols = schema.fields().iter().zip(b.columns()).map(|(field, col)| {
+                let col: ArrayRef = match col.as_list_opt::<i32>() {
+                    Some(list) => {
+                        let (child, offsets, values, nulls) = list.clone().into_parts();
+                        let child = Arc::new(child.as_ref().clone().with_name("element"));
+                        Arc::new(ListArray::new(child, offsets, values, nulls))
+                    }
+                    None => col.clone(),
+                };
+                (field.name().clone(), col)
+            });
+            RecordBatch::try_from_iter(cols).unwrap()
+        })
+        .collect();
+    let items = renamed[0]
+        .column_by_name("items")
+        .unwrap()
+        .data_type()
+        .to_string();
+    assert!(items.contains("element"), "{items}");
+    std::fs::remove_file(&path).unwrap();
+    llm4dsr_data::parquet_io::write_batches(&path, renamed[0].schema(), &renamed).unwrap();
+    assert_eq!(llm4dsr_data::read_split(&out, "test").unwrap(), before);
+    let o = run(&[
+        "inspect-scores",
+        "--dataset",
+        p(&out),
+        "--split",
+        "test",
+        "--start",
+        "1000000",
+    ]);
+    let e = stderr(&o);
+    assert!(!e.contains("expected List"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "--start 1000000 but the test split has {} windows",
+            before.len()
+        )),
+        "{e}"
+    );
+}

@@ -58,6 +58,20 @@ pub struct ColumnSpec<'a> {
     pub accepts: &'a [DataType],
 }
 
+/// Does a column of type `have` satisfy `want`? Equal types do; so does a list whose items have
+/// the wanted item type whatever the child field's name (arrow-rs names it `item`, pyarrow
+/// `element`), and a non-nullable child where a nullable one is wanted (it holds no nulls;
+/// readers that cannot take nulls check the values).
+fn type_accepted(have: &DataType, want: &DataType) -> bool {
+    match (have, want) {
+        (DataType::List(h), DataType::List(w))
+        | (DataType::LargeList(h), DataType::LargeList(w)) => {
+            (w.is_nullable() || !h.is_nullable()) && type_accepted(h.data_type(), w.data_type())
+        }
+        _ => have == want,
+    }
+}
+
 /// Read only `columns` of `path`, in that order, checking that each exists with an accepted
 /// type. Errors name the file and the field.
 pub fn read_columns(path: &Path, columns: &[ColumnSpec<'_>]) -> Result<Vec<RecordBatch>> {
@@ -76,7 +90,12 @@ pub fn read_columns(path: &Path, columns: &[ColumnSpec<'_>]) -> Result<Vec<Recor
                 have.join(", ")
             )
         })?;
-        if !c.accepts.is_empty() && !c.accepts.contains(field.data_type()) {
+        if !c.accepts.is_empty()
+            && !c
+                .accepts
+                .iter()
+                .any(|t| type_accepted(field.data_type(), t))
+        {
             bail!(
                 "{}: column `{}` has type {}, expected {}",
                 path.display(),

@@ -356,4 +356,81 @@ mod tests {
         assert!(r.validate_ids(8, &p).is_err());
         assert!(r.validate_ids(9, &p).is_ok());
     }
+
+    /// pyarrow names a list's child field `element` (arrow-rs `item`), and may declare it
+    /// non-nullable: either is read; a list of another item type, or one holding a null, is not.
+    #[test]
+    fn lists_with_any_child_name_are_read() {
+        use arrow_array::{Int32Array, UInt32Array};
+        let mut w = Windows::new();
+        w.push(1, 10, &[3, 4, 5], &[0, 1, 0], &[3, 9, 5], 100);
+        w.push(2, 1, &[7, 8], &[0, 0], &[7, 8], 50);
+        let dir = tempfile::tempdir().unwrap();
+        let b = w.to_record_batch().unwrap();
+        // The batch with list column `k` rebuilt by `f` from (child field, offsets, values).
+        let rewrite = |k: usize,
+                       f: &dyn Fn(Arc<Field>, OffsetBuffer<i32>, ArrayRef) -> ArrayRef|
+         -> RecordBatch {
+            let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+            let mut fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            for j in [2, 3, 4] {
+                if j == k || k == usize::MAX {
+                    let (field, offsets, values, _) = cols[j].as_list::<i32>().clone().into_parts();
+                    cols[j] = f(field, offsets, values);
+                    fields[j] = Field::new(fields[j].name(), cols[j].data_type().clone(), false);
+                }
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+        };
+        let write = |name: &str, b: RecordBatch| {
+            let p = dir.path().join(name);
+            write_batches(&p, b.schema(), &[b]).unwrap();
+            p
+        };
+        let element = |nullable: bool| {
+            move |field: Arc<Field>, offsets, values| -> ArrayRef {
+                let child = Field::new("element", field.data_type().clone(), nullable);
+                Arc::new(ListArray::new(Arc::new(child), offsets, values, None))
+            }
+        };
+        for nullable in [true, false] {
+            let p = write("element.parquet", rewrite(usize::MAX, &element(nullable)));
+            assert_eq!(Windows::read_parquet(&p).unwrap(), w);
+        }
+        // Another item type is still refused, naming the column.
+        let p = write(
+            "int.parquet",
+            rewrite(2, &|_, offsets, values| {
+                let v: Int32Array = values.as_primitive::<UInt32Type>().unary(|x| x as i32);
+                let child = Field::new("element", DataType::Int32, true);
+                Arc::new(ListArray::new(Arc::new(child), offsets, Arc::new(v), None))
+            }),
+        );
+        let e = Windows::read_parquet(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("int.parquet: column `items` has type List(Int32"),
+            "{e}"
+        );
+        // A null inside a list is still refused.
+        let p = write(
+            "null.parquet",
+            rewrite(4, &|field, offsets, values| {
+                let v = values.as_primitive::<UInt32Type>();
+                let v: UInt32Array = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| if i == 1 { None } else { x })
+                    .collect();
+                let child = Field::new("element", field.data_type().clone(), true);
+                Arc::new(ListArray::new(Arc::new(child), offsets, Arc::new(v), None))
+            }),
+        );
+        let e = Windows::read_parquet(&p).unwrap_err().to_string();
+        assert!(e.contains("null.parquet: row 0: null inside"), "{e}");
+    }
 }

@@ -63,7 +63,13 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
     if let Ok(v) = s.parse::<i64>() {
         return Some(v);
     }
-    let f = s.parse::<f64>().ok()?;
+    float_timestamp(s.parse::<f64>().ok()?)
+}
+
+/// A float timestamp as an integer (fraction dropped); `None` when not finite or beyond what
+/// an `i64` holds with room to spare (|f| >= 9e18), rather than saturating.
+#[inline]
+pub fn float_timestamp(f: f64) -> Option<i64> {
     (f.is_finite() && f.abs() < 9.0e18).then_some(f as i64)
 }
 

@@ -3,6 +3,7 @@
 //! or integers (kept as their decimal text as the source id); timestamps integers or floats.
 //! Only the named columns are read (projection).
 
+use super::float_timestamp;
 use crate::interactions::{FnvMap, RawLog, SourceCatalog};
 use crate::parquet_io::{read_columns, ColumnSpec};
 use anyhow::{bail, Result};
@@ -75,21 +76,30 @@ fn id_text<'b>(col: &ArrayRef, r: usize, buf: &'b mut String) -> Option<&'b str>
     Some(buf.as_str())
 }
 
-fn timestamp_at(col: &ArrayRef, r: usize) -> Option<i64> {
+/// The timestamp at row `r`, or what is wrong with it: null, not finite, or out of range (a
+/// float beyond what the RecBole reader takes, see [`float_timestamp`], or a `u64` above
+/// `i64::MAX`), never saturated.
+fn timestamp_at(col: &ArrayRef, r: usize) -> Result<i64, String> {
     if col.is_null(r) {
-        return None;
+        return Err("null timestamp".into());
     }
-    Some(match col.data_type() {
+    Ok(match col.data_type() {
         DataType::Int64 => col.as_primitive::<Int64Type>().value(r),
         DataType::Int32 => col.as_primitive::<Int32Type>().value(r) as i64,
         DataType::UInt32 => col.as_primitive::<UInt32Type>().value(r) as i64,
-        DataType::UInt64 => i64::try_from(col.as_primitive::<UInt64Type>().value(r)).ok()?,
+        DataType::UInt64 => {
+            let v = col.as_primitive::<UInt64Type>().value(r);
+            i64::try_from(v)
+                .map_err(|_| format!("timestamp {v} is out of range (above {})", i64::MAX))?
+        }
         DataType::Float64 => {
             let f = col.as_primitive::<Float64Type>().value(r);
             if !f.is_finite() {
-                return None;
+                return Err(format!("non-finite timestamp {f}"));
             }
-            f as i64
+            float_timestamp(f).ok_or_else(|| {
+                format!("timestamp {f:e} is out of range (|t| must be below 9e18)")
+            })?
         }
         other => unreachable!("timestamp type {other} was not accepted"),
     })
@@ -127,6 +137,13 @@ pub fn read_catalog(path: &Path, cols: &ParquetColumns) -> Result<SourceCatalog>
                     cols.item
                 );
             };
+            if id.is_empty() {
+                bail!(
+                    "{}: row {row}, field `{}`: empty item id",
+                    path.display(),
+                    cols.item
+                );
+            }
             let id = id.to_string();
             let title = if titles.is_null(r) {
                 ""
@@ -199,6 +216,13 @@ pub fn read_log(path: &Path, catalog: SourceCatalog, cols: &ParquetColumns) -> R
                     cols.user
                 );
             };
+            if u.is_empty() {
+                bail!(
+                    "{}: row {row}, field `{}`: empty user id",
+                    path.display(),
+                    cols.user
+                );
+            }
             user.push(users.intern(u));
             let Some(it) = id_text(b.column(1), r, &mut buf) else {
                 bail!(
@@ -216,12 +240,13 @@ pub fn read_log(path: &Path, catalog: SourceCatalog, cols: &ParquetColumns) -> R
                 );
             };
             item.push(i);
-            let Some(t) = timestamp_at(b.column(2), r) else {
-                bail!(
-                    "{}: row {row}, field `{}`: null or non-finite timestamp",
+            let t = match timestamp_at(b.column(2), r) {
+                Ok(t) => t,
+                Err(why) => bail!(
+                    "{}: row {row}, field `{}`: {why}",
                     path.display(),
                     cols.timestamp
-                );
+                ),
             };
             timestamp.push(t);
             row += 1;
@@ -312,5 +337,124 @@ mod tests {
         };
         let e = read(&log, &cat, &cols2).unwrap_err().to_string();
         assert!(e.contains("log.parquet: missing column `time`"), "{e}");
+    }
+
+    #[test]
+    fn empty_ids_and_out_of_range_timestamps_are_refused() {
+        use arrow_array::{Float64Array, UInt64Array};
+        let d = tempfile::tempdir().unwrap();
+        let write = |name: &str, cols: Vec<(&str, ArrayRef)>| {
+            let p = d.path().join(name);
+            let b = RecordBatch::try_from_iter(cols).unwrap();
+            write_batches(&p, b.schema(), &[b]).unwrap();
+            p
+        };
+        let cat = write(
+            "cat.parquet",
+            vec![
+                (
+                    "item",
+                    Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+                ),
+                ("title", Arc::new(StringArray::from(vec!["Alpha", "Beta"]))),
+            ],
+        );
+        let cols = ParquetColumns {
+            user: "user".into(),
+            item: "item".into(),
+            timestamp: "ts".into(),
+            title: "title".into(),
+        };
+        let log = |name: &str, users: Vec<&str>, ts: ArrayRef| {
+            write(
+                name,
+                vec![
+                    ("user", Arc::new(StringArray::from(users)) as ArrayRef),
+                    ("item", Arc::new(StringArray::from(vec!["a", "b", "a"]))),
+                    ("ts", ts),
+                ],
+            )
+        };
+        let ok = log(
+            "ok.parquet",
+            vec!["u", "v", "u"],
+            Arc::new(Float64Array::from(vec![1.0, -8.9e18, 8.9e18])),
+        );
+        let l = read(&ok, &cat, &cols).unwrap();
+        assert_eq!(
+            l.timestamp,
+            vec![1, -8_900_000_000_000_000_000, 8_900_000_000_000_000_000]
+        );
+        // Floats beyond what the RecBole reader takes are refused, not saturated.
+        let p = log(
+            "big.parquet",
+            vec!["u", "v", "u"],
+            Arc::new(Float64Array::from(vec![1.0, 1e30, 2.0])),
+        );
+        let e = read(&p, &cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains("big.parquet: row 1, field `ts`: timestamp 1e30 is out of range"),
+            "{e}"
+        );
+        let p = log(
+            "nan.parquet",
+            vec!["u", "v", "u"],
+            Arc::new(Float64Array::from(vec![1.0, 2.0, f64::NAN])),
+        );
+        let e = read(&p, &cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains("nan.parquet: row 2, field `ts`: non-finite timestamp NaN"),
+            "{e}"
+        );
+        let p = log(
+            "u64.parquet",
+            vec!["u", "v", "u"],
+            Arc::new(UInt64Array::from(vec![1, u64::MAX, 2])),
+        );
+        let e = read(&p, &cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "u64.parquet: row 1, field `ts`: timestamp {} is out of range",
+                u64::MAX
+            )),
+            "{e}"
+        );
+        let p = log(
+            "null.parquet",
+            vec!["u", "v", "u"],
+            Arc::new(Int64Array::from(vec![Some(1), None, Some(2)])),
+        );
+        let e = read(&p, &cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains("null.parquet: row 1, field `ts`: null timestamp"),
+            "{e}"
+        );
+        // An empty user id is refused, as the RecBole reader refuses it.
+        let p = log(
+            "empty.parquet",
+            vec!["u", "", "u"],
+            Arc::new(Int64Array::from(vec![1, 2, 3])),
+        );
+        let e = read(&p, &cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains("empty.parquet: row 1, field `user`: empty user id"),
+            "{e}"
+        );
+        // So is an empty item id in the catalogue.
+        let cat = write(
+            "cat2.parquet",
+            vec![
+                (
+                    "item",
+                    Arc::new(StringArray::from(vec!["a", ""])) as ArrayRef,
+                ),
+                ("title", Arc::new(StringArray::from(vec!["Alpha", "Beta"]))),
+            ],
+        );
+        let e = read_catalog(&cat, &cols).unwrap_err().to_string();
+        assert!(
+            e.contains("cat2.parquet: row 1, field `item`: empty item id"),
+            "{e}"
+        );
     }
 }

@@ -92,12 +92,12 @@ fn header_line(bytes: &[u8]) -> &[u8] {
     &bytes[..end]
 }
 
-/// Split a line into fields, returning those at `want` (indices), or the number of fields found.
+/// Split a line into fields, returning those at `want` (indices), or the number of fields found
+/// when it is not `fields` (the header's count: short and long rows are both refused).
 #[inline]
-fn pick<const N: usize>(line: &str, want: [usize; N]) -> Result<[&str; N], usize> {
+fn pick<const N: usize>(line: &str, want: [usize; N], fields: usize) -> Result<[&str; N], usize> {
     let mut out = [""; N];
     let mut found = 0usize;
-    let max = *want.iter().max().unwrap();
     for (i, f) in line.split('\t').enumerate() {
         for (k, &w) in want.iter().enumerate() {
             if w == i {
@@ -105,11 +105,12 @@ fn pick<const N: usize>(line: &str, want: [usize; N]) -> Result<[&str; N], usize
             }
         }
         found = i + 1;
-        if i == max {
-            return Ok(out);
-        }
     }
-    Err(found)
+    if found == fields {
+        Ok(out)
+    } else {
+        Err(found)
+    }
 }
 
 /// Read a `.item` catalogue.
@@ -128,13 +129,15 @@ pub fn read_catalog(path: &Path, fields: &RecboleFields) -> Result<SourceCatalog
         ..Default::default()
     };
     let mut seen: FnvMap<&str, usize> = FnvMap::default();
+    // The newline ending the last line does not start another.
+    let text = text.strip_suffix('\n').unwrap_or(text);
     for (lineno, line) in text.split('\n').enumerate().skip(1) {
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.is_empty() {
-            continue;
+            bail!("{}: line {}: blank line", path.display(), lineno + 1);
         }
         let want = [id_col, title_col, year_col.unwrap_or(id_col)];
-        let [id, title, year] = pick(line, want).map_err(|found| {
+        let [id, title, year] = pick(line, want, header.names.len()).map_err(|found| {
             anyhow!(
                 "{}: line {}: expected {} fields, found {found}",
                 path.display(),
@@ -206,7 +209,8 @@ pub fn read_log_in_parts(
     let text = check_utf8(path, &bytes, b'\t', &header.names)?;
     let user_col = header.column(path, &fields.user, &["token"])?;
     let item_col = header.column(path, &fields.item, &["token"])?;
-    let ts_col = header.column(path, &fields.timestamp, &["float", "token"])?;
+    // RecBole types timestamps `float`; ids are `token`.
+    let ts_col = header.column(path, &fields.timestamp, &["float"])?;
 
     let mut item_index: FnvMap<&str, u32> =
         FnvMap::with_capacity_and_hasher(catalog.source_ids.len(), Default::default());
@@ -216,7 +220,10 @@ pub fn read_log_in_parts(
     // Parse the body in contiguous chunks on all cores; merging keeps file order and the
     // first-sight order of users, so the result does not depend on the chunk count.
     let body_start = header_line(&bytes).len().min(text.len());
-    let body = &text[body_start..];
+    // The newline ending the last line does not start another (a blank line is refused).
+    let body = text[body_start..]
+        .strip_suffix('\n')
+        .unwrap_or(&text[body_start..]);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let parts = parts.unwrap_or(if body.len() < (4 << 20) {
         1
@@ -224,13 +231,13 @@ pub fn read_log_in_parts(
         cores.clamp(1, 8)
     });
     let chunks = split_at_lines(body, parts);
-    let cols = [user_col, item_col, ts_col];
+    let (cols, n_fields) = ([user_col, item_col, ts_col], header.names.len());
     let results: Vec<Result<Chunk<'_>, ChunkError>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .iter()
             .map(|&c| {
                 let idx = &item_index;
-                s.spawn(move || parse_chunk(c, cols, idx))
+                s.spawn(move || parse_chunk(c, cols, n_fields, idx))
             })
             .collect();
         handles
@@ -261,8 +268,9 @@ pub fn read_log_in_parts(
                         e.detail,
                         catalog.path.display()
                     ),
+                    4 => ": blank line".to_string(),
                     _ => format!(
-                        ", field `{}`: `{}` is not a number",
+                        ", field `{}`: `{}` is not a number or out of range (|t| < 9e18)",
                         fields.timestamp, e.detail
                     ),
                 };
@@ -321,7 +329,8 @@ struct Chunk<'a> {
 }
 
 /// Where a chunk failed: the line relative to the chunk start (the chunk's k-th line break
-/// begins line k), what failed (0 field count, 1 user, 2 item, 3 timestamp), and the value.
+/// begins line k), what failed (0 field count, 1 user, 2 item, 3 timestamp, 4 blank line), and
+/// the value.
 struct ChunkError {
     line: usize,
     field: u8,
@@ -331,6 +340,7 @@ struct ChunkError {
 fn parse_chunk<'a>(
     chunk: &'a str,
     [user_col, item_col, ts_col]: [usize; 3],
+    n_fields: usize,
     item_index: &FnvMap<&str, u32>,
 ) -> Result<Chunk<'a>, ChunkError> {
     // ~45 bytes per line in RecBole logs: size the columns once.
@@ -343,16 +353,20 @@ fn parse_chunk<'a>(
     };
     for (rel, line) in chunk.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
         let err = |field: u8, detail: String| ChunkError {
             line: rel,
             field,
             detail,
         };
-        let [u, it, ts] =
-            pick(line, [user_col, item_col, ts_col]).map_err(|found| err(0, found.to_string()))?;
+        if line.is_empty() {
+            // A chunk's first piece is the (empty) rest of the line before it.
+            if rel == 0 {
+                continue;
+            }
+            return Err(err(4, String::new()));
+        }
+        let [u, it, ts] = pick(line, [user_col, item_col, ts_col], n_fields)
+            .map_err(|found| err(0, found.to_string()))?;
         if u.is_empty() {
             return Err(err(1, String::new()));
         }
@@ -485,5 +499,102 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn typed_timestamp_field_counts_and_blank_lines_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let item = write(
+            d.path(),
+            "x.item",
+            "item_id:token\tmovie_title:token_seq\n1\tA\n2\tB\n",
+        );
+        let f = RecboleFields {
+            year: None,
+            ..Default::default()
+        };
+        let head = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n";
+        let rows = [
+            "u1\t1\t4\t10",
+            "u2\t2\t4\t11",
+            "u1\t2\t4\t12",
+            "u2\t1\t4\t13",
+        ];
+        // Well formed (with or without the final newline): all four rows.
+        for end in ["\n", ""] {
+            let inter = write(
+                d.path(),
+                "ok.inter",
+                &(head.to_string() + &rows.join("\n") + end),
+            );
+            assert_eq!(read(&inter, &item, &f).unwrap().len(), 4);
+        }
+        // RecBole types timestamps `float`: `token` is refused, naming the field and the tag.
+        let inter = write(
+            d.path(),
+            "t.inter",
+            &head.replace("timestamp:float", "timestamp:token"),
+        );
+        let e = read(&inter, &item, &f).unwrap_err().to_string();
+        assert!(
+            e.contains("t.inter: field `timestamp` has type `token`, expected `float`"),
+            "{e}"
+        );
+        // A row with a field too many, as one with a field too few.
+        let mut long = rows.map(String::from);
+        long[2].push_str("\textra");
+        let inter = write(d.path(), "l.inter", &(head.to_string() + &long.join("\n")));
+        let e = read(&inter, &item, &f).unwrap_err().to_string();
+        assert!(
+            e.contains("l.inter: line 4: expected 4 fields, found 5"),
+            "{e}"
+        );
+        // A blank line (also a CRLF one, also the last one) is refused with its line, whatever
+        // the chunking.
+        let cat = read_catalog(&item, &f).unwrap();
+        for (body, line) in [
+            (
+                format!("{}\n\n{}\n", rows[..2].join("\n"), rows[2..].join("\n")),
+                4,
+            ),
+            (
+                format!(
+                    "{}\r\n\r\n{}\r\n",
+                    rows[..1].join("\r\n"),
+                    rows[1..].join("\r\n")
+                ),
+                3,
+            ),
+            (format!("{}\n\n", rows.join("\n")), 6),
+        ] {
+            let inter = write(d.path(), "b.inter", &(head.to_string() + &body));
+            for parts in [1, 2, 3, 9] {
+                let e = read_log_in_parts(&inter, cat.clone(), &f, Some(parts))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(&format!("b.inter: line {line}: blank line")),
+                    "{e}"
+                );
+            }
+        }
+        // The catalogue too: a long row and a blank line.
+        let item = write(
+            d.path(),
+            "l.item",
+            "item_id:token\tmovie_title:token_seq\n1\tA\tx\n",
+        );
+        let e = read_catalog(&item, &f).unwrap_err().to_string();
+        assert!(
+            e.contains("l.item: line 2: expected 2 fields, found 3"),
+            "{e}"
+        );
+        let item = write(
+            d.path(),
+            "b.item",
+            "item_id:token\tmovie_title:token_seq\n1\tA\n\n2\tB\n",
+        );
+        let e = read_catalog(&item, &f).unwrap_err().to_string();
+        assert!(e.contains("b.item: line 3: blank line"), "{e}");
     }
 }
