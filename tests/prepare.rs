@@ -611,6 +611,20 @@ fn ml100k_five_core_noisy_counts() {
     assert_eq!(c("05_kept.users"), 943);
     assert_eq!(c("05_kept.items"), 1349);
     assert_eq!(c("05_kept.interactions"), 99_287);
+    // Every catalogue item and user is accounted for: unrated, removed by a filter, or kept.
+    assert_eq!(
+        c("01_read.catalog_items"),
+        c("01_read.items_unrated")
+            + c("03_title_filter.items_removed")
+            + c("04_kcore.items_removed")
+            + c("05_kept.items")
+    );
+    assert_eq!(c("01_read.items_unrated"), 1682 - c("01_read.items_rated"));
+    assert!(c("04_kcore.items_removed") > 0);
+    assert_eq!(
+        c("01_read.users"),
+        c("03_title_filter.users_removed") + c("04_kcore.users_removed") + c("05_kept.users")
+    );
     assert_eq!(c("07_windows.total"), 89_857);
     assert_eq!(c("07_windows.train"), 71_885);
     assert_eq!(c("07_windows.valid"), 8_986);

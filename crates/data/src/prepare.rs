@@ -191,10 +191,10 @@ pub fn prepare_log(log: &RawLog, p: &Protocol) -> Result<Prepared> {
     for &i in &log.item {
         rated[i as usize] = true;
     }
-    c(
-        "01_read.items_rated",
-        rated.iter().filter(|&&x| x).count() as u64,
-    );
+    let items_rated = rated.iter().filter(|&&x| x).count() as u64;
+    c("01_read.items_rated", items_rated);
+    // catalog_items = items_rated + items_unrated (unrated items never enter the dataset).
+    c("01_read.items_unrated", n_src_items as u64 - items_rated);
     let duplicates = count_duplicates(log, &ustart, &by_user);
     c("02_duplicates.rows_kept", duplicates);
 
@@ -214,6 +214,22 @@ pub fn prepare_log(log: &RawLog, p: &Protocol) -> Result<Prepared> {
             .count() as u64,
     );
     c("03_title_filter.interactions_removed", title_removed);
+
+    // Users and items with an interaction left after the title filter (for the k-core's
+    // removal counts: rated = title-filtered + k-core-removed + kept, for items and users).
+    let (users_before_kcore, items_before_kcore) = {
+        let (mut us, mut is) = (vec![false; n_src_users], vec![false; n_src_items]);
+        for r in (0..n).filter(|&r| alive[r]) {
+            us[log.user[r] as usize] = true;
+            is[log.item[r] as usize] = true;
+        }
+        let count = |v: Vec<bool>| v.into_iter().filter(|&x| x).count() as u64;
+        (count(us), count(is))
+    };
+    c(
+        "03_title_filter.users_removed",
+        n_src_users as u64 - users_before_kcore,
+    );
 
     // Iterative k-core.
     let mut kcore_removed = 0u64;
@@ -285,6 +301,8 @@ pub fn prepare_log(log: &RawLog, p: &Protocol) -> Result<Prepared> {
         }
     }
     let num_items = catalog.num_items();
+    c("04_kcore.users_removed", users_before_kcore - dense_users.len() as u64);
+    c("04_kcore.items_removed", items_before_kcore - num_items as u64);
     c("05_kept.interactions", kept);
     c("05_kept.users", dense_users.len() as u64);
     c("05_kept.items", num_items as u64);
@@ -531,6 +549,15 @@ pub fn finish(prepared: &mut Prepared, p: &Protocol) -> Result<()> {
     c("08_noise.noisy_test_targets".into(), noisy_targets);
     if noisy_targets != 0 {
         bail!("internal error: {noisy_targets} test targets still noisy after restoration");
+    }
+    let train_windows = prepared.splits[0].len();
+    c("09_sft.windows_requested".into(), p.sft_windows as u64);
+    if p.sft_windows > train_windows {
+        prepared.notes.push(format!(
+            "sft_windows {} is more than the {train_windows} training windows: one SFT \
+             instance per training window",
+            p.sft_windows
+        ));
     }
     let chosen = crate::sft::sample_windows(&prepared.splits[0], p.seed, p.sft_windows);
     prepared.sft = crate::sft::make_instances(
