@@ -301,8 +301,14 @@ pub fn prepare_log(log: &RawLog, p: &Protocol) -> Result<Prepared> {
         }
     }
     let num_items = catalog.num_items();
-    c("04_kcore.users_removed", users_before_kcore - dense_users.len() as u64);
-    c("04_kcore.items_removed", items_before_kcore - num_items as u64);
+    c(
+        "04_kcore.users_removed",
+        users_before_kcore - dense_users.len() as u64,
+    );
+    c(
+        "04_kcore.items_removed",
+        items_before_kcore - num_items as u64,
+    );
     c("05_kept.interactions", kept);
     c("05_kept.users", dense_users.len() as u64);
     c("05_kept.items", num_items as u64);
