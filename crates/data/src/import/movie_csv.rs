@@ -32,8 +32,14 @@ pub fn read_catalog(path: &Path) -> Result<Catalog> {
             .ok()
             .filter(|&i| i >= 1 && i <= map.len())
             .ok_or_else(|| {
+                // Name the first id missing from 1..=n when the key is a number past n.
+                let missing = (1..=map.len()).find(|i| !map.contains_key(&i.to_string()));
+                let gap = match (k.parse::<usize>().ok(), missing) {
+                    (Some(_), Some(m)) => format!(" (id {m} is missing)"),
+                    _ => String::new(),
+                };
                 anyhow!(
-                    "{}: field `{k}`: item ids must be 1..={} without gaps",
+                    "{}: key `{k}`: item ids must be 1..={} without gaps{gap}",
                     path.display(),
                     map.len()
                 )
@@ -278,7 +284,11 @@ fn read_split(
         }
         if m.len() != ids.len() || titles.len() != ids.len() {
             bail!(err(
-                "mask",
+                if m.len() != ids.len() {
+                    "mask"
+                } else {
+                    "item_titles"
+                },
                 format!(
                     "lengths differ: item_ids {}, mask {}, item_titles {}",
                     ids.len(),
@@ -437,6 +447,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn catalogue_gap_names_the_missing_id() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("id2name4Rec.json");
+        std::fs::write(&p, r#"{"1": "A", "2": "B", "4": "D"}"#).unwrap();
+        let e = format!("{:#}", read_catalog(&p).unwrap_err());
+        assert!(
+            e.contains("key `4`") && e.contains("id 3 is missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn python_lists_and_csv_quotes() {
         let v = parse_py_list(r#"['a', "b's", 'c\'d', 'x\\y']"#).unwrap();
         let s: Vec<String> = v
@@ -505,6 +527,10 @@ mod tests {
             (
                 "7,\"[1, 2, 3]\",\"[0, 0]\",\"['A', 'C', 'D']\",[],1\n",
                 "field `mask`: lengths differ",
+            ),
+            (
+                "7,\"[1, 2, 3]\",\"[0, 0, 0]\",\"['A', 'C']\",[],1\n",
+                "field `item_titles`: lengths differ",
             ),
             (
                 "7,\"[1, 2, 3]\",\"[0, 1, 0]\",\"['A', 'C', 'D']\",[],1\n",
