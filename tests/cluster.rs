@@ -893,6 +893,46 @@ fn llm_detectors_score_through_the_sharded_stage() {
     );
     assert!(!o.status.success() && stderr(&o).contains("--windows-per-batch must be at least 1"));
     assert!(!out.exists(), "no output after a refused flag");
+
+    // A window whose prompt cannot fit the model's context (8,192 tokens): refused before
+    // any forward, naming the split's file, the user and the window.
+    let long: Vec<u32> = (0..3000).map(|i| 1 + (i % 8) as u32).collect();
+    let mut over = Windows::new();
+    for w in test.iter() {
+        over.push(
+            w.user,
+            w.pos,
+            w.items,
+            w.mask,
+            w.original,
+            w.target_timestamp,
+        );
+    }
+    over.push(9, 2999, &long, &vec![0; long.len()], &long, 200);
+    over.write_parquet(&data.join("windows/test.parquet"))
+        .unwrap();
+    let out = dir.path().join("scores-long");
+    let o = run(
+        &[
+            "score",
+            "--dataset",
+            d,
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            "llm-first-token",
+            "--splits",
+            "test",
+        ],
+        &[],
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("test.parquet") && e.contains("user 9 window pos 2999") && e.contains("8192"),
+        "{e}"
+    );
+    assert!(!out.exists(), "no output after an over-long window");
 }
 
 /// `ground` (catalogue embeddings with all-MiniLM-L6-v2, then the titles) gives the same bytes

@@ -1302,3 +1302,320 @@ fn device_choice() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--device cuda"), "{e}");
 }
+
+// ------------------------------------------------- load-time consistency of tokenizer / config
+
+/// `inspect-scores` on a tiny dataset (`windows`: (user, pos, items) of the test split) with
+/// the model at `model`; returns (success, stdout, stderr).
+fn run_inspect(
+    dir: &Path,
+    model: &Path,
+    windows: &[(u32, u32, Vec<u32>)],
+) -> (bool, String, String) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("windows")).unwrap();
+    tiny_catalog()
+        .write_parquet(&data.join("catalog.parquet"))
+        .unwrap();
+    let mut w = llm4dsr_data::Windows::new();
+    for (user, pos, items) in windows {
+        w.push(*user, *pos, items, &vec![0; items.len()], items, 100);
+    }
+    w.write_parquet(&data.join("windows/test.parquet")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm4dsr"))
+        .args(["inspect-scores", "--device", "cpu", "--dataset"])
+        .arg(&data)
+        .arg("--model")
+        .arg(model)
+        .args(["--windows", "5"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tokenizer_of_another_model_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tiny_tokenizer(0);
+    let err = |p: &Path| format!("{:#}", Llm::load(p, &Device::Cpu).err().expect("must fail"));
+
+    // The config's EOS id is an ordinary word of this tokenizer.
+    let mut cfg = tiny_config(Arch::Llama, false);
+    let word = tok.id_to_token(5).unwrap();
+    cfg.eos_token_ids = vec![5];
+    let dir = tmp.path().join("eos");
+    write_model_dir(&dir, &cfg, &tiny_weights(&cfg, 3), &tok);
+    let e = err(&dir);
+    assert!(
+        e.contains("tokenizer.json")
+            && e.contains("config.json `eos_token_id` = 5")
+            && e.contains(&format!("{word:?}")),
+        "{e}"
+    );
+    // Same for BOS, and an id past the tokenizer's tokens.
+    let mut cfg = tiny_config(Arch::Llama, false);
+    cfg.bos_token_id = Some(150);
+    let dir = tmp.path().join("bos");
+    write_model_dir(&dir, &cfg, &tiny_weights(&cfg, 3), &tok);
+    let e = err(&dir);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("`bos_token_id` = 150"),
+        "{e}"
+    );
+
+    // A BERT-style post-processor appends [SEP] after every prompt.
+    let cfg = tiny_config(Arch::Llama, false);
+    let mut bert = tiny_tokenizer(0);
+    bert.add_special_tokens(vec![
+        llm4dsr_llm::tokenizers::AddedToken::from("[CLS]", true),
+        llm4dsr_llm::tokenizers::AddedToken::from("[SEP]", true),
+    ])
+    .unwrap();
+    let (cls, sep) = (
+        bert.token_to_id("[CLS]").unwrap(),
+        bert.token_to_id("[SEP]").unwrap(),
+    );
+    bert.with_post_processor(Some(
+        llm4dsr_llm::tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single("[CLS] $A [SEP]")
+            .unwrap()
+            .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
+            .build()
+            .unwrap(),
+    ));
+    let dir = tmp.path().join("sep");
+    write_model_dir(&dir, &cfg, &tiny_weights(&cfg, 3), &bert);
+    let e = err(&dir);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("appends") && e.contains("[SEP]"),
+        "{e}"
+    );
+
+    // The fixture itself passes.
+    let dir = tmp.path().join("ok");
+    write_model_dir(&dir, &cfg, &tiny_weights(&cfg, 3), &tok);
+    Llm::load(&dir, &Device::Cpu).unwrap();
+
+    // The auditor's case: SmolLM2's special ids (bos 1, eos 2) with MiniLM's WordPiece
+    // tokenizer (ids 1, 2 are "[unused0]", "[unused1]").
+    let minilm = cache_dir().join("all-minilm-l6-v2");
+    if !minilm.join("tokenizer.json").exists() {
+        eprintln!("SKIP: {} absent", minilm.display());
+        return;
+    }
+    let bert = llm4dsr_llm::tokenizer::load_tokenizer_json(&minilm.join("tokenizer.json")).unwrap();
+    let mut cfg = tiny_config(Arch::Llama, true);
+    cfg.vocab_size = 30522;
+    cfg.bos_token_id = Some(1);
+    cfg.eos_token_ids = vec![2];
+    let dir = tmp.path().join("minilm-tok");
+    write_model_dir(&dir, &cfg, &tiny_weights(&cfg, 3), &bert);
+    let e = err(&dir);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("`bos_token_id` = 1") && e.contains("[unused0]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn layers_beyond_the_configured_count_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama, false);
+    let mut deep = cfg.clone();
+    deep.num_hidden_layers = 3;
+    let w = tiny_weights(&deep, 3);
+    // HF directory: config.json says 2 layers, the safetensors hold 3.
+    let dir = tmp.path().join("hf");
+    write_model_dir(&dir, &cfg, &w, &tiny_tokenizer(0));
+    let e = format!(
+        "{:#}",
+        Llm::load(&dir, &Device::Cpu).err().expect("must fail")
+    );
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("`num_hidden_layers` is 2")
+            && e.contains("hold 3 layers"),
+        "{e}"
+    );
+
+    // GGUF: 3 blocks of tensors, `llama.block_count` patched to 2.
+    let mut cfg = deep.clone();
+    cfg.vocab_size = 300;
+    cfg.eos_token_ids = vec![256];
+    let w = tiny_weights(&cfg, 11);
+    let good = tmp.path().join("good.gguf");
+    write_gguf(&good, &cfg, &w, "smollm");
+    Llm::load(&good, &Device::Cpu).unwrap();
+    let patched = tmp.path().join("patched.gguf");
+    {
+        use candle_core::quantized::gguf_file::{self, Value};
+        let mut f = std::fs::File::open(&good).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let mut md: Vec<(String, Value)> = c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in md.iter_mut() {
+            if k == "llama.block_count" {
+                *v = Value::U32(2);
+            }
+        }
+        let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+        let ts: Vec<_> = names
+            .iter()
+            .map(|n| c.tensor(&mut f, n, &Device::Cpu).unwrap())
+            .collect();
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, _)> = names.iter().map(|n| n.as_str()).zip(ts.iter()).collect();
+        let mut out = std::fs::File::create(&patched).unwrap();
+        gguf_file::write(&mut out, &md_refs, &t_refs).unwrap();
+    }
+    let e = format!(
+        "{:#}",
+        Llm::load(&patched, &Device::Cpu).err().expect("must fail")
+    );
+    assert!(
+        e.contains("patched.gguf")
+            && e.contains("`llama.block_count` is 2")
+            && e.contains("3 blocks"),
+        "{e}"
+    );
+    let dest = tmp.path().join("converted");
+    let e = llm4dsr_llm::gguf::convert_to_hf_dir(&patched, &dest, false).unwrap_err();
+    assert!(format!("{e:#}").contains("block_count"), "{e:#}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn minilm_refuses_another_tokenizer_and_extra_layers() {
+    let minilm = cache_dir().join("all-minilm-l6-v2");
+    let Some(gguf) = smollm2_gguf() else { return };
+    if !minilm.join("model.safetensors").exists() {
+        eprintln!("SKIP: {} absent", minilm.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let link = |dir: &Path, name: &str| {
+        std::os::unix::fs::symlink(minilm.join(name), dir.join(name)).unwrap();
+    };
+    let load = |dir: &Path| {
+        format!(
+            "{:#}",
+            llm4dsr_llm::embed::MiniLm::load(dir, &Device::Cpu)
+                .err()
+                .expect("must fail")
+        )
+    };
+    // SmolLM2's byte-level BPE tokenizer (49152 tokens) with MiniLM's 30522 embeddings.
+    let dir = tmp.path().join("smol-tok");
+    std::fs::create_dir_all(&dir).unwrap();
+    link(&dir, "config.json");
+    link(&dir, "model.safetensors");
+    let smol = Llm::load(&gguf, &Device::Cpu).unwrap();
+    smol.tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let e = load(&dir);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("`vocab_size`") && e.contains("30522"),
+        "{e}"
+    );
+    // A tokenizer that fits the vocabulary but is no BERT tokenizer (no [CLS] ... [SEP]).
+    let dir = tmp.path().join("word-tok");
+    std::fs::create_dir_all(&dir).unwrap();
+    link(&dir, "config.json");
+    link(&dir, "model.safetensors");
+    tiny_tokenizer(0)
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let e = load(&dir);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("[CLS] ... [SEP]"),
+        "{e}"
+    );
+    // config.json with 2 layers, the weights with 6.
+    let dir = tmp.path().join("two-layers");
+    std::fs::create_dir_all(&dir).unwrap();
+    link(&dir, "model.safetensors");
+    link(&dir, "tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(minilm.join("config.json")).unwrap())
+            .unwrap();
+    v["num_hidden_layers"] = 2.into();
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let e = load(&dir);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("`num_hidden_layers` is 2")
+            && e.contains("hold 6 layers"),
+        "{e}"
+    );
+}
+
+#[test]
+fn inspect_scores_refuses_nan_scores_and_overlong_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama, true);
+    // NaN weights: non-zero exit naming the window, nothing printed.
+    let mut w = tiny_weights(&cfg, 5);
+    w.insert(
+        "model.norm.weight".into(),
+        Tensor::full(f32::NAN, 64, &Device::Cpu).unwrap(),
+    );
+    let model = tmp.path().join("nan-model");
+    write_model_dir(&model, &cfg, &w, &tiny_tokenizer(0));
+    let (ok, stdout, stderr) = run_inspect(
+        &tmp.path().join("nan"),
+        &model,
+        &[(1, 4, vec![1, 2, 3, 4, 5]), (2, 3, vec![6, 7, 8, 1])],
+    );
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("non-finite")
+            && stderr.contains("test.parquet")
+            && stderr.contains("window 0 (user 1, pos 4)"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+
+    // A window whose prompt is longer than the context (256): refused from token counts,
+    // naming the split file, window, user and pos.
+    let model = tmp.path().join("model");
+    write_model_dir(&model, &cfg, &tiny_weights(&cfg, 5), &tiny_tokenizer(0));
+    let long: Vec<u32> = (0..80).map(|i| 1 + i % 8).collect();
+    let (ok, stdout, stderr) = run_inspect(
+        &tmp.path().join("long"),
+        &model,
+        &[(1, 4, vec![1, 2, 3, 4, 5]), (7, 80, long.clone())],
+    );
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("test.parquet")
+            && stderr.contains("window 1 (user 7, pos 80)")
+            && stderr.contains("is 256 tokens"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+
+    // The scorer names the refused sequence by its index in `offsets` (empty ones counted),
+    // so that `score` can name the window.
+    let llm = Llm::load(&model, &Device::Cpu).unwrap();
+    let catalog = tiny_catalog();
+    for mode in [ScoreMode::FirstToken, ScoreMode::FullTitle] {
+        let mut scorer = LlmNoiseScorer::new(&llm, &catalog, mode).unwrap();
+        let mut items = vec![1, 2, 3];
+        items.extend_from_slice(&long);
+        let offsets = [0u32, 3, 3, items.len() as u32];
+        let e = scorer.score(&items, &offsets).unwrap_err();
+        let t = e
+            .downcast_ref::<llm4dsr_llm::score::SequenceTooLong>()
+            .unwrap_or_else(|| panic!("{e:#}"));
+        assert_eq!((t.sequence, t.items, t.context), (2, 80, 256), "{mode:?}");
+        assert!(t.prompt_tokens + t.title_tokens > 256);
+    }
+}

@@ -36,6 +36,54 @@ pub fn last_token_embeddings(llm: &Llm, texts: &[&str], batch: usize) -> Result<
     Ok(out)
 }
 
+/// Refuse a `tokenizer.json` that does not belong to the BERT encoder of `cfg` (e.g. SmolLM2's
+/// byte-level BPE, whose ids run past MiniLM's 30522 embeddings and fail deep in the forward):
+/// its ids must fit the config's `vocab_size`, and it must wrap a text in `[CLS] ... [SEP]` as
+/// the sentence-transformers pipeline the embeddings are made for does.
+fn check_bert_tokenizer(
+    tok: &Tokenizer,
+    cfg: &BertConfig,
+    tok_path: &Path,
+    cfg_path: &Path,
+) -> Result<()> {
+    crate::tokenizer::check_against_model(
+        tok,
+        cfg.vocab_size,
+        &format!(
+            "{} (against {} `vocab_size`)",
+            tok_path.display(),
+            cfg_path.display()
+        ),
+    )?;
+    let enc = tok
+        .encode("a", true)
+        .map_err(|e| anyhow!("{}: tokenising: {e}", tok_path.display()))?;
+    // The real tokens (a tokenizer.json may pad to a fixed length).
+    let ids: Vec<u32> = enc
+        .get_ids()
+        .iter()
+        .zip(enc.get_attention_mask())
+        .filter(|(_, &m)| m == 1)
+        .map(|(&i, _)| i)
+        .collect();
+    for (marker, at) in [("[CLS]", ids.first()), ("[SEP]", ids.last())] {
+        let want = tok.token_to_id(marker);
+        if want.is_none() || want != at.copied() || ids.len() < 3 {
+            bail!(
+                "{}: a BERT encoder's tokenizer must wrap every text in [CLS] ... [SEP], but \
+                 {marker} is {} and \"a\" encodes to {:?}; not the tokenizer of {}",
+                tok_path.display(),
+                want.map_or("not a token".to_string(), |id| format!("id {id}")),
+                ids.iter()
+                    .map(|&i| tok.id_to_token(i).unwrap_or_default())
+                    .collect::<Vec<_>>(),
+                cfg_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// all-MiniLM-L6-v2 (or any BERT sentence encoder in an HF directory).
 pub struct MiniLm {
     model: BertModel,
@@ -56,7 +104,9 @@ impl MiniLm {
                 .with_context(|| format!("reading {}", cfg_path.display()))?,
         )
         .with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
-        let mut tokenizer = crate::tokenizer::load_tokenizer_json(&dir.join("tokenizer.json"))?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = crate::tokenizer::load_tokenizer_json(&tok_path)?;
+        check_bert_tokenizer(&tokenizer, &cfg, &tok_path, &cfg_path)?;
         tokenizer.with_padding(Some(PaddingParams::default()));
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -65,6 +115,12 @@ impl MiniLm {
             }))
             .map_err(|e| anyhow!("{e}"))?;
         let weights = crate::load::safetensors_files(dir)?;
+        crate::load::check_layer_count(
+            &weights,
+            "layer",
+            cfg.num_hidden_layers,
+            &format!("{} `num_hidden_layers`", cfg_path.display()),
+        )?;
         // SAFETY: read-only memory map of files nothing here writes.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, device) }?;
         let model = BertModel::load(vb, &cfg)

@@ -163,6 +163,31 @@ pub fn read_gguf(path: &Path) -> Result<GgufModel> {
         config.vocab_size,
         &path.display().to_string(),
     )?;
+    crate::tokenizer::check_prompt_markers(
+        &tokenizer,
+        &config,
+        &format!("{} (tokenizer)", path.display()),
+        "GGUF `tokenizer.ggml.bos_token_id`",
+        "GGUF `tokenizer.ggml.eos_token_id`",
+    )?;
+    // Tensors of blocks beyond `block_count` would be silently ignored (a truncated model).
+    let deepest = content
+        .tensor_infos
+        .keys()
+        .filter_map(|name| crate::load::layer_index(name, "blk").map(|i| (i, name)))
+        .max_by_key(|(i, _)| *i);
+    if let Some((i, name)) = deepest {
+        if i >= config.num_hidden_layers {
+            bail!(
+                "{}: the file holds tensors of {} blocks (`{name}`) but GGUF `{}.block_count` is \
+                 {}; metadata and tensors do not belong together",
+                path.display(),
+                i + 1,
+                config.arch.name(),
+                config.num_hidden_layers
+            );
+        }
+    }
     let mut tensors = HashMap::new();
     for (name, shape) in weight_shapes(&config) {
         let g = gguf_name(&name)?;

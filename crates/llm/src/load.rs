@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::decoder::Decoder;
-use crate::tokenizer::{check_against_model, load_tokenizer_json};
+use crate::tokenizer::{check_against_model, check_prompt_markers, load_tokenizer_json};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -172,6 +172,44 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The layer index of a tensor named `...<key>.<index>...` (`model.layers.3.mlp...` with key
+/// `layers`, `encoder.layer.3...` with `layer`, `blk.3...` with `blk`).
+pub fn layer_index(name: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| w[0] == key)
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// Refuse weights that hold layers beyond the `layers` the config declares (`field` names the
+/// config file and field): loading would silently ignore them and run a truncated model.
+/// Fewer layers than declared are refused by the loader (missing tensor). Reads only the
+/// safetensors headers.
+pub fn check_layer_count(files: &[PathBuf], key: &str, layers: usize, field: &str) -> Result<()> {
+    for f in files {
+        // SAFETY: a read-only memory map; only the header (tensor names) is read.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
+            .with_context(|| format!("reading {}", f.display()))?;
+        let deepest = st
+            .tensors()
+            .into_iter()
+            .filter_map(|(name, _)| layer_index(&name, key).map(|i| (i, name)))
+            .max_by_key(|(i, _)| *i);
+        if let Some((i, name)) = deepest {
+            if i >= layers {
+                bail!(
+                    "{}: the weights hold {} layers (tensor `{name}`) but {field} is {layers}; \
+                     the config and the weights do not belong together",
+                    f.display(),
+                    i + 1
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Read and parse `<dir>/config.json`.
 pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
@@ -226,8 +264,23 @@ impl Llm {
             bail!("{}: no tokenizer.json", dir.display());
         }
         let tokenizer = load_tokenizer_json(&tok_path)?;
-        check_against_model(&tokenizer, cfg.vocab_size, &tok_path.display().to_string())?;
+        let tok_what = tok_path.display().to_string();
+        check_against_model(&tokenizer, cfg.vocab_size, &tok_what)?;
+        let cfg_path = dir.join("config.json");
+        check_prompt_markers(
+            &tokenizer,
+            &cfg,
+            &tok_what,
+            &format!("{} `bos_token_id`", cfg_path.display()),
+            &format!("{} `eos_token_id`", cfg_path.display()),
+        )?;
         let files = safetensors_files(dir)?;
+        check_layer_count(
+            &files,
+            "layers",
+            cfg.num_hidden_layers,
+            &format!("{} `num_hidden_layers`", cfg_path.display()),
+        )?;
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         // SAFETY: the files are memory-mapped read-only; nothing here writes them while the
         // model is loaded (the usual candle caveat: another process truncating them would fault).

@@ -237,6 +237,43 @@ pub fn continuation_scores_shared(
     Ok(out)
 }
 
+/// A sequence whose scoring does not fit the model's context, found from token counts before
+/// any forward (a 660-item window would otherwise run for minutes first). `sequence` indexes
+/// the sequences of the call that refused it (for [`NoiseScorer::score`]: the sequences of its
+/// `offsets`, empty ones included), so that a caller can name the window (user, pos, file):
+/// `err.downcast_ref::<SequenceTooLong>()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SequenceTooLong {
+    pub sequence: usize,
+    pub items: usize,
+    /// Tokens of the scoring prompt.
+    pub prompt_tokens: usize,
+    /// Positions past the prompt the longest scored title needs (0 for first-token scores).
+    pub title_tokens: usize,
+    /// The model's `max_position_embeddings`.
+    pub context: usize,
+}
+
+impl std::fmt::Display for SequenceTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sequence {} ({} items): its scoring prompt is {} tokens",
+            self.sequence, self.items, self.prompt_tokens
+        )?;
+        if self.title_tokens > 0 {
+            write!(f, " (+{} for its longest title)", self.title_tokens)?;
+        }
+        write!(
+            f,
+            " but the model's context is {} tokens (max_position_embeddings); score shorter windows",
+            self.context
+        )
+    }
+}
+
+impl std::error::Error for SequenceTooLong {}
+
 /// The LLM as a noise detector over catalogue items: builds the scoring prompt of each
 /// sequence from its titles and scores every item with `mode`. Titles are tokenised once, at
 /// construction.
@@ -310,6 +347,53 @@ impl<'a> LlmNoiseScorer<'a> {
         self.llm.encode_prompt(&prompt::scoring_prefix(&titles))
     }
 
+    /// Check that scoring `items` with the prompt `prompt` fits the model's context: the prompt,
+    /// plus (`titles`: full-title scores) every title but its last token, forwarded after it.
+    /// Token counts only, no forward. `sequence` goes into the error.
+    pub fn check_fits(
+        &self,
+        sequence: usize,
+        prompt: &[u32],
+        items: &[u32],
+        titles: bool,
+    ) -> std::result::Result<(), SequenceTooLong> {
+        let title_tokens = if titles {
+            items
+                .iter()
+                .filter(|&&i| (i as usize) < self.titles.len())
+                .map(|&i| self.titles.get(i).len() + self.close.len() - 1)
+                .max()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let context = self.llm.config().max_position_embeddings;
+        if prompt.len() + title_tokens > context {
+            return Err(SequenceTooLong {
+                sequence,
+                items: items.len(),
+                prompt_tokens: prompt.len(),
+                title_tokens,
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// The prompts of `chunk` (sequences `first..` of the call), each checked by
+    /// [`Self::check_fits`] before anything is forwarded.
+    fn chunk_prompts(&self, first: usize, chunk: &[&[u32]], titles: bool) -> Result<Vec<Vec<u32>>> {
+        chunk
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let p = self.prompt_tokens(s)?;
+                self.check_fits(first + k, &p, s, titles)?;
+                Ok(p)
+            })
+            .collect()
+    }
+
     fn title(&self, id: u32) -> Result<&str> {
         ensure!(
             id >= 1 && id <= self.catalog.num_items(),
@@ -330,11 +414,9 @@ impl<'a> LlmNoiseScorer<'a> {
     pub fn score_all(&self, sequences: &[&[u32]]) -> Result<Vec<Vec<ContinuationScore>>> {
         let mut out = Vec::with_capacity(sequences.len());
         let bar = self.bar(sequences.len());
-        for chunk in sequences.chunks(self.windows_per_batch.max(1)) {
-            let prompts = chunk
-                .iter()
-                .map(|s| self.prompt_tokens(s))
-                .collect::<Result<Vec<_>>>()?;
+        let per = self.windows_per_batch.max(1);
+        for (c, chunk) in sequences.chunks(per).enumerate() {
+            let prompts = self.chunk_prompts(c * per, chunk, true)?;
             let conts: Vec<Vec<Vec<u32>>> = chunk
                 .iter()
                 .map(|s| s.iter().map(|&i| self.continuation(i)).collect())
@@ -371,11 +453,9 @@ impl<'a> LlmNoiseScorer<'a> {
         if self.mode == ScoreMode::FirstToken {
             let mut out = Vec::with_capacity(sequences.len());
             let bar = self.bar(sequences.len());
-            for chunk in sequences.chunks(self.windows_per_batch.max(1)) {
-                let prompts = chunk
-                    .iter()
-                    .map(|s| self.prompt_tokens(s))
-                    .collect::<Result<Vec<_>>>()?;
+            let per = self.windows_per_batch.max(1);
+            for (c, chunk) in sequences.chunks(per).enumerate() {
+                let prompts = self.chunk_prompts(c * per, chunk, false)?;
                 let firsts: Vec<Vec<u32>> = chunk
                     .iter()
                     .map(|s| s.iter().map(|&i| self.continuation(i)[0]).collect())
@@ -417,8 +497,18 @@ impl NoiseScorer for LlmNoiseScorer<'_> {
             .windows(2)
             .map(|w| &items[w[0] as usize..w[1] as usize])
             .collect();
-        let nonempty: Vec<&[u32]> = seqs.iter().copied().filter(|s| !s.is_empty()).collect();
-        let scores = self.score_sequences(&nonempty)?;
+        let kept: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].is_empty()).collect();
+        let nonempty: Vec<&[u32]> = kept.iter().map(|&i| seqs[i]).collect();
+        // A refused sequence is named by its index in `offsets`, not among the non-empty ones.
+        let scores =
+            self.score_sequences(&nonempty)
+                .map_err(|e| match e.downcast::<SequenceTooLong>() {
+                    Ok(mut t) => {
+                        t.sequence = kept[t.sequence];
+                        anyhow::Error::new(t)
+                    }
+                    Err(e) => e,
+                })?;
         let out: Vec<f32> = scores.into_iter().flatten().collect();
         ensure!(out.len() == items.len(), "internal: score count mismatch");
         Ok(out)

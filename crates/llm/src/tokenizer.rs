@@ -2,6 +2,7 @@
 //! metadata (llama.cpp stores vocab, merges and token types, not `tokenizer.json`), checking a
 //! tokenizer against the model it drives, and the per-catalogue cache of title tokens.
 
+use crate::config::ModelConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
@@ -28,6 +29,116 @@ pub fn check_against_model(tok: &Tokenizer, vocab_size: usize, what: &str) -> Re
         bail!(
             "{what}: the tokenizer has {n} tokens (largest id {max_id}) but the model's vocabulary \
              has {vocab_size} rows; tokenizer and model do not belong together"
+        );
+    }
+    Ok(())
+}
+
+/// Refuse a tokenizer that does not belong to the causal LM whose config declares `cfg`'s
+/// special ids (e.g. a BERT WordPiece `tokenizer.json` next to SmolLM2 weights, which loads
+/// and scores garbage). Checked, cheaply, at load:
+/// - every BOS/EOS id of the config is a token of the tokenizer and a special one (an added
+///   special token, or a `<...>` marker such as `</s>`);
+/// - the closing quote the scorer appends to every title and generation stops at encodes to
+///   one id that is not an unknown-token placeholder;
+/// - the tokenizer adds nothing after a prompt's text (a BERT post-processor appends `[SEP]`,
+///   which would then be the position the scores are read from), and at most the config's BOS
+///   before it.
+///
+/// `tok_what` names the tokenizer's file; `bos_field` / `eos_field` name where the config's
+/// ids come from (file and field).
+pub fn check_prompt_markers(
+    tok: &Tokenizer,
+    cfg: &ModelConfig,
+    tok_what: &str,
+    bos_field: &str,
+    eos_field: &str,
+) -> Result<()> {
+    let added = tok.get_added_tokens_decoder();
+    let is_special = |id: u32, t: &str| {
+        added.get(&id).is_some_and(|a| a.special)
+            || (t.len() > 2 && t.starts_with('<') && t.ends_with('>'))
+    };
+    let ids = cfg
+        .bos_token_id
+        .iter()
+        .map(|&id| (bos_field, id))
+        .chain(cfg.eos_token_ids.iter().map(|&id| (eos_field, id)));
+    for (field, id) in ids {
+        let Some(t) = tok.id_to_token(id) else {
+            bail!(
+                "{tok_what}: {field} = {id} is not a token of this tokenizer ({} tokens); \
+                 the tokenizer and the model config do not belong together",
+                tok.get_vocab_size(true)
+            );
+        };
+        if !is_special(id, &t) {
+            bail!(
+                "{tok_what}: {field} = {id} is {t:?} in this tokenizer, not a special token (an \
+                 added special token or a <...> marker); the tokenizer and the model config do \
+                 not belong together"
+            );
+        }
+    }
+    let quote = tok
+        .encode(crate::prompt::CLOSE_QUOTE, false)
+        .map_err(|e| anyhow!("{tok_what}: tokenising the closing quote: {e}"))?;
+    let unknown = |id: u32| {
+        let t = tok.id_to_token(id).unwrap_or_default();
+        added.get(&id).is_some_and(|a| a.special) || t.to_ascii_lowercase().contains("unk")
+    };
+    match quote.get_ids() {
+        [id] if !unknown(*id) => {}
+        ids => {
+            bail!(
+            "{tok_what}: the prompt marker {:?} (closing quote of every title) encodes to {ids:?} \
+             ({:?}), not to one known token id; the tokenizer does not fit the prompt template",
+            crate::prompt::CLOSE_QUOTE,
+            ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect::<Vec<_>>()
+        )
+        }
+    }
+    let text = crate::prompt::scoring_prefix(&["x"]);
+    let plain = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow!("{tok_what}: tokenising the prompt template: {e}"))?;
+    let full = tok
+        .encode(text.as_str(), true)
+        .map_err(|e| anyhow!("{tok_what}: tokenising the prompt template: {e}"))?;
+    let (plain, full) = (plain.get_ids(), full.get_ids());
+    let names = |ids: &[u32]| {
+        ids.iter()
+            .map(|&i| tok.id_to_token(i).unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let Some(start) = (0..=full.len().saturating_sub(plain.len()))
+        .rev()
+        .find(|&s| full[s..].starts_with(plain))
+    else {
+        bail!(
+            "{tok_what}: with its special tokens the prompt template encodes to {} ids, not to \
+             its {} text ids (truncated or rewritten by the tokenizer's post-processor); the \
+             tokenizer does not fit a causal LM prompt",
+            full.len(),
+            plain.len()
+        );
+    };
+    let after = &full[start + plain.len()..];
+    if !after.is_empty() {
+        bail!(
+            "{tok_what}: the tokenizer appends {:?} (ids {after:?}) after every prompt's text \
+             (a BERT-style post-processor); a causal LM's prompt must end with its own last \
+             token; the tokenizer and the model config do not belong together",
+            names(after)
+        );
+    }
+    let before = &full[..start];
+    if !before.is_empty() && before != cfg.bos_token_id.as_slice() {
+        bail!(
+            "{tok_what}: the tokenizer prepends {:?} (ids {before:?}) to every prompt but {bos_field} \
+             is {:?}; the tokenizer and the model config do not belong together",
+            names(before),
+            cfg.bos_token_id
         );
     }
     Ok(())

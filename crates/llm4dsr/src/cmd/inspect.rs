@@ -60,7 +60,56 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .iter()
         .map(|w| if whole { w.items } else { w.history() })
         .collect();
+    let split_file = args
+        .dataset
+        .join("windows")
+        .join(format!("{}.parquet", args.split));
+    let name = |k: usize| {
+        format!(
+            "{}: window {} (user {}, pos {})",
+            split_file.display(),
+            args.start + k,
+            views[k].user,
+            views[k].pos
+        )
+    };
+    // Token counts against the model's context before any forward (fails fast on a window
+    // too long to score, naming it).
+    let mut prompt_lens = Vec::with_capacity(seqs.len());
+    for (k, seq) in seqs.iter().enumerate() {
+        let prompt = scorer.prompt_tokens(seq)?;
+        if let Err(e) = scorer.check_fits(k, &prompt, seq, true) {
+            bail!(
+                "{}: the scoring prompt of its {} items is {} tokens (+{} for the longest title) \
+                 but the context of {} is {} tokens (max_position_embeddings)",
+                name(k),
+                e.items,
+                e.prompt_tokens,
+                e.title_tokens,
+                model.display(),
+                e.context
+            );
+        }
+        prompt_lens.push(prompt.len());
+    }
     let scores = scorer.score_all(&seqs)?;
+    // Refused like `score` refuses them, before anything is printed.
+    for (k, s) in scores.iter().enumerate() {
+        if let Some(j) = s
+            .iter()
+            .position(|x| !x.first.is_finite() || !x.sum.is_finite())
+        {
+            bail!(
+                "{}: the model gave a non-finite score (first-token {}, full-title {}) to item {} \
+                 at position {j}; are the weights of {} broken?",
+                name(k),
+                s[j].first,
+                s[j].sum,
+                seqs[k][j],
+                model.display()
+            );
+        }
+    }
     println!(
         "model {}  dataset {}  split {}  scored: {}",
         model.display(),
@@ -71,7 +120,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("mask: 0 clean, 1 synthetic noise, 2 SFT swap. Scores are log-probs of naming the item as noise (higher = more suspect); [n] = rank by that score.");
     for (k, (w, s)) in views.iter().zip(&scores).enumerate() {
         let seq = seqs[k];
-        let prompt_len = scorer.prompt_tokens(seq)?.len();
+        let prompt_len = prompt_lens[k];
         println!();
         println!(
             "window {} (user {}, pos {}), {} items scored, prompt {} tokens, target: {}",

@@ -320,6 +320,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
         let whole = scores_whole_window(split);
         let summary = stage.run(dest.as_deref(), windows.len() as u64, |shard| {
             score_shard(&windows, &shard_ids, shard, whole, scorer.as_mut())
+                .with_context(|| path.display().to_string())
         })?;
         tracing::info!(
             "score/{split}: {} windows in {} shards ({} written now, {} reused)",
@@ -385,7 +386,16 @@ fn score_shard(
         items.extend_from_slice(scope(windows.get(i).items, whole));
         offsets.push(items.len() as u32);
     }
-    let scores = scorer.score(&items, &offsets)?;
+    let scores = scorer.score(&items, &offsets).map_err(|e| {
+        // Name the window a too-long prompt comes from.
+        let at = e
+            .downcast_ref::<llm4dsr_llm::score::SequenceTooLong>()
+            .map(|t| windows.get(rows[t.sequence]));
+        match at {
+            Some(w) => e.context(format!("user {} window pos {}", w.user, w.pos)),
+            None => e,
+        }
+    })?;
     ensure!(
         scores.len() == items.len(),
         "detector {} returned {} scores for {} items",
