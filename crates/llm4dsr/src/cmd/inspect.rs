@@ -11,9 +11,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Serialize, Deserialize)]
 pub struct InspectArgs {
-    /// Prepared dataset directory (catalog.parquet + windows/<split>.parquet).
+    /// Prepared dataset directory (catalog.parquet + windows/<split>.parquet; or `dataset`
+    /// in [inspect-scores] of the config).
     #[arg(long)]
-    pub dataset: PathBuf,
+    pub dataset: Option<PathBuf>,
     /// Model: HF directory or .gguf file (default: the SmolLM2-135M-Instruct asset).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -37,8 +38,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let catalog = Catalog::read_dataset(&args.dataset)?;
-    let windows = read_split(&args.dataset, &args.split)?;
+    let Some(dataset) = args.dataset.clone() else {
+        bail!("--dataset is required (or `dataset` in [inspect-scores] of the config)");
+    };
+    let catalog = Catalog::read_dataset(&dataset)?;
+    let windows = read_split(&dataset, &args.split)?;
     if args.start >= windows.len() {
         bail!(
             "--start {} but the {} split has {} windows",
@@ -60,8 +64,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         .iter()
         .map(|w| if whole { w.items } else { w.history() })
         .collect();
-    let split_file = args
-        .dataset
+    let split_file = dataset
         .join("windows")
         .join(format!("{}.parquet", args.split));
     let name = |k: usize| {
@@ -113,7 +116,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!(
         "model {}  dataset {}  split {}  scored: {}",
         model.display(),
-        args.dataset.display(),
+        dataset.display(),
         args.split,
         if whole { "whole window" } else { "history" }
     );
