@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use llm4dsr_comm::Comm;
+use llm4dsr_data::atomic::StagingDir;
 use llm4dsr_data::manifest::{sha256_bytes, sha256_file};
 use llm4dsr_data::shard::{part_name, shards_of_rank};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -102,20 +103,28 @@ pub fn fingerprint(what: &impl Serialize) -> Result<String> {
     Ok(sha256_bytes(&serde_json::to_vec(what)?))
 }
 
-/// Whether the output directory `out` of a sharded stage is up to date: its manifest is
-/// `stage`'s with this `fingerprint` (everything the output depends on) and every output it
-/// records is intact. Then the stage has nothing to do, and a parts directory that a run killed
-/// between its commit and its clean-up left beside `out` is removed. A damaged output of the
-/// same run is rebuilt (with a warning naming the file); anything else at `out` is refused
-/// unless `overwrite` (an error naming `out`, nothing touched). Rank 0 decides and every rank
-/// learns the answer (a collective: every rank calls it).
-pub fn output_up_to_date(
+/// Where a sharded stage's output goes. [`prepare_output`] decides.
+pub enum OutputPlan {
+    /// The directory already holds this run's output, intact: nothing to do.
+    UpToDate,
+    /// Build it: rank 0 holds the staging directory renamed into place at the end.
+    Build(Option<StagingDir>),
+}
+
+/// Decide what a sharded stage does with its output directory `out`. Up to date when its
+/// manifest is `stage`'s with this `fingerprint` (everything the output depends on) and every
+/// output it records is intact; then a parts directory that a run killed between its commit
+/// and its clean-up left beside `out` is removed. A damaged output of the same run is rebuilt
+/// (with a warning naming the files); anything else at `out` is refused unless `overwrite` (an
+/// error naming `out`, nothing touched). Rank 0 decides and every rank learns the answer (a
+/// collective: every rank calls it).
+pub fn prepare_output(
     comm: &dyn Comm,
     out: &Path,
     overwrite: bool,
     stage: &str,
     fingerprint: &str,
-) -> Result<bool> {
+) -> Result<OutputPlan> {
     let mut verdict = Vec::new();
     if comm.is_root() {
         let found = llm4dsr_data::manifest::reuse_existing(out, overwrite, |m| {
@@ -135,7 +144,15 @@ pub fn output_up_to_date(
         verdict.push(found.is_some() as u8);
     }
     comm.broadcast_bytes(0, &mut verdict)?;
-    Ok(verdict.first() == Some(&1))
+    if verdict.first() == Some(&1) {
+        return Ok(OutputPlan::UpToDate);
+    }
+    let staging = if comm.is_root() {
+        Some(StagingDir::new(out, true)?)
+    } else {
+        None
+    };
+    Ok(OutputPlan::Build(staging))
 }
 
 impl<'a> ShardedStage<'a> {

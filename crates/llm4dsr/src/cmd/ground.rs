@@ -33,7 +33,9 @@
 //! killed run re-run with the same flags reuses every finished block (`<out>.parts/`).
 
 use crate::config::ConfigFile;
-use crate::sharded::{fingerprint, output_up_to_date, parts_root_of, ShardOutput, ShardedStage};
+use crate::sharded::{
+    fingerprint, parts_root_of, prepare_output, OutputPlan, ShardOutput, ShardedStage,
+};
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::cast::AsArray;
@@ -41,7 +43,6 @@ use arrow_array::types::{Float32Type, Int32Type, Int64Type, UInt32Type, UInt64Ty
 use arrow_array::{Array, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use llm4dsr_comm::Comm;
-use llm4dsr_data::atomic::StagingDir;
 use llm4dsr_data::manifest::sha256_file;
 use llm4dsr_data::parquet_io::{read_columns, ColumnSpec};
 use llm4dsr_data::{Catalog, Manifest};
@@ -301,15 +302,12 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         "rows": rows,
     }))?;
     manifest.fingerprint = query_fp.clone();
-    if output_up_to_date(comm, &out, args.overwrite, "ground", &manifest.fingerprint)? {
-        return Ok(());
-    }
-    let parts_root = parts_root_of(&out);
-    let staging = if comm.is_root() {
-        Some(StagingDir::new(&out, true)?)
-    } else {
-        None
+    let staging = match prepare_output(comm, &out, args.overwrite, "ground", &manifest.fingerprint)?
+    {
+        OutputPlan::UpToDate => return Ok(()),
+        OutputPlan::Build(staging) => staging,
     };
+    let parts_root = parts_root_of(&out);
 
     // Pass 1: the catalogue's embeddings.
     let embed_stage = ShardedStage {

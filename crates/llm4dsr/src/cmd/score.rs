@@ -31,13 +31,14 @@
 //! each shard's fingerprint, so a resumed run never mixes two models' scores.
 
 use crate::config::ConfigFile;
-use crate::sharded::{fingerprint, output_up_to_date, parts_root_of, ShardOutput, ShardedStage};
+use crate::sharded::{
+    fingerprint, parts_root_of, prepare_output, OutputPlan, ShardOutput, ShardedStage,
+};
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, UInt32Builder};
 use arrow_array::{RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use llm4dsr_comm::Comm;
-use llm4dsr_data::atomic::StagingDir;
 use llm4dsr_data::manifest::sha256_file;
 use llm4dsr_data::shard::shard_of;
 use llm4dsr_data::windows::SPLITS;
@@ -281,16 +282,12 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     }
     manifest.fingerprint =
         fingerprint(&serde_json::json!({ "splits": splits, "parts": split_fps }))?;
-    if output_up_to_date(comm, &out, args.overwrite, "score", &manifest.fingerprint)? {
-        return Ok(());
-    }
-
-    let parts_root = parts_root_of(&out);
-    let staging = if comm.is_root() {
-        Some(StagingDir::new(&out, true)?)
-    } else {
-        None
+    let staging = match prepare_output(comm, &out, args.overwrite, "score", &manifest.fingerprint)?
+    {
+        OutputPlan::UpToDate => return Ok(()),
+        OutputPlan::Build(staging) => staging,
     };
+    let parts_root = parts_root_of(&out);
     let mut stages = Vec::new();
     for (split, fp) in splits.iter().zip(split_fps) {
         let path = split_path(&dataset, split);
