@@ -501,6 +501,20 @@ fn mpi_score_any_rank_count_kill_and_resume() {
     assert!(stderr(&o).contains("already complete"), "{}", stderr(&o));
     assert_eq!(file_bytes(&out), reference);
     assert!(!p("killed.parts").exists());
+
+    // The finished job again, on 3 ranks: every rank learns it is up to date and exits 0.
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
+    let o = mpi_run(
+        "mpi_score",
+        3,
+        &score_args(d, out.to_str().unwrap(), "cooccurrence"),
+        &[],
+    )
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("up to date"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+    assert_eq!(file_bytes(&out), reference);
 }
 
 #[test]
