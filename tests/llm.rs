@@ -527,7 +527,11 @@ fn bad_inputs_give_clear_errors() {
     write_model_dir(&misshaped, &cfg, &w3, &tok);
     let e = err(&misshaped);
     assert!(
-        e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("shape"),
+        e.contains("model.layers.0.self_attn.k_proj.weight")
+            && e.contains("shape")
+            && e.contains("model.safetensors")
+            && e.contains("config.json")
+            && e.contains("num_key_value_heads"),
         "{e}"
     );
 

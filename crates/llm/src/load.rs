@@ -286,8 +286,20 @@ impl Llm {
         // model is loaded (the usual candle caveat: another process truncating them would fault).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
             .with_context(|| format!("reading {}", names.join(", ")))?;
-        let decoder = Decoder::load(vb, &cfg)
-            .with_context(|| format!("loading weights of {}", dir.display()))?;
+        let decoder = Decoder::load(vb, &cfg).with_context(|| {
+            format!(
+                "loading {} with the shapes {} gives (hidden_size {}, intermediate_size {}, \
+                 num_attention_heads {}, num_key_value_heads {}, head_dim {}, vocab_size {})",
+                names.join(", "),
+                cfg_path.display(),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.vocab_size
+            )
+        })?;
         Ok(Self {
             decoder,
             tokenizer,
