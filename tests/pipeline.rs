@@ -39,7 +39,7 @@ fn main_job_runs_end_to_end_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_fixture(dir.path());
     let work = dir.path().join("work");
-    let run = || {
+    let run_epochs = |epochs: &str| {
         Command::new(env!("CARGO_BIN_EXE_llm4dsr"))
             .args([
                 "run",
@@ -52,7 +52,7 @@ fn main_job_runs_end_to_end_and_resumes() {
                 "--backbones",
                 "sasrec,gru4rec",
                 "--epochs",
-                "2",
+                epochs,
                 "--patience",
                 "1",
                 "--llm-windows",
@@ -62,6 +62,7 @@ fn main_job_runs_end_to_end_and_resumes() {
             .output()
             .expect("running llm4dsr")
     };
+    let run = || run_epochs("2");
     let o = run();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "llm4dsr run failed:\n{err}");
@@ -71,7 +72,7 @@ fn main_job_runs_end_to_end_and_resumes() {
         "| popularity | test |",
         "| cooccurrence | valid |",
         "| sasrec | clean |",
-        "| gru4rec | noisy |",
+        "| gru4rec | noisy p=0.1 |",
     ] {
         assert!(
             report.contains(needle),
@@ -104,4 +105,25 @@ fn main_job_runs_end_to_end_and_resumes() {
         std::fs::read_to_string(work.join("results.csv")).unwrap(),
         csv
     );
+
+    // Another epoch budget: the finished runs are not this job's any more, so all four are
+    // trained again (said so), and the report shows the new budget.
+    let o3 = run_epochs("3");
+    let err3 = String::from_utf8_lossy(&o3.stderr);
+    assert!(o3.status.success(), "{err3}");
+    assert_eq!(
+        err3.matches("retraining: trained with another config")
+            .count(),
+        4,
+        "{err3}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("results.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        1 + 8
+    );
+    let report = std::fs::read_to_string(work.join("report.md")).unwrap();
+    assert!(report.contains("at most 3 epochs"), "{report}");
 }

@@ -26,14 +26,15 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../../configs/ml-100k.toml"
 
 #[derive(clap::Args, Debug, Serialize, Deserialize)]
 pub struct RunArgs {
-    /// Work directory: one sub-directory per step, plus report.md.
-    #[arg(long, default_value = "runs/ml-100k")]
-    pub workdir: PathBuf,
+    /// Work directory: one sub-directory per step, plus report.md (default: runs/<the
+    /// config file's name without .toml>, runs/ml-100k for the embedded default).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
     /// Probability of synthetic noise in the noisy dataset (the paper's noisy sets use 0.1).
     #[arg(long, default_value_t = 0.1)]
     pub noise_p: f64,
     /// Backbones trained on clean and on noisy data, comma-separated (sasrec, gru4rec, caser).
-    #[arg(long, value_delimiter = ',', default_values_t = ["sasrec".to_string(), "gru4rec".to_string(), "caser".to_string()])]
+    #[arg(long, value_delimiter = ',', default_value = "sasrec,gru4rec,caser")]
     pub backbones: Vec<String>,
     /// Maximum epochs per backbone (10: the budget of docs/backbones.md's ML-100K table).
     #[arg(long, default_value_t = 10)]
@@ -42,7 +43,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 3)]
     pub patience: usize,
     /// Noise detectors run by the `score` step, comma-separated (popularity, cooccurrence).
-    #[arg(long, value_delimiter = ',', default_values_t = ["popularity".to_string(), "cooccurrence".to_string()])]
+    #[arg(long, value_delimiter = ',', default_value = "popularity,cooccurrence")]
     pub detectors: Vec<String>,
     /// Windows of the noisy test split whose LLM scores are printed (0 skips the LLM step).
     #[arg(long, default_value_t = 3)]
@@ -50,10 +51,11 @@ pub struct RunArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Replace what the work directory holds: a dataset prepared with another config is
-    /// rebuilt (without the flag it is refused), and the training runs restart from scratch.
-    /// A dataset or scores that are this run's own output with every file intact are kept
-    /// either way (redoing them gives the same bytes); damaged ones are always rebuilt.
+    /// Replace a dataset the work directory holds that was prepared with another config
+    /// (without the flag that is refused), and restart every training run from scratch.
+    /// Without it, the steps downstream of the datasets follow them: scores and training runs
+    /// made from other data or another config are redone, and those of this very run (same
+    /// inputs and config, every file intact) are kept, as redoing them gives the same result.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -83,7 +85,20 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
     } else {
         config
     };
-    let wd = &args.workdir;
+    let workdir = match &args.workdir {
+        Some(w) => w.clone(),
+        None => {
+            let stem = config
+                .path
+                .as_ref()
+                .and_then(|p| p.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.starts_with('<'))
+                .unwrap_or_else(|| "ml-100k".into());
+            PathBuf::from("runs").join(stem)
+        }
+    };
+    let wd = &workdir;
     if comm.is_root() {
         std::fs::create_dir_all(wd).with_context(|| format!("creating {}", wd.display()))?;
     }
@@ -169,27 +184,45 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
         for (label, data) in [("clean", &clean), ("noisy", &noisy)] {
             let out = wd.join("train").join(format!("{model}-{label}"));
             let metrics = out.join("metrics.json");
-            if args.overwrite || !metrics.exists() {
+            let mut argv: Vec<String> = vec![
+                "--dataset".into(),
+                s(data),
+                "--out".into(),
+                s(&out),
+                "--model".into(),
+                model.clone(),
+                "--epochs".into(),
+                args.epochs.to_string(),
+                "--patience".into(),
+                args.patience.to_string(),
+                "--seed".into(),
+                args.seed.to_string(),
+                "--results-csv".into(),
+                s(&results_csv),
+                "--label".into(),
+                label.to_string(),
+            ];
+            let train_cfg =
+                stage_args::<cmd::train::TrainArgs>(config, "train", &argv)?.train_config();
+            // Rank 0 decides whether the run directory holds this very training run.
+            let mut stale = Vec::new();
+            if comm.is_root() {
+                if let Some(why) = training_staleness(&out, data, &train_cfg)? {
+                    stale = why.into_bytes();
+                }
+            }
+            comm.broadcast_bytes(0, &mut stale)?;
+            let finished = metrics.exists();
+            if args.overwrite || !stale.is_empty() {
                 tracing::info!("step 5/5: train {model} on {label} data");
-                let mut argv = vec![
-                    "--dataset".into(),
-                    s(data),
-                    "--out".into(),
-                    s(&out),
-                    "--model".into(),
-                    model.clone(),
-                    "--epochs".into(),
-                    args.epochs.to_string(),
-                    "--patience".into(),
-                    args.patience.to_string(),
-                    "--seed".into(),
-                    args.seed.to_string(),
-                    "--results-csv".into(),
-                    s(&results_csv),
-                    "--label".into(),
-                    label.to_string(),
-                ];
-                if out.join("last").join("state.json").exists() && !args.overwrite {
+                if finished && !stale.is_empty() {
+                    tracing::warn!(
+                        "{}: retraining: {}",
+                        out.display(),
+                        String::from_utf8_lossy(&stale)
+                    );
+                }
+                if !finished && out.join("last").join("state.json").exists() && !args.overwrite {
                     argv.push("--resume".into());
                 } else if out.exists() {
                     argv.push("--overwrite".into());
@@ -214,6 +247,53 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
         println!("\nreport: {}", report.display());
     }
     Ok(())
+}
+
+/// Why the run directory `out` does not hold the training run this job asks for (`None`
+/// when it does: a finished run, `metrics.json`, of this very config, trained on the dataset
+/// `data` whose files still have the sha256 values its manifest records).
+fn training_staleness(
+    out: &Path,
+    data: &Path,
+    cfg: &llm4dsr_rec::TrainConfig,
+) -> Result<Option<String>> {
+    let metrics = out.join("metrics.json");
+    if !metrics.exists() {
+        return Ok(Some("not trained yet".into()));
+    }
+    let text = std::fs::read_to_string(&metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return Ok(Some(format!("{}: unreadable ({e})", metrics.display()))),
+    };
+    if v["dataset"].as_str() != Some(s(data).as_str()) {
+        return Ok(Some(format!(
+            "trained on {}, this job trains on {}",
+            v["dataset"],
+            data.display()
+        )));
+    }
+    if v["config"] != serde_json::to_value(cfg)? {
+        return Ok(Some(
+            "trained with another config (epochs, patience, model or optimiser settings)".into(),
+        ));
+    }
+    let Ok(m) = Manifest::read(out) else {
+        return Ok(Some(format!(
+            "{}: no readable manifest.json",
+            out.display()
+        )));
+    };
+    for i in &m.inputs {
+        let same = llm4dsr_data::manifest::sha256_file(Path::new(&i.path))
+            .map(|(sha, _)| sha == i.sha256)
+            .unwrap_or(false);
+        if !same {
+            return Ok(Some(format!("{} changed since it was trained on", i.path)));
+        }
+    }
+    Ok(None)
 }
 
 /// Detection precision/recall of one detector's scores of `split` (top-1 and top-3 flags).
@@ -255,7 +335,18 @@ fn write_report(
 ) -> Result<PathBuf> {
     let mut r = String::new();
     writeln!(r, "# llm4dsr run report\n")?;
-    writeln!(r, "Work directory `{}`; seed {}; {:.0} s for this invocation (steps already complete were skipped).\n", wd.display(), args.seed, seconds)?;
+    writeln!(
+        r,
+        "Work directory `{}`; seed {}; noise p = {} in the noisy dataset; backbones trained \
+         for at most {} epochs (patience {}). {:.0} s for this invocation (a step whose output \
+         was already this run's is not redone).\n",
+        wd.display(),
+        args.seed,
+        args.noise_p,
+        args.epochs,
+        args.patience,
+        seconds
+    )?;
     writeln!(r, "## Datasets\n")?;
     writeln!(r, "| dataset | users | items | train windows | valid windows | test windows | noisy history positions |")?;
     writeln!(r, "|---|---:|---:|---:|---:|---:|---:|")?;
@@ -298,20 +389,31 @@ fn write_report(
     }
     writeln!(
         r,
-        "\nThe LLM detector (fine-tuned on the SFT instances) is the next stage of the roadmap; \
-`llm4dsr inspect-scores` shows the untuned LLM's scores of a few windows.\n"
+        "\nEach detector flags the highest-scoring position of every window's history (ties \
+go to the earliest position). Precision counts every window, also those without any noise, so \
+its ceiling is the share of windows holding noise; random precision is the expected precision \
+of a uniformly random flag. The LLM detector (fine-tuned on the SFT instances) is the next \
+stage of the roadmap; `llm4dsr inspect-scores` shows the untuned LLM's scores of a few \
+windows.\n"
     )?;
     writeln!(
         r,
-        "## Backbones: clean vs noisy training data (test split, full ranking)\n"
+        "## Backbones: clean vs noisy data (p = {}; each trained and tested on its own \
+dataset's windows: the noisy test histories hold noise too; test split, full ranking)\n",
+        args.noise_p
     )?;
     writeln!(
         r,
-        "| backbone | data | HR@10 | NDCG@10 | HR@20 | NDCG@20 | best epoch | epochs | s/epoch |"
+        "| backbone | data | HR@10 | NDCG@10 | HR@20 | NDCG@20 | best epoch | epochs run | s/epoch |"
     )?;
     writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut bars = Vec::new();
     for (model, label, path) in runs {
+        let label = if label == "noisy" {
+            format!("noisy p={}", args.noise_p)
+        } else {
+            label.clone()
+        };
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: serde_json::Value =
@@ -338,7 +440,14 @@ fn write_report(
     let svg = wd.join("ndcg10.svg");
     llm4dsr_data::atomic::write_file(
         &svg,
-        bar_chart_svg("test NDCG@10: clean vs noisy training data", &bars).as_bytes(),
+        bar_chart_svg(
+            &format!(
+                "test NDCG@10: clean vs noisy (p = {}) data, at most {} epochs",
+                args.noise_p, args.epochs
+            ),
+            &bars,
+        )
+        .as_bytes(),
     )?;
     writeln!(
         r,
@@ -347,7 +456,9 @@ fn write_report(
     )?;
     writeln!(
         r,
-        "Rows of every training run are also appended to `results.csv`."
+        "`epochs run` equal to the budget means training stopped at the budget, not by early \
+stopping. s/epoch is wall time on this machine, whatever else ran on it. Rows of every \
+training run are also appended to `results.csv`."
     )?;
     let path = wd.join("report.md");
     llm4dsr_data::atomic::write_file(&path, r.as_bytes())?;

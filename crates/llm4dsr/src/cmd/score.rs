@@ -60,7 +60,7 @@ pub struct ScoreArgs {
     #[arg(long, value_enum, default_value_t = Method::Popularity)]
     pub method: Method,
     /// Splits to score, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = SPLITS.map(String::from))]
+    #[arg(long, value_delimiter = ',', default_value = "train,valid,test")]
     pub splits: Vec<String>,
     /// Number of user shards. Fixed by the config, independent of the number of ranks (the
     /// output depends on it only through row order); more shards = finer resume.
