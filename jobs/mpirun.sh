@@ -11,9 +11,12 @@
 #                   build it with `cargo build --release --features mpi`)
 #   -f HOSTFILE     OpenMPI hostfile for several machines (HOSTFILE, default: this machine)
 #
-# Ranks beyond the cores get --oversubscribe; each rank's thread pool gets cores / ranks threads
-# (RAYON_NUM_THREADS), and ranks are not pinned to one core (--bind-to none) so that those
-# threads can run. Resume: run the same command again; finished shards are skipped.
+# Ranks beyond the cores get --oversubscribe; each rank's thread pool gets cores / (ranks per
+# machine) threads (RAYON_NUM_THREADS; the machines of a hostfile are taken to have this one's
+# cores), and ranks are not pinned to one core (--bind-to none) so that those threads can run.
+# The LLM4DSR_* variables, RUST_LOG, RAYON_NUM_THREADS, LD_LIBRARY_PATH and CUDA_VISIBLE_DEVICES
+# that are set here reach every rank. Resume: run the same command again; finished shards are
+# skipped.
 set -euo pipefail
 
 RANKS=${RANKS:-2}
@@ -24,10 +27,13 @@ while getopts "n:b:f:h" opt; do
     n) RANKS=$OPTARG ;;
     b) BIN=$OPTARG ;;
     f) HOSTFILE=$OPTARG ;;
-    h) sed -n '2,18p' "$0"; exit 0 ;;
-    *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+    h) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0"; exit 0 ;;
+    *) sed -n '2,/^set -euo/{/^set -euo/d;p}' "$0" >&2; exit 2 ;;
   esac
 done
+case $RANKS in
+  ''|*[!0-9]*|0) echo "jobs/mpirun.sh: -n wants a number of ranks >= 1, not '$RANKS'" >&2; exit 2 ;;
+esac
 shift $((OPTIND - 1))
 [ "${1:-}" = "--" ] && shift
 if [ $# -eq 0 ]; then
@@ -52,19 +58,24 @@ fi
 
 CORES=$(nproc)
 ARGS=(-n "$RANKS" --bind-to none)
+PER_HOST=$RANKS
 if [ -n "$HOSTFILE" ]; then
+  [ -r "$HOSTFILE" ] || { echo "jobs/mpirun.sh: cannot read hostfile $HOSTFILE" >&2; exit 2; }
   ARGS+=(--hostfile "$HOSTFILE")
+  HOSTS=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+  [ "${HOSTS:-0}" -ge 1 ] || { echo "jobs/mpirun.sh: $HOSTFILE names no host" >&2; exit 2; }
+  PER_HOST=$(( (RANKS + HOSTS - 1) / HOSTS ))
 elif [ "$RANKS" -gt "$CORES" ]; then
   ARGS+=(--oversubscribe)
 fi
-THREADS=$(( CORES / RANKS )); [ "$THREADS" -ge 1 ] || THREADS=1
+THREADS=$(( CORES / PER_HOST )); [ "$THREADS" -ge 1 ] || THREADS=1
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$THREADS}
 # OpenMPI refuses to run as root unless told twice (containers, CI).
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 # Forward the variables llm4dsr reads (only those that are set).
-for v in RUST_LOG RAYON_NUM_THREADS LLM4DSR_CACHE LLM4DSR_CONFIG LLM4DSR_TEST_ABORT_AFTER_SHARDS; do
+for v in RUST_LOG RAYON_NUM_THREADS LD_LIBRARY_PATH CUDA_VISIBLE_DEVICES $(compgen -v LLM4DSR_); do
   if [ -n "${!v:-}" ]; then ARGS+=(-x "$v"); fi
 done
 
