@@ -1196,6 +1196,11 @@ fn cli_ground_exact_nearest_empty_resume_and_bad_input() {
     ] {
         assert_eq!(m["counts"][k], v, "{k}");
     }
+    // The model is an input: its directory, the hash of its files, their bytes.
+    let inputs = m["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 3, "{m}");
+    assert_eq!(inputs[2]["path"], model.display().to_string());
+    assert!(inputs[2]["bytes"].as_u64().unwrap() > 0);
     assert!(out.join("catalog_embeddings.parquet").exists());
     assert!(!tmp.path().join("g.parts").exists());
 

@@ -272,13 +272,15 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         }
     };
     let embedder = embedder.as_ref();
-    let model_sha = crate::cmd::model::model_digest(&model_path)?;
+    let model_input = crate::cmd::model::model_input(&model_path)?;
+    let model_sha = model_input.sha256.clone();
     let catalog_sha = sha256_file(&catalog_path)?.0;
     let queries_sha = sha256_file(&queries_path)?.0;
 
     let mut manifest = Manifest::new("ground", 0, serde_json::to_value(&args)?);
     manifest.add_input(&catalog_path)?;
     manifest.add_input(&queries_path)?;
+    manifest.inputs.push(model_input);
     // Everything each pass's output depends on.
     let d = embedder.dim();
     let block = args.catalog_shard_items;

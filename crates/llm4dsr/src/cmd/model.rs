@@ -5,6 +5,7 @@
 use crate::config::ConfigFile;
 use anyhow::{anyhow, Result};
 use clap::{ArgMatches, Subcommand};
+use llm4dsr_data::manifest::FileDigest;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -60,19 +61,30 @@ pub fn run(config: &ConfigFile, matches: &ArgMatches) -> Result<()> {
     }
 }
 
-/// What identifies a model: the GGUF file's hash, or the hashes of an HF directory's
-/// config.json, tokenizer.json (where present) and weight files, hashed together.
-pub fn model_digest(path: &Path) -> Result<String> {
+/// What identifies a model, as a manifest input: the GGUF file's sha256, or for an HF
+/// directory the sha256 of the hashes of its config.json, tokenizer.json (where present) and
+/// weight files, with the bytes of all of them.
+pub fn model_input(path: &Path) -> Result<FileDigest> {
     use llm4dsr_data::manifest::{sha256_bytes, sha256_file};
-    if !path.is_dir() {
-        return Ok(sha256_file(path)?.0);
-    }
-    let mut files = vec![path.join("config.json")];
-    files.extend(Some(path.join("tokenizer.json")).filter(|p| p.exists()));
-    files.extend(llm4dsr_llm::load::safetensors_files(path)?);
-    let parts = files
-        .iter()
-        .map(|f| Ok(sha256_file(f)?.0))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(sha256_bytes(parts.join(",").as_bytes()))
+    let (sha256, bytes) = if !path.is_dir() {
+        sha256_file(path)?
+    } else {
+        let mut files = vec![path.join("config.json")];
+        files.extend(Some(path.join("tokenizer.json")).filter(|p| p.exists()));
+        files.extend(llm4dsr_llm::load::safetensors_files(path)?);
+        let parts = files
+            .iter()
+            .map(|f| sha256_file(f))
+            .collect::<Result<Vec<_>>>()?;
+        let shas: Vec<&str> = parts.iter().map(|(s, _)| s.as_str()).collect();
+        (
+            sha256_bytes(shas.join(",").as_bytes()),
+            parts.iter().map(|(_, b)| b).sum(),
+        )
+    };
+    Ok(FileDigest {
+        path: path.display().to_string(),
+        sha256,
+        bytes,
+    })
 }

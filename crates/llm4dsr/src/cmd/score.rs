@@ -212,6 +212,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
         bail!("--windows-per-batch must be at least 1");
     }
     let mut windows_per_batch = None;
+    let mut model_file = None;
     let (llm, model_sha) = match llm_mode {
         None => (None, String::new()),
         Some(_) => {
@@ -219,7 +220,9 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
                 Some(p) => p.clone(),
                 None => llm4dsr_data::assets::require(crate::cmd::model::SMOLLM2_GGUF)?,
             };
-            let sha = crate::cmd::model::model_digest(&model)?;
+            let input = crate::cmd::model::model_input(&model)?;
+            let sha = input.sha256.clone();
+            model_file = Some(input);
             let device = llm4dsr_llm::llm_device(args.device)?;
             let llm = llm4dsr_llm::Llm::load(&model, &device)?;
             // Scores in f32 on the CPU and bf16 on a GPU differ: never mix them in one output.
@@ -250,6 +253,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     let mut manifest = Manifest::new("score", 0, serde_json::to_value(&args)?);
     manifest.add_input(&catalog_path)?;
     manifest.add_input(&train_path)?;
+    manifest.inputs.extend(model_file);
     manifest.notes.push(format!(
         "method {}: scores are higher for items more likely to be noise; train windows are \
          scored whole, valid/test windows on their history (the target is never scored)",
