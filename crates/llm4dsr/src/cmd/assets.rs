@@ -42,16 +42,18 @@ pub fn run(_config: &ConfigFile, matches: &ArgMatches) -> Result<()> {
         AssetsCommand::List => {
             println!("{:<24} {:<28} {:<8}", "asset", "package", "cached");
             for a in assets::ASSETS {
-                let have = a
-                    .members
-                    .iter()
-                    .all(|(_, f, _)| cache.join(a.name).join(f).is_file());
-                println!(
-                    "{:<24} {:<28} {:<8}",
-                    a.name,
-                    a.requirement,
-                    if have { "yes" } else { "no" }
-                );
+                let mut state = "yes".to_string();
+                for (_, f, pinned) in a.members {
+                    match assets::member_state(&cache.join(a.name), f, *pinned)? {
+                        assets::MemberState::Present => {}
+                        assets::MemberState::Missing => state = "no".into(),
+                        assets::MemberState::Damaged(_) => {
+                            state = format!("damaged ({f}: fetch again)");
+                            break;
+                        }
+                    }
+                }
+                println!("{:<24} {:<28} {:<8}", a.name, a.requirement, state);
             }
             println!("cache: {}", cache.display());
         }

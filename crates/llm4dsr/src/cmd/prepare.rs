@@ -105,9 +105,13 @@ impl PrepareArgs {
                 bail!("--asset {a} is a RecBole dataset: use --format recbole");
             }
             llm4dsr_data::assets::find(a)?;
-            inter
-                .get_or_insert_with(|| llm4dsr_data::assets::asset_path(&format!("{a}/{a}.inter")));
-            item.get_or_insert_with(|| llm4dsr_data::assets::asset_path(&format!("{a}/{a}.item")));
+            // The asset's files, checked against their pinned sha256.
+            if inter.is_none() {
+                inter = Some(llm4dsr_data::assets::require(&format!("{a}/{a}.inter"))?);
+            }
+            if item.is_none() {
+                item = Some(llm4dsr_data::assets::require(&format!("{a}/{a}.item"))?);
+            }
         }
         Ok(Source {
             format,
