@@ -314,6 +314,7 @@ fn resume_continues_exactly() {
     let plan = CheckpointPlan {
         dir: d.path().join("run"),
         resume: false,
+        data: "data-a".into(),
     };
     cfg.epochs = 1;
     llm4dsr_rec::train(&tr, &va, SPEC.items, SPEC.users, &cfg, &Local, Some(&plan)).unwrap();
@@ -334,6 +335,69 @@ fn resume_continues_exactly() {
         full.model.params.flat_values().unwrap(),
         resumed.model.params.flat_values().unwrap()
     );
+
+    // A resume with another seed or learning rate, or on other data, is refused by name;
+    // a longer budget is not.
+    let mut other = cfg.clone();
+    other.seed += 1;
+    let e = llm4dsr_rec::train(
+        &tr,
+        &va,
+        SPEC.items,
+        SPEC.users,
+        &other,
+        &Local,
+        Some(&plan),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("cannot resume: `seed`"), "{e}");
+    let mut other = cfg.clone();
+    other.adam.lr *= 2.0;
+    let e = llm4dsr_rec::train(
+        &tr,
+        &va,
+        SPEC.items,
+        SPEC.users,
+        &other,
+        &Local,
+        Some(&plan),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("cannot resume: `adam`"), "{e}");
+    let elsewhere = CheckpointPlan {
+        dir: plan.dir.clone(),
+        resume: true,
+        data: "data-b".into(),
+    };
+    let e = llm4dsr_rec::train(
+        &tr,
+        &va,
+        SPEC.items,
+        SPEC.users,
+        &cfg,
+        &Local,
+        Some(&elsewhere),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("other data"), "{e}");
+    let mut longer = cfg.clone();
+    longer.epochs = 4;
+    llm4dsr_rec::train(
+        &tr,
+        &va,
+        SPEC.items,
+        SPEC.users,
+        &longer,
+        &Local,
+        Some(&plan),
+    )
+    .unwrap();
 }
 
 fn llm4dsr(args: &[&str]) -> (bool, String, String) {
@@ -431,6 +495,15 @@ fn cli_trains_evaluates_and_rejects_bad_input() {
     // An existing run directory is not overwritten silently.
     let (ok, _, err) = llm4dsr(&a);
     assert!(!ok && err.contains("run directory exists"), "{err}");
+    // A directory with no checkpoint (a run killed before its first epoch ended): the way out
+    // is --overwrite, not --resume.
+    let bare = d.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    let (ok, _, err) = llm4dsr(&["train", "--dataset", s(&ds), "--out", s(&bare)]);
+    assert!(
+        !ok && err.contains("no checkpoint to resume") && err.contains("--overwrite"),
+        "{err}"
+    );
 
     // A dataset directory without windows.
     let empty = d.path().join("nowindows");
@@ -463,6 +536,28 @@ fn cli_trains_evaluates_and_rejects_bad_input() {
     let (ok, _, err) = llm4dsr(&["evaluate", "--checkpoint", s(&run), "--dataset", s(&other)]);
     assert!(
         !ok && err.contains("catalogue of 40 items") && err.contains("41"),
+        "{err}"
+    );
+
+    // A dataset with a catalogue of the same size but other titles: refused, named.
+    let renamed = d.path().join("renamed");
+    write_dataset(&renamed, SPEC).unwrap();
+    let cp = renamed.join("catalog.parquet");
+    let cat = llm4dsr_data::Catalog::read_parquet(&cp).unwrap();
+    let mut other_cat = llm4dsr_data::Catalog::new();
+    for i in 1..=cat.num_items() {
+        other_cat.push(format!("{} (renamed)", cat.title(i)), format!("x{i}"));
+    }
+    other_cat.write_parquet(&cp).unwrap();
+    let (ok, _, err) = llm4dsr(&[
+        "evaluate",
+        "--checkpoint",
+        s(&run),
+        "--dataset",
+        s(&renamed),
+    ]);
+    assert!(
+        !ok && err.contains("another one") && err.contains("catalog.parquet"),
         "{err}"
     );
 

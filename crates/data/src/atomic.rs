@@ -125,6 +125,41 @@ pub fn sweep_stale_in(dir: &Path) -> usize {
     removed
 }
 
+/// Bring back `dest` when a run was killed inside [`StagingDir::commit`] after moving the old
+/// `dest` aside and before renaming the new one into place: `dest` is missing and a moved-aside
+/// copy (`.{name}.old-{host}-{pid}`) is beside it. Returns whether it did.
+pub fn recover_moved_aside(dest: &Path) -> Result<bool> {
+    if dest.exists() {
+        return Ok(false);
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(false);
+    };
+    let prefix = format!(".{name}.old-");
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::rename(e.path(), dest).with_context(|| {
+                format!("renaming {} -> {}", e.path().display(), dest.display())
+            })?;
+            tracing::warn!(
+                "{}: brought back from {} (a run was killed while replacing it)",
+                dest.display(),
+                e.path().display()
+            );
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// A directory being built. Files go into `path()`; `commit()` renames it to the destination.
 /// Dropped without `commit()`, the staging directory is removed.
 pub struct StagingDir {
@@ -257,6 +292,23 @@ mod tests {
         assert!(live.exists(), "a live process's staging directory is kept");
         assert!(other_host.exists(), "another machine's is kept");
         assert!(user_file.exists(), "names not ours are kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_copy_moved_aside_by_a_killed_commit_is_brought_back() {
+        let dir = std::env::temp_dir().join(format!("llm4dsr-recover-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let dest = dir.join("last");
+        let aside = dir.join(".last.old-somehost-12");
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::write(aside.join("state.json"), b"{}").unwrap();
+        assert!(recover_moved_aside(&dest).unwrap());
+        assert!(dest.join("state.json").exists() && !aside.exists());
+        assert!(
+            !recover_moved_aside(&dest).unwrap(),
+            "nothing to do when present"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

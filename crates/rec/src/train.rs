@@ -168,6 +168,10 @@ pub struct TrainState {
     pub bad_evals: usize,
     pub history: Vec<EpochLog>,
     pub stopped_early: bool,
+    /// What identifies the training data (the caller's [`CheckpointPlan::data`]), so that a
+    /// resume on other data is refused.
+    #[serde(default)]
+    pub data: String,
 }
 
 /// Where training writes checkpoints (rank 0): `<dir>/last` every epoch, `<dir>/best` on
@@ -176,6 +180,48 @@ pub struct CheckpointPlan {
     pub dir: PathBuf,
     /// Continue from `<dir>/last`.
     pub resume: bool,
+    /// What identifies the training data (e.g. the hashes of the dataset's files), kept in
+    /// `last/state.json`: a resume on other data is refused. Empty: not checked.
+    pub data: String,
+}
+
+/// The settings a resumed run may change: how long it trains, when it stops early, and the
+/// evaluation batch (which does not change any result).
+const RESUMABLE_CHANGES: &[&str] = &["epochs", "patience", "eval_batch_size"];
+
+/// Refuse a resume whose training settings or data differ from the checkpoint's (`last`
+/// names it): the run would record settings its first epochs did not use.
+fn check_resume(
+    last: &Path,
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    saved_data: &str,
+    data: &str,
+) -> Result<()> {
+    if let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) {
+        for (k, v) in b {
+            if RESUMABLE_CHANGES.contains(&k.as_str()) {
+                continue;
+            }
+            if a.get(k) != Some(v) {
+                bail!(
+                    "{}: cannot resume: `{k}` was {} in the checkpoint, {v} now (only {} may \
+                     change on resume; --overwrite starts afresh)",
+                    last.join("config.json").display(),
+                    a.get(k).unwrap_or(&serde_json::Value::Null),
+                    RESUMABLE_CHANGES.join(", ")
+                );
+            }
+        }
+    }
+    if !saved_data.is_empty() && !data.is_empty() && saved_data != data {
+        bail!(
+            "{}: cannot resume: the checkpoint was trained on other data (the dataset's files \
+             changed since); --overwrite starts afresh",
+            last.join("state.json").display()
+        );
+    }
+    Ok(())
 }
 
 /// What training produced.
@@ -272,10 +318,11 @@ pub fn train(
         if c.model != cfg.model || c.num_items != num_items {
             bail!("{}: checkpoint was made with another model config or catalogue size; cannot resume", last.display());
         }
-        flat = m.params.flat_values()?;
-        model.params.set_flat(&flat)?;
         let st = crate::checkpoint::load_optimizer(&last, &mut adam)?;
         state = serde_json::from_value(st)?;
+        check_resume(&last, &c.train, &cfg_json, &state.data, &plan.data)?;
+        flat = m.params.flat_values()?;
+        model.params.set_flat(&flat)?;
         best_flat = if state.best_epoch > 0 {
             crate::checkpoint::load(&plan.dir.join("best"))?
                 .0
@@ -289,6 +336,9 @@ pub fn train(
             "resuming from {}",
             last.display()
         );
+    }
+    if let Some(plan) = ckpt {
+        state.data = plan.data.clone();
     }
     let steps = insts.len().div_ceil(cfg.batch_size);
     let mut buf = vec![0f32; n + 1];

@@ -62,6 +62,36 @@ pub fn run_with(args: EvaluateArgs, comm: &dyn Comm) -> Result<()> {
             ckpt.join("config.json").display()
         );
     }
+    // The run's manifest (beside `best/` or `last/`) names the catalogue it trained on: item
+    // ids mean nothing against another catalogue of the same size.
+    let run_manifest = ckpt.parent().map(|p| p.join("manifest.json"));
+    match run_manifest.filter(|p| p.is_file()) {
+        Some(mp) => {
+            let m = llm4dsr_data::Manifest::read(mp.parent().unwrap())?;
+            let trained = m
+                .inputs
+                .iter()
+                .find(|i| i.path.ends_with("catalog.parquet"));
+            let here = dataset.join("catalog.parquet");
+            let (sha, _) = llm4dsr_data::manifest::sha256_file(&here)?;
+            if let Some(t) = trained.filter(|t| t.sha256 != sha) {
+                bail!(
+                    "{}: the checkpoint was trained on the catalogue {} (sha256 {}), {} has \
+                     another one (sha256 {sha}): its item ids name other items",
+                    ckpt.display(),
+                    t.path,
+                    t.sha256,
+                    here.display()
+                );
+            }
+        }
+        None => tracing::warn!(
+            "{}: no run manifest.json beside the checkpoint: cannot check that {} has the \
+             catalogue it was trained on (only its size)",
+            ckpt.display(),
+            dataset.display()
+        ),
+    }
     if data.num_users > cc.num_users && cc.model.kind == llm4dsr_rec::ModelKind::Caser {
         bail!(
             "{}: Caser checkpoint knows {} users, the dataset has {}",

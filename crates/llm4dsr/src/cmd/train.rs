@@ -247,8 +247,23 @@ pub fn run_with(args: TrainArgs, comm: &dyn Comm) -> Result<()> {
     let exists = out.exists();
     // Every rank decides from the same state of the disk, before rank 0 changes it.
     comm.barrier()?;
+    if exists && comm.is_root() {
+        // A run killed while replacing a checkpoint leaves it moved aside: bring it back.
+        for d in ["last", "best"] {
+            llm4dsr_data::atomic::recover_moved_aside(&out.join(d))?;
+        }
+    }
+    comm.barrier()?;
     if exists && !args.resume {
         if !args.overwrite {
+            if !out.join("last").join("state.json").exists() {
+                bail!(
+                    "{}: run directory exists but holds no checkpoint to resume (a run killed \
+                     before its first epoch ended, or another directory): pass --overwrite to \
+                     start afresh there",
+                    out.display()
+                );
+            }
             bail!("{}: run directory exists (pass --resume to continue it or --overwrite to replace it)", out.display());
         }
         if comm.is_root() {
@@ -288,9 +303,20 @@ fn train_in(
             &data.test
         }
     };
+    // The dataset's files identify the data a resume must continue on.
+    let mut data_id = Vec::new();
+    for f in [
+        "windows/train.parquet",
+        "windows/valid.parquet",
+        "windows/test.parquet",
+        "catalog.parquet",
+    ] {
+        data_id.push(llm4dsr_data::manifest::sha256_file(&dataset.join(f))?.0);
+    }
     let plan = CheckpointPlan {
         dir: out.to_path_buf(),
         resume: args.resume,
+        data: llm4dsr_data::manifest::sha256_bytes(data_id.join(",").as_bytes()),
     };
     let outcome = llm4dsr_rec::train(
         &data.train,
