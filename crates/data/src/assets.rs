@@ -394,16 +394,39 @@ mod tests {
     }
 
     #[test]
-    fn a_present_asset_is_not_downloaded_again() {
+    fn a_present_asset_is_not_downloaded_again_and_a_damaged_one_is_seen() {
         let dir = tempfile::tempdir().unwrap();
-        let a = find("ml-1m").unwrap();
-        std::fs::create_dir_all(dir.path().join(a.name)).unwrap();
+        // An asset whose members' pinned sha256 is that of the bytes written below.
+        let sha: &'static str = Box::leak(crate::manifest::sha256_bytes(b"x").into_boxed_str());
+        let members: &'static [(&'static str, &'static str, Option<&'static str>)] =
+            Box::leak(vec![("w/a", "a", Some(sha)), ("w/b", "b", Some(sha))].into_boxed_slice());
+        let a = Asset {
+            name: "test-asset",
+            requirement: "no-such-package==0",
+            wheel: "none.whl",
+            sha256: "0",
+            members,
+        };
+        let d = dir.path().join(a.name);
+        std::fs::create_dir_all(&d).unwrap();
         for (_, f, _) in a.members {
-            std::fs::write(dir.path().join(a.name).join(f), b"x").unwrap();
+            std::fs::write(d.join(f), b"x").unwrap();
         }
-        let out = fetch(dir.path(), &["ml-1m".to_string()]).unwrap();
-        assert!(!out[0].downloaded);
-        assert_eq!(out[0].present, 3);
-        assert_eq!(out[0].extracted, 0);
+        let out = fetch_one(dir.path(), &a).unwrap();
+        assert!(!out.downloaded);
+        assert_eq!((out.present, out.extracted), (2, 0));
+        std::fs::write(d.join("b"), b"y").unwrap();
+        assert!(matches!(
+            member_state(&d, "b", Some(sha)).unwrap(),
+            MemberState::Damaged(_)
+        ));
+        assert_eq!(
+            member_state(&d, "a", Some(sha)).unwrap(),
+            MemberState::Present
+        );
+        assert_eq!(
+            member_state(&d, "c", Some(sha)).unwrap(),
+            MemberState::Missing
+        );
     }
 }
