@@ -495,15 +495,18 @@ fn config_file_supplies_every_flag() {
     );
 }
 
+/// Write one record batch of these named columns to `path` (a Parquet source for `prepare`).
+fn write_cols(path: &Path, cols: Vec<(&str, arrow_array::ArrayRef)>) {
+    let b = arrow_array::RecordBatch::try_from_iter(cols).unwrap();
+    llm4dsr_data::parquet_io::write_batches(path, b.schema(), &[b]).unwrap();
+}
+
 #[test]
 fn generic_parquet_source_with_custom_columns() {
-    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
+    use arrow_array::{ArrayRef, Int64Array, StringArray, UInt32Array};
+    let write = write_cols;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let write = |path: &Path, cols: Vec<(&str, ArrayRef)>| {
-        let b = RecordBatch::try_from_iter(cols).unwrap();
-        llm4dsr_data::parquet_io::write_batches(path, b.schema(), &[b]).unwrap();
-    };
     let cat = dir.path().join("catalog_in.parquet");
     write(
         &cat,
@@ -832,13 +835,10 @@ fn recbole_timestamp_tag_long_rows_and_blank_lines_are_refused() {
 
 #[test]
 fn parquet_source_refuses_out_of_range_timestamps_and_empty_user_ids() {
-    use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array};
+    use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray, UInt64Array};
+    let write = write_cols;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let write = |path: &Path, cols: Vec<(&str, ArrayRef)>| {
-        let b = RecordBatch::try_from_iter(cols).unwrap();
-        llm4dsr_data::parquet_io::write_batches(path, b.schema(), &[b]).unwrap();
-    };
     let cat = dir.path().join("catalog_in.parquet");
     write(
         &cat,
