@@ -911,17 +911,7 @@ fn llm_detectors_score_through_the_sharded_stage() {
     // A window whose prompt cannot fit the model's context (8,192 tokens): refused before
     // any forward, naming the split's file, the user and the window.
     let long: Vec<u32> = (0..3000).map(|i| 1 + (i % 8) as u32).collect();
-    let mut over = Windows::new();
-    for w in test.iter() {
-        over.push(
-            w.user,
-            w.pos,
-            w.items,
-            w.mask,
-            w.original,
-            w.target_timestamp,
-        );
-    }
+    let mut over = test.clone();
     over.push(9, 2999, &long, &vec![0; long.len()], &long, 200);
     over.write_parquet(&data.join("windows/test.parquet"))
         .unwrap();
