@@ -45,9 +45,10 @@
 #                             end-to-end step (scoring-e2e and PyTorch + transformers).
 #
 # Device call (the session's run tool):
-#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400 (600 with scoring-e2e carried: its two configs and their PyTorch runs add an estimated 1-3 min, never measured)
-# Measured 2026-11-27 on an H200: 59-76 s for the whole run (31-48 s with --no-torch), plus about
-# 40 s to start the machine; each step has its own timeout so one hang cannot eat the lease.
+#   command: bash jobs/gpu-check.sh run     carry: ["target-gpu/bin"]     timeout_s: 400
+# Measured 2026-11-27 15:20 UTC on an H200 (docs/kernels.md 6): ~215 s of wall time with
+# scoring-e2e carried and the PyTorch / HF baselines, 264 s with --then-profile for v5, plus
+# ~35-40 s to start the machine; each step has its own timeout so one hang cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=target-gpu/bin
@@ -113,7 +114,7 @@ for line in open(sys.argv[1]):
   exit 0
 fi
 
-[ "$mode" = run ] || [ "$mode" = profile ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only] [--then-profile] | profile [v3] [v5] [v6]" >&2; exit 2; }
+[ "$mode" = run ] || [ "$mode" = profile ] || { echo "usage: $0 build [--release] | build-candle | run [--quick] [--no-torch] [--e2e-only] [--then-profile] | profile [v3] [v5] [v6] [rerank]" >&2; exit 2; }
 quick=""
 torch=1
 e2e_only=0
