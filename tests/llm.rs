@@ -720,6 +720,24 @@ fn smollm2_scores_real_titles_and_answers_paris() {
     }
     let window: &[u32] = &[1, 2, 3, 4, 5, 6];
     let mut scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle).unwrap();
+    // The scored continuation is what the model reads after the prompt when the title and its
+    // closing quote follow in one text: `(1995)"` ends in the one token `)"`, not in `)` and
+    // `"` tokenised apart (titles starting with punctuation, like `(500) ...`, can merge with
+    // the opening quote instead; docs/llm.md).
+    let titles: Vec<&str> = window.iter().map(|&i| catalog.title(i)).collect();
+    let prefix = llm4dsr_llm::prompt::scoring_prefix(&titles);
+    let p = llm.encode_prompt(&prefix).unwrap();
+    for id in 1..=5 {
+        let t = catalog.title(id);
+        let joint = llm.encode_prompt(&format!("{prefix}{t}\"")).unwrap();
+        assert_eq!(joint[..p.len()], p[..], "{t}");
+        assert_eq!(joint[p.len()..], scorer.continuation(id)[..], "{t}");
+        assert_eq!(
+            scorer.continuation(id).len(),
+            scorer.title_tokens().get(id).len(),
+            "{t}: `)\"` is one token"
+        );
+    }
     assert!(
         scorer.shared_prefix_len() > 60,
         "{}",

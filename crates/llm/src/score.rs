@@ -281,7 +281,11 @@ pub struct LlmNoiseScorer<'a> {
     llm: &'a Llm,
     catalog: &'a Catalog,
     titles: TitleTokens,
-    close: Vec<u32>,
+    /// Each title with its closing quote, tokenised together: the full-title continuations.
+    /// Tokenised apart, a title ending in punctuation would end in two tokens (`)` `"`) where
+    /// the model reads and writes one (`)"`: byte-level BPE pre-tokenizers keep runs of
+    /// punctuation together), and its score would carry a penalty unrelated to noise.
+    continuations: TitleTokens,
     pub mode: ScoreMode,
     /// Windows per forward batch (memory: a ~250-token prompt's cache is ~12 MB for SmolLM2).
     pub windows_per_batch: usize,
@@ -294,13 +298,21 @@ pub struct LlmNoiseScorer<'a> {
 impl<'a> LlmNoiseScorer<'a> {
     pub fn new(llm: &'a Llm, catalog: &'a Catalog, mode: ScoreMode) -> Result<Self> {
         let titles = TitleTokens::build(&llm.tokenizer, &catalog.titles)?;
-        let close = llm.encode_piece(prompt::CLOSE_QUOTE)?;
-        ensure!(!close.is_empty(), "the closing quote tokenises to nothing");
+        let closed: Vec<String> = catalog
+            .titles
+            .iter()
+            .enumerate()
+            .map(|(id, t)| match id {
+                0 => String::new(),
+                _ => format!("{t}{}", prompt::CLOSE_QUOTE),
+            })
+            .collect();
+        let continuations = TitleTokens::build(&llm.tokenizer, &closed)?;
         let mut s = Self {
             llm,
             catalog,
             titles,
-            close,
+            continuations,
             mode,
             windows_per_batch: 8,
             progress: false,
@@ -360,8 +372,8 @@ impl<'a> LlmNoiseScorer<'a> {
         let title_tokens = if titles {
             items
                 .iter()
-                .filter(|&&i| (i as usize) < self.titles.len())
-                .map(|&i| self.titles.get(i).len() + self.close.len() - 1)
+                .filter(|&&i| (i as usize) < self.continuations.len())
+                .map(|&i| self.continuations.get(i).len() - 1)
                 .max()
                 .unwrap_or(0)
         } else {
@@ -403,11 +415,10 @@ impl<'a> LlmNoiseScorer<'a> {
         Ok(self.catalog.title(id))
     }
 
-    /// The continuation scored for an item: its title tokens then the closing quote.
+    /// The continuation scored for an item: its title and the closing quote, tokenised
+    /// together (so `(1995)"` ends in the model's `)"`, not in `)` then `"`).
     pub fn continuation(&self, id: u32) -> Vec<u32> {
-        let mut c = self.titles.get(id).to_vec();
-        c.extend_from_slice(&self.close);
-        c
+        self.continuations.get(id).to_vec()
     }
 
     /// All three scores of every item of `sequences` (one entry per item).
