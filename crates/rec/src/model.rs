@@ -14,8 +14,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
+    /// Self-attentive (Transformer) next-item model (Kang & McAuley 2018).
     Sasrec,
+    /// GRU over the item sequence (Hidasi et al. 2016).
     Gru4rec,
+    /// Horizontal and vertical convolutions over the sequence's embedding matrix (Tang & Wang
+    /// 2018).
     Caser,
 }
 

@@ -56,6 +56,7 @@ pub enum Engine {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SelectOn {
+    /// The validation split (the held-out protocol; the test split is touched once, at the end).
     Valid,
     /// Compatibility mode reproducing the reference code (selects on TEST: optimistic).
     Test,
