@@ -680,6 +680,39 @@ fn movie_csv_counts() {
         assert_eq!(c("01_read.title_mismatches"), 0);
         assert_eq!(c("09_sft.instances"), 5000);
         assert!(!out.join("interactions.parquet").exists());
+        // The windows' noise is their own: a noise_p is refused, not ignored.
+        let refused = dir.path().join("refused");
+        let o = run(&[
+            "prepare",
+            "--config",
+            "configs/movie.toml",
+            "--windows-dir",
+            p(&root.join(variant)),
+            "--noise-p",
+            "0.1",
+            "--out",
+            p(&refused),
+        ]);
+        assert!(!o.status.success() && !refused.exists());
+        assert!(
+            stderr(&o).contains("`noise_p` = 0.1 cannot apply"),
+            "{}",
+            stderr(&o)
+        );
+        // The heuristic detectors run on them, each window a sequence of its own.
+        let scores = dir.path().join(format!("{variant}-popularity"));
+        let o = run(&[
+            "score",
+            "--dataset",
+            p(&out),
+            "--out",
+            p(&scores),
+            "--method",
+            "popularity",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let sm = Manifest::read(&scores).unwrap();
+        assert!(sm.notes.iter().any(|n| n.contains("imported as they are")));
         let cat = Catalog::read_dataset(&out).unwrap();
         // HTML entities are decoded.
         assert_eq!(cat.title(6), "Avengers '66 - Set 2, Vols. 3 & 4");

@@ -725,6 +725,49 @@ impl Source {
         })
     }
 
+    /// Refuse protocol settings this source cannot apply. movie-csv windows are imported as
+    /// they are (already filtered, windowed, split and noised by the reference code): a
+    /// `noise_p` of 0.1 there used to be ignored without a word, so that the reference's
+    /// p = 0.1 windows could be taken for clean ones.
+    pub fn check_protocol(&self, p: &Protocol, origin: &str) -> Result<()> {
+        if self.format != SourceFormat::MovieCsv {
+            return Ok(());
+        }
+        let d = Protocol::default();
+        let mut set = Vec::new();
+        if p.noise_p != d.noise_p {
+            set.push(format!("`noise_p` = {}", p.noise_p));
+        }
+        if p.k_core != d.k_core {
+            set.push(format!("`k_core` = {}", p.k_core));
+        }
+        if p.min_title_chars != d.min_title_chars {
+            set.push(format!("`min_title_chars` = {}", p.min_title_chars));
+        }
+        if p.window != d.window {
+            set.push(format!("`window` = {}", p.window));
+        }
+        if p.split != d.split {
+            set.push(format!("`split` = {:?}", p.split));
+        }
+        if p.train_frac != d.train_frac {
+            set.push(format!("`train_frac` = {}", p.train_frac));
+        }
+        if p.valid_frac != d.valid_frac {
+            set.push(format!("`valid_frac` = {}", p.valid_frac));
+        }
+        if !set.is_empty() {
+            bail!(
+                "{origin}: format movie-csv imports the reference's windows as they are (already \
+                 filtered, windowed, split and noised), so {} cannot apply: leave the \
+                 protocol at its defaults. The noise is the windows' own: pick the variant with `windows_dir` \
+                 (Movie_noise_user0.1 holds p = 0.1, Movie_noise_user0.0 is clean)",
+                set.join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// Import and run the protocol.
     pub fn prepare(&self, p: &Protocol) -> Result<Prepared> {
         for f in self.inputs()? {
@@ -782,6 +825,7 @@ pub fn run(
     origin: &str,
 ) -> Result<Manifest> {
     protocol.validate(origin)?;
+    source.check_protocol(protocol, origin)?;
     let inputs = source.inputs()?;
     for f in &inputs {
         if !f.is_file() {
@@ -854,6 +898,51 @@ mod tests {
         l.item.push(16);
         l.timestamp.push(0);
         l
+    }
+
+    #[test]
+    fn movie_csv_refuses_protocol_settings_it_cannot_apply() {
+        let src = Source {
+            format: SourceFormat::MovieCsv,
+            inter: None,
+            item: None,
+            user_field: String::new(),
+            item_field: String::new(),
+            timestamp_field: String::new(),
+            title_field: String::new(),
+            year_field: String::new(),
+            windows_dir: Some("w".into()),
+            train_file: String::new(),
+            valid_file: String::new(),
+            test_file: String::new(),
+            catalog_file: String::new(),
+        };
+        let ok = Protocol {
+            seed: 7,
+            sft_windows: 100,
+            ..Default::default()
+        };
+        src.check_protocol(&ok, "here").unwrap();
+        let p = Protocol {
+            noise_p: 0.1,
+            k_core: 10,
+            ..Default::default()
+        };
+        let e = src
+            .check_protocol(&p, "x.toml [prepare]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml [prepare]: format movie-csv")
+                && e.contains("`noise_p` = 0.1, `k_core` = 10"),
+            "{e}"
+        );
+        // Other sources apply them.
+        let recbole = Source {
+            format: SourceFormat::Recbole,
+            ..src
+        };
+        recbole.check_protocol(&p, "here").unwrap();
     }
 
     #[test]
