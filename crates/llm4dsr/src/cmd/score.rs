@@ -238,10 +238,12 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             (Some(llm), sha)
         }
     };
+    let positioned = windows_positioned(&dataset);
     let mut scorer = build_scorer(
         args.method,
         &train,
         &train_path,
+        positioned,
         &catalog,
         llm.as_ref(),
         windows_per_batch.unwrap_or(1),
@@ -259,6 +261,14 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
          scored whole, valid/test windows on their history (the target is never scored)",
         scorer.name()
     ));
+    if !positioned && llm_mode.is_none() {
+        manifest.notes.push(
+            "the training windows were imported as they are (movie-csv: no sequence positions): \
+             the training statistics count each window as a sequence of its own, so an \
+             interaction shared by overlapping windows of a user counts once per window"
+                .into(),
+        );
+    }
     manifest.count("shards", args.num_shards as u64);
     if let Some(w) = windows_per_batch {
         manifest.count("windows_per_batch", w as u64);
@@ -467,6 +477,7 @@ pub fn build_scorer<'a>(
     method: Method,
     train: &Windows,
     train_path: &Path,
+    positioned: bool,
     catalog: &'a Catalog,
     llm: Option<&'a llm4dsr_llm::Llm>,
     windows_per_batch: usize,
@@ -478,7 +489,7 @@ pub fn build_scorer<'a>(
         scorer.windows_per_batch = windows_per_batch.max(1);
         return Ok(Box::new(scorer));
     }
-    let stats = TrainStats::from_windows(train, train_path, catalog.num_items())?;
+    let stats = TrainStats::from_windows(train, train_path, catalog.num_items(), positioned)?;
     Ok(match method {
         Method::Popularity => Box::new(Popularity::new(&stats)),
         Method::Cooccurrence => Box::new(Cooccurrence::new(&stats)),
@@ -488,6 +499,9 @@ pub fn build_scorer<'a>(
 
 /// The training interactions, recovered from the overlapping training windows: each
 /// (user, position in the user's sequence) once, whatever the number of windows covering it.
+/// Windows imported as they are (movie-csv) carry no sequence positions (`pos` is the window's
+/// ordinal among its user's): each window then counts as a sequence of its own, so an
+/// interaction shared by two overlapping windows of a user counts twice.
 pub struct TrainStats {
     /// Interactions per item id (index 0 unused).
     pub item_count: Vec<u64>,
@@ -497,10 +511,51 @@ pub struct TrainStats {
     pub sequences: Vec<Vec<(u32, u32)>>,
     /// Longest window: co-occurrence counts pairs closer than this.
     pub span: u32,
+    /// Whether the windows' `pos` placed them in their users' sequences (false: movie-csv).
+    pub positioned: bool,
+}
+
+/// Whether the windows of `dataset` carry sequence positions: all but those imported as they
+/// are (the dataset manifest's `source.format` is `movie-csv`). A dataset without a readable
+/// manifest is taken to have them (and `TrainStats` checks every window).
+pub fn windows_positioned(dataset: &Path) -> bool {
+    Manifest::read(dataset).map_or(true, |m| {
+        m.config.pointer("/source/format").and_then(|f| f.as_str()) != Some("movie-csv")
+    })
 }
 
 impl TrainStats {
-    pub fn from_windows(train: &Windows, source: &Path, num_items: u32) -> Result<TrainStats> {
+    pub fn from_windows(
+        train: &Windows,
+        source: &Path,
+        num_items: u32,
+        positioned: bool,
+    ) -> Result<TrainStats> {
+        if !positioned {
+            let mut item_count = vec![0u64; num_items as usize + 1];
+            let mut sequences = Vec::with_capacity(train.len());
+            let mut span = 1u32;
+            for w in train.iter() {
+                span = span.max(w.items.len() as u32);
+                for &item in w.items {
+                    item_count[item as usize] += 1;
+                }
+                sequences.push(
+                    w.items
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &i)| (k as u32, i))
+                        .collect(),
+                );
+            }
+            return Ok(TrainStats {
+                interactions: item_count.iter().sum(),
+                item_count,
+                sequences,
+                span,
+                positioned,
+            });
+        }
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.sort_by_key(|&i| (train.user[i], train.pos[i]));
         let mut item_count = vec![0u64; num_items as usize + 1];
@@ -513,7 +568,8 @@ impl TrainStats {
             span = span.max(len);
             let Some(start) = w.pos.checked_sub(len - 1) else {
                 bail!(
-                    "{}: window of user {} at pos {} holds {len} items, more than pos + 1",
+                    "{}: window of user {} at pos {} holds {len} items, more than pos + 1 (its \
+                     dataset's manifest does not say its windows were imported as they are)",
                     source.display(),
                     w.user,
                     w.pos
@@ -538,6 +594,7 @@ impl TrainStats {
             interactions,
             sequences,
             span,
+            positioned,
         })
     }
 }
@@ -698,7 +755,7 @@ mod tests {
 
     #[test]
     fn overlapping_windows_count_each_interaction_once() {
-        let s = TrainStats::from_windows(&train(), Path::new("t"), 5).unwrap();
+        let s = TrainStats::from_windows(&train(), Path::new("t"), 5, true).unwrap();
         assert_eq!(s.interactions, 7);
         assert_eq!(s.item_count, vec![0, 3, 2, 1, 1, 0]);
         assert_eq!(s.sequences[0], vec![(0, 1), (1, 2), (2, 3), (3, 1)]);
@@ -707,7 +764,7 @@ mod tests {
 
     #[test]
     fn popularity_is_smoothed_surprisal() {
-        let s = TrainStats::from_windows(&train(), Path::new("t"), 5).unwrap();
+        let s = TrainStats::from_windows(&train(), Path::new("t"), 5, true).unwrap();
         let mut p = Popularity::new(&s);
         let got = p.score(&[1, 5], &[0, 2]).unwrap();
         // (3 + 1) / (7 + 5) and (0 + 1) / 12.
@@ -718,7 +775,7 @@ mod tests {
 
     #[test]
     fn cooccurrence_counts_pairs_within_the_span() {
-        let s = TrainStats::from_windows(&train(), Path::new("t"), 5).unwrap();
+        let s = TrainStats::from_windows(&train(), Path::new("t"), 5, true).unwrap();
         let mut c = Cooccurrence::new(&s);
         // user 1: (1,2) (1,3) (2,3) (2,1) (3,1); user 2: (1,2) (1,4) (2,4).
         assert_eq!(c.count(1, 2), 3);
@@ -739,10 +796,25 @@ mod tests {
     fn bad_window_position_names_the_file() {
         let mut w = Windows::new();
         w.push(3, 1, &[1, 2, 3], &[0; 3], &[1, 2, 3], 10);
-        let e = TrainStats::from_windows(&w, Path::new("x/train.parquet"), 5)
+        let e = TrainStats::from_windows(&w, Path::new("x/train.parquet"), 5, true)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("x/train.parquet") && e.contains("user 3"), "{e}");
+        // The same windows imported as they are (movie-csv): each is a sequence of its own.
+        w.push(3, 2, &[2, 3, 4], &[0; 3], &[2, 3, 4], 11);
+        let s = TrainStats::from_windows(&w, Path::new("x/train.parquet"), 5, false).unwrap();
+        assert!(!s.positioned);
+        assert_eq!(s.interactions, 6);
+        assert_eq!(s.item_count, vec![0, 1, 2, 2, 1, 0]);
+        assert_eq!(
+            s.sequences,
+            vec![vec![(0, 1), (1, 2), (2, 3)], vec![(0, 2), (1, 3), (2, 4)]]
+        );
+        assert_eq!(s.span, 3);
+        let mut c = Cooccurrence::new(&s);
+        assert_eq!((c.count(2, 3), c.count(1, 4)), (2, 0));
+        let got = c.score(&[1, 2, 4], &[0, 3]).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()), "{got:?}");
     }
 }
