@@ -79,6 +79,17 @@ fn main_job_runs_end_to_end_and_resumes() {
             "report lacks `{needle}`:\n{report}"
         );
     }
+    // What a reader needs: the protocol, the noise in interactions, a perfect detector.
+    for needle in [
+        "Windows of 11 items (10 of history + 1 target), stride 1, all windows ordered",
+        "| noised interactions |",
+        "| precision ceiling |",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report lacks `{needle}`:\n{report}"
+        );
+    }
     assert!(std::fs::read_to_string(work.join("ndcg10.svg"))
         .unwrap()
         .starts_with("<svg"));
@@ -105,6 +116,22 @@ fn main_job_runs_end_to_end_and_resumes() {
         std::fs::read_to_string(work.join("results.csv")).unwrap(),
         csv
     );
+    assert_eq!(err2.matches("up to date in").count(), 4, "{err2}");
+
+    // A damaged checkpoint (one byte flipped): that run, and only that one, is trained again.
+    let ckpt = work.join("train/gru4rec-clean/best/model.safetensors");
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&ckpt, bytes).unwrap();
+    let o = run();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("retraining: damaged").count(), 1, "{err}");
+    assert!(err.contains("gru4rec-clean: retraining: damaged"), "{err}");
+    assert_eq!(err.matches("up to date in").count(), 3, "{err}");
+    let csv = std::fs::read_to_string(work.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
 
     // Another epoch budget: the finished runs are not this job's any more, so all four are
     // trained again (said so), and the report shows the new budget.
@@ -122,8 +149,30 @@ fn main_job_runs_end_to_end_and_resumes() {
             .unwrap()
             .lines()
             .count(),
-        1 + 8
+        1 + 9
     );
     let report = std::fs::read_to_string(work.join("report.md")).unwrap();
     assert!(report.contains("at most 3 epochs"), "{report}");
+}
+
+/// `run` injects its own noise: on windows that carry theirs (movie-csv) it refuses before
+/// preparing anything, where it used to label the reference's noisy windows "clean".
+#[test]
+fn main_job_refuses_windows_with_their_own_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let o = Command::new(env!("CARGO_BIN_EXE_llm4dsr"))
+        .args(["run", "--config", "configs/movie.toml", "--workdir"])
+        .arg(&work)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LLM4DSR_CACHE", dir.path().join("no-cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("configs/movie.toml: `run` prepares a clean and a noisy dataset"),
+        "{err}"
+    );
+    assert!(!work.join("clean").exists());
 }

@@ -28,11 +28,18 @@ pub struct DetectionMetrics {
     pub flagged: u64,
     /// Flagged positions that are noisy.
     pub true_positives: u64,
+    /// The most true positives any flagging could reach: per sequence, its noisy positions,
+    /// at most k.
+    pub max_true_positives: u64,
     pub precision: f64,
     pub recall: f64,
     pub f1: f64,
     /// Precision of flagging uniformly at random (= noisy_positions / positions).
     pub random_precision: f64,
+    /// Precision of a perfect detector (max_true_positives / flagged): below 1 when some
+    /// sequences hold fewer than k noisy positions (with k = 1: the share of sequences
+    /// holding noise).
+    pub precision_ceiling: f64,
 }
 
 /// Flag the `k` highest-scoring positions of each sequence (ties: the earlier position) and
@@ -53,7 +60,9 @@ pub fn detection_metrics(
         let (a, b) = (w[0] as usize, w[1] as usize);
         m.sequences += 1;
         m.positions += (b - a) as u64;
-        m.noisy_positions += mask[a..b].iter().filter(|&&x| x != 0).count() as u64;
+        let noisy = mask[a..b].iter().filter(|&&x| x != 0).count();
+        m.noisy_positions += noisy as u64;
+        m.max_true_positives += noisy.min(k) as u64;
         order.clear();
         order.extend(a..b);
         order.sort_by(|&i, &j| scores[j].total_cmp(&scores[i]).then(i.cmp(&j)));
@@ -71,6 +80,7 @@ pub fn detection_metrics(
         0.0
     };
     m.random_precision = ratio(m.noisy_positions, m.positions);
+    m.precision_ceiling = ratio(m.max_true_positives, m.flagged);
     m
 }
 
@@ -87,8 +97,16 @@ mod tests {
         assert_eq!((m.flagged, m.true_positives, m.noisy_positions), (2, 1, 2));
         assert!((m.precision - 0.5).abs() < 1e-12 && (m.recall - 0.5).abs() < 1e-12);
         assert!((m.random_precision - 2.0 / 6.0).abs() < 1e-12);
+        assert!((m.precision_ceiling - 1.0).abs() < 1e-12);
         let m2 = detection_metrics(&scores, &mask, &[0, 3, 6], 3);
         assert_eq!((m2.flagged, m2.true_positives), (6, 2));
         assert!((m2.recall - 1.0).abs() < 1e-12);
+        // Three flags per sequence, one noisy position in each: a perfect detector hits 2 of 6.
+        assert_eq!(m2.max_true_positives, 2);
+        assert!((m2.precision_ceiling - 2.0 / 6.0).abs() < 1e-12);
+        // A sequence without noise lowers the top-1 ceiling to the share of noisy sequences.
+        let m3 = detection_metrics(&scores, &[0, 1, 0, 0, 0, 0], &[0, 3, 6], 1);
+        assert!((m3.precision_ceiling - 0.5).abs() < 1e-12);
+        assert_eq!(m3.true_positives, 1);
     }
 }

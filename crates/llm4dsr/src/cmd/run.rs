@@ -12,7 +12,7 @@
 
 use crate::cmd;
 use crate::config::ConfigFile;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use llm4dsr_comm::Comm;
 use llm4dsr_data::noise::{detection_metrics, DetectionMetrics};
@@ -106,6 +106,26 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
 
     // 1. Assets: the dataset of the config (and the LLM when its step runs).
     let prepare_probe: cmd::prepare::PrepareArgs = stage_args(config, "prepare", &[])?;
+    // (`format`, not `source()`: that resolves asset paths, which are fetched below.)
+    if prepare_probe
+        .format
+        .parse::<llm4dsr_data::prepare::SourceFormat>()?
+        == llm4dsr_data::prepare::SourceFormat::MovieCsv
+    {
+        // Its clean and noisy datasets come from injecting noise, which movie-csv windows
+        // cannot take: the clean one would be the reference's noisy windows under another name.
+        bail!(
+            "{}: `run` prepares a clean and a noisy dataset by injecting noise, but format \
+             movie-csv imports the reference's windows with their own noise; prepare each \
+             variant with `llm4dsr prepare --config {0} [--windows-dir ...]` and run the stages \
+             on them (docs/data.md)",
+            config
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "the config".into())
+        );
+    }
     let mut wanted: Vec<String> = prepare_probe.asset.iter().cloned().collect();
     if args.llm_windows > 0 {
         wanted.push("smollm2-135m-instruct".into());
@@ -164,7 +184,9 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
     // 4. The LLM's scores of a few windows (untuned SmolLM2: shows the engine, not the method).
     if args.llm_windows > 0 && comm.is_root() {
         tracing::info!(
-            "step 4/5: LLM noise scores of {} test windows",
+            "step 4/5: LLM noise scores of {} test windows (the untuned SmolLM2-135M-Instruct, \
+             Q4_1 GGUF: they show the engine at work, not the method, which needs the \
+             fine-tuned model)",
             args.llm_windows
         );
         let argv = vec![
@@ -228,6 +250,12 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
                     argv.push("--overwrite".into());
                 }
                 cmd::train::run_with(stage_args(config, "train", &argv)?, comm)?;
+            } else {
+                tracing::info!(
+                    "step 5/5: {model} on {label} data: up to date in {} (same data, config \
+                     and checkpoints), nothing to do",
+                    out.display()
+                );
             }
             comm.barrier()?;
             runs.push((model.clone(), label.to_string(), metrics));
@@ -293,10 +321,15 @@ fn training_staleness(
             return Ok(Some(format!("{} changed since it was trained on", i.path)));
         }
     }
+    // The checkpoints the report's metrics come from, against the sha256 of each.
+    if let Some(why) = m.damaged_output(out) {
+        return Ok(Some(format!("damaged: {why}")));
+    }
     Ok(None)
 }
 
-/// Detection precision/recall of one detector's scores of `split` (top-1 and top-3 flags).
+/// Detection precision/recall of one detector's scores of `split` (the top-1 flag of each
+/// window's history).
 fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<DetectionMetrics> {
     let windows = read_split(dataset, split)?;
     let scores =
@@ -324,6 +357,46 @@ fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<Detect
     Ok(detection_metrics(&flat_scores, &flat_mask, &offsets, 1))
 }
 
+/// The prepare protocol recorded in `dataset`'s manifest.
+fn protocol_of(dataset: &Path) -> Result<serde_json::Value> {
+    let m = Manifest::read(dataset)?;
+    Ok(m.config.get("protocol").cloned().unwrap_or_default())
+}
+
+/// Window length (history + target) of `dataset`.
+fn window_len(dataset: &Path) -> Result<u64> {
+    protocol_of(dataset)?["window"]
+        .as_u64()
+        .with_context(|| format!("{}: no protocol.window in its manifest", dataset.display()))
+}
+
+/// One sentence of the protocol a reader needs to read the tables: windows and split.
+fn protocol_line(dataset: &Path) -> Result<String> {
+    let p = protocol_of(dataset)?;
+    let w = window_len(dataset)?;
+    let split = match p["split"].as_str() {
+        Some("time") => format!(
+            "all windows ordered by their target's time and cut {:.0}% / {:.0}% / {:.0}% into \
+             train / valid / test",
+            100.0 * p["train_frac"].as_f64().unwrap_or(f64::NAN),
+            100.0 * p["valid_frac"].as_f64().unwrap_or(f64::NAN),
+            100.0
+                * (1.0
+                    - p["train_frac"].as_f64().unwrap_or(f64::NAN)
+                    - p["valid_frac"].as_f64().unwrap_or(f64::NAN))
+        ),
+        Some("leave-one-out") => "leave-one-out (each user's last target in test, the one \
+                                  before in valid)"
+            .to_string(),
+        other => format!("split {other:?}"),
+    };
+    Ok(format!(
+        "Windows of {w} items ({} of history + 1 target), stride 1, {split}; \
+         test targets are kept clean in the noisy dataset, valid targets are not.",
+        w.saturating_sub(1)
+    ))
+}
+
 fn write_report(
     wd: &Path,
     args: &RunArgs,
@@ -348,8 +421,8 @@ fn write_report(
         seconds
     )?;
     writeln!(r, "## Datasets\n")?;
-    writeln!(r, "| dataset | users | items | train windows | valid windows | test windows | noisy history positions |")?;
-    writeln!(r, "|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(r, "| dataset | users | items | train windows | valid windows | test windows | noised interactions | noisy window-history positions |")?;
+    writeln!(r, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for d in [clean, noisy] {
         let m = Manifest::read(d)?;
         let c = |key: &str| {
@@ -360,46 +433,61 @@ fn write_report(
         };
         writeln!(
             r,
-            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} |",
             d.file_name().unwrap().to_string_lossy(),
             c("05_kept.users"),
             c("05_kept.items"),
             c("07_windows.train"),
             c("07_windows.valid"),
             c("07_windows.test"),
+            c("06_noise.interactions_noised"),
             c("08_noise.noisy_history_positions"),
         )?;
     }
     writeln!(
         r,
-        "\nCounts at every step are in each dataset's `manifest.json`.\n"
+        "\n{} Windows overlap (stride 1), so one noised interaction sits in the history of up to \
+{} windows: the last column counts window positions, not interactions. Counts at every step \
+are in each dataset's `manifest.json`.\n",
+        protocol_line(clean)?,
+        window_len(clean)?.saturating_sub(1)
     )?;
     writeln!(
         r,
         "## Noise detection on the noisy data (top-1 flag per window history)\n"
     )?;
-    writeln!(r, "| detector | split | windows | noisy positions | precision | recall | F1 | random precision |")?;
-    writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(r, "| detector | split | windows | noisy positions | precision | recall | F1 | random precision | precision ceiling |")?;
+    writeln!(r, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for (method, split, m) in detection {
         writeln!(
             r,
-            "| {method} | {split} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
-            m.sequences, m.noisy_positions, m.precision, m.recall, m.f1, m.random_precision
+            "| {method} | {split} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            m.sequences,
+            m.noisy_positions,
+            m.precision,
+            m.recall,
+            m.f1,
+            m.random_precision,
+            m.precision_ceiling
         )?;
     }
     writeln!(
         r,
         "\nEach detector flags the highest-scoring position of every window's history (ties \
 go to the earliest position). Precision counts every window, also those without any noise, so \
-its ceiling is the share of windows holding noise; random precision is the expected precision \
-of a uniformly random flag. The LLM detector (fine-tuned on the SFT instances) is the next \
+its ceiling (a perfect detector's precision) is the share of windows holding noise; random \
+precision is the expected precision of a uniformly random flag. Recall counts window positions: \
+an interaction noised once is a positive in every window whose history holds it. The LLM detector (fine-tuned on the SFT instances) is the next \
 stage of the roadmap; `llm4dsr inspect-scores` shows the untuned LLM's scores of a few \
 windows.\n"
     )?;
     writeln!(
         r,
         "## Backbones: clean vs noisy data (p = {}; each trained and tested on its own \
-dataset's windows: the noisy test histories hold noise too; test split, full ranking)\n",
+dataset's windows: the noisy test histories hold noise too; test split, full ranking)\n\n\
+Metrics are averaged over the test windows (each window's last item is the target, its history \
+the input), ranking the target against the whole catalogue; items scoring the same as the \
+target count as ranked above it.\n",
         args.noise_p
     )?;
     writeln!(
