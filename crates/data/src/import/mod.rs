@@ -73,8 +73,10 @@ pub fn float_timestamp(f: f64) -> Option<i64> {
     (f.is_finite() && f.abs() < 9.0e18).then_some(f as i64)
 }
 
-/// Decode the HTML character references the reference data uses (`&amp;`, `&quot;`, `&#39;`,
-/// `&#NNN;`, `&#xHH;`, `&lt;`, `&gt;`, `&apos;`, `&nbsp;`). Unknown references stay as written.
+/// Decode the HTML character references the reference data uses: numeric ones (`&#39;`,
+/// `&#xHH;`), the XML five (`&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`) and HTML 4's named
+/// entities of Latin-1 and general punctuation (`&eacute;`, `&nbsp;`, `&ndash;`, `&rsquo;`,
+/// ...). Unknown references stay as written.
 pub fn html_unescape(s: &str) -> String {
     if !s.contains('&') {
         return s.to_string();
@@ -84,7 +86,11 @@ pub fn html_unescape(s: &str) -> String {
     while let Some(i) = rest.find('&') {
         out.push_str(&rest[..i]);
         rest = &rest[i..];
-        let Some(end) = rest[..rest.len().min(12)].find(';') else {
+        // A byte search: slicing the str at byte 12 could split a multi-byte character.
+        let Some(end) = rest.as_bytes()[..rest.len().min(12)]
+            .iter()
+            .position(|&b| b == b';')
+        else {
             out.push('&');
             rest = &rest[1..];
             continue;
@@ -96,14 +102,17 @@ pub fn html_unescape(s: &str) -> String {
             "gt" => Some('>'),
             "quot" => Some('"'),
             "apos" => Some('\''),
-            "nbsp" => Some('\u{a0}'),
             _ if name.starts_with("#x") || name.starts_with("#X") => {
                 u32::from_str_radix(&name[2..], 16)
                     .ok()
                     .and_then(char::from_u32)
             }
             _ if name.starts_with('#') => name[1..].parse::<u32>().ok().and_then(char::from_u32),
-            _ => None,
+            _ => LATIN1_ENTITIES
+                .iter()
+                .position(|&e| e == name)
+                .and_then(|k| char::from_u32(0xa0 + k as u32))
+                .or_else(|| OTHER_ENTITIES.iter().find(|e| e.0 == name).map(|e| e.1)),
         };
         match decoded {
             Some(c) => {
@@ -120,6 +129,55 @@ pub fn html_unescape(s: &str) -> String {
     out
 }
 
+/// HTML 4's named entities of Latin-1 (U+00A0..=U+00FF, in code point order).
+const LATIN1_ENTITIES: [&str; 96] = [
+    "nbsp", "iexcl", "cent", "pound", "curren", "yen", "brvbar", "sect", "uml", "copy", "ordf",
+    "laquo", "not", "shy", "reg", "macr", "deg", "plusmn", "sup2", "sup3", "acute", "micro",
+    "para", "middot", "cedil", "sup1", "ordm", "raquo", "frac14", "frac12", "frac34", "iquest",
+    "Agrave", "Aacute", "Acirc", "Atilde", "Auml", "Aring", "AElig", "Ccedil", "Egrave", "Eacute",
+    "Ecirc", "Euml", "Igrave", "Iacute", "Icirc", "Iuml", "ETH", "Ntilde", "Ograve", "Oacute",
+    "Ocirc", "Otilde", "Ouml", "times", "Oslash", "Ugrave", "Uacute", "Ucirc", "Uuml", "Yacute",
+    "THORN", "szlig", "agrave", "aacute", "acirc", "atilde", "auml", "aring", "aelig", "ccedil",
+    "egrave", "eacute", "ecirc", "euml", "igrave", "iacute", "icirc", "iuml", "eth", "ntilde",
+    "ograve", "oacute", "ocirc", "otilde", "ouml", "divide", "oslash", "ugrave", "uacute", "ucirc",
+    "uuml", "yacute", "thorn", "yuml",
+];
+
+/// HTML 4's other named entities that occur in titles: Latin Extended letters and the
+/// general punctuation (dashes, curly quotes, ellipsis, ...).
+const OTHER_ENTITIES: [(&str, char); 30] = [
+    ("OElig", '\u{152}'),
+    ("oelig", '\u{153}'),
+    ("Scaron", '\u{160}'),
+    ("scaron", '\u{161}'),
+    ("Yuml", '\u{178}'),
+    ("fnof", '\u{192}'),
+    ("circ", '\u{2c6}'),
+    ("tilde", '\u{2dc}'),
+    ("ensp", '\u{2002}'),
+    ("emsp", '\u{2003}'),
+    ("thinsp", '\u{2009}'),
+    ("ndash", '\u{2013}'),
+    ("mdash", '\u{2014}'),
+    ("lsquo", '\u{2018}'),
+    ("rsquo", '\u{2019}'),
+    ("sbquo", '\u{201a}'),
+    ("ldquo", '\u{201c}'),
+    ("rdquo", '\u{201d}'),
+    ("bdquo", '\u{201e}'),
+    ("dagger", '\u{2020}'),
+    ("Dagger", '\u{2021}'),
+    ("bull", '\u{2022}'),
+    ("hellip", '\u{2026}'),
+    ("permil", '\u{2030}'),
+    ("prime", '\u{2032}'),
+    ("Prime", '\u{2033}'),
+    ("lsaquo", '\u{2039}'),
+    ("rsaquo", '\u{203a}'),
+    ("euro", '\u{20ac}'),
+    ("trade", '\u{2122}'),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +186,16 @@ mod tests {
     fn unescapes_html() {
         assert_eq!(html_unescape("Law &amp; Order"), "Law & Order");
         assert_eq!(html_unescape("a &#39;b&#x27; &quot;c&quot;"), "a 'b' \"c\"");
+        // Named entities beyond the XML five (the Movie catalogue has 15 titles with them).
+        assert_eq!(html_unescape("Pep&eacute; Le Pew"), "Pepé Le Pew");
+        assert_eq!(
+            html_unescape("&Eacute;t&eacute; &ndash; &lsquo;x&rsquo; &nbsp;&yuml;&iexcl;&hellip;"),
+            "Été – ‘x’ \u{a0}ÿ¡…"
+        );
+        // Unknown names and stray ampersands stay as they are; a multi-byte character within
+        // 12 bytes of an `&` is no place to cut.
+        assert_eq!(html_unescape("R&amp;B &bogus; A & B"), "R&B &bogus; A & B");
+        assert_eq!(html_unescape("&1234567890é;"), "&1234567890é;");
         assert_eq!(html_unescape("AT&T &bogus; &"), "AT&T &bogus; &");
     }
 
