@@ -1061,6 +1061,21 @@ fn cli_inspect_scores_and_model_convert() {
         stdout.contains("window 1 (user 2, pos 3), 3 items scored"),
         "{stdout}"
     );
+    // --stride 2 from window 1: window 1 alone (3 is past the split's end).
+    let out = std::process::Command::new(bin)
+        .args(["inspect-scores", "--dataset"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&model)
+        .args(["--windows", "5", "--start", "1", "--stride", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("window 1 (user 2,"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("window 0 ("), "{stdout}");
     // A missing GGUF: non-zero exit, the path in the message, nothing written.
     let dest = tmp.path().join("converted");
     let out = std::process::Command::new(bin)

@@ -27,6 +27,10 @@ pub struct InspectArgs {
     /// Index of the first window shown.
     #[arg(long, default_value_t = 0)]
     pub start: usize,
+    /// Show every k-th window from --start (neighbouring windows of a split are often one
+    /// user's, a step apart, and nearly the same).
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
     /// Score the whole window (target included) instead of the history only. The history is
     /// what the denoiser scores on valid/test; train windows are scored whole.
     #[arg(long)]
@@ -57,9 +61,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
     };
     let llm = Llm::load(&model, &llm4dsr_llm::llm_device(args.device)?)?;
     let scorer = LlmNoiseScorer::new(&llm, &catalog, ScoreMode::FullTitle)?;
-    let end = (args.start + args.windows).min(windows.len());
+    if args.stride == 0 {
+        bail!("--stride must be at least 1");
+    }
+    let shown: Vec<usize> = (args.start..windows.len())
+        .step_by(args.stride)
+        .take(args.windows)
+        .collect();
     let whole = args.whole_window || args.split == "train";
-    let views: Vec<_> = (args.start..end).map(|i| windows.get(i)).collect();
+    let views: Vec<_> = shown.iter().map(|&i| windows.get(i)).collect();
     let seqs: Vec<&[u32]> = views
         .iter()
         .map(|w| if whole { w.items } else { w.history() })
@@ -71,7 +81,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         format!(
             "{}: window {} (user {}, pos {})",
             split_file.display(),
-            args.start + k,
+            shown[k],
             views[k].user,
             views[k].pos
         )
@@ -127,7 +137,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         println!();
         println!(
             "window {} (user {}, pos {}), {} items scored, prompt {} tokens, target: {}",
-            args.start + k,
+            shown[k],
             w.user,
             w.pos,
             seq.len(),

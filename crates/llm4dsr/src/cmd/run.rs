@@ -189,11 +189,15 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
              fine-tuned model)",
             args.llm_windows
         );
+        // Spread over the split: neighbouring windows are mostly one user's, a step apart.
+        let test_windows = read_split(&noisy, "test")?.len();
         let argv = vec![
             "--dataset".into(),
             s(&noisy),
             "--windows".into(),
             args.llm_windows.to_string(),
+            "--stride".into(),
+            (test_windows / args.llm_windows).max(1).to_string(),
         ];
         cmd::inspect::run(stage_args(config, "inspect-scores", &argv)?)?;
     }
