@@ -109,7 +109,12 @@ impl Backbone for Caser {
                     .reshape((b, n_out, nh))?;
                 let bias = self.conv_h_bias.narrow(0, hgt - 1, 1)?; // [1, nh]
                 let c = c.broadcast_add(&bias)?.relu()?;
-                feats.push(c.max(D::Minus2)?); // [b, nh]
+                // Max-pool over time as argmax + gather, so that the gradient goes to the
+                // first maximal position only (PyTorch's max_pool1d); candle's `max` sends it
+                // to every position equal to the maximum, and equal windows are common here
+                // (left padding, repeated items).
+                let at = c.argmax_keepdim(D::Minus2)?; // [b, 1, nh], the first maximum
+                feats.push(c.gather(&at, D::Minus2)?.squeeze(D::Minus2)?); // [b, nh]
             }
         }
         let out = Tensor::cat(&feats, 1)?;

@@ -365,11 +365,16 @@ impl ChunkWork for Chunk {
                     for p in 0..n_out {
                         mx = mx.max(conv[(ri * n_out + p) * nh + f]);
                     }
-                    for p in 0..n_out {
-                        let k = (ri * n_out + p) * nh + f;
-                        if conv[k] == mx && pre[k] >= 0.0 {
-                            self.dconv[k] = dp;
-                        }
+                    // The max-pool's gradient goes to its first argmax only, as PyTorch's
+                    // max_pool1d (and the candle engine's argmax + gather) route it. Equal
+                    // windows are common (left padding, repeated items); sending it to each
+                    // would multiply it by their number.
+                    let p = (0..n_out)
+                        .find(|&p| conv[(ri * n_out + p) * nh + f] == mx)
+                        .expect("a maximum among the positions");
+                    let k = (ri * n_out + p) * nh + f;
+                    if pre[k] >= 0.0 {
+                        self.dconv[k] = dp;
                     }
                 }
             }

@@ -3,8 +3,9 @@
 //! counted (see `metrics`). Padding (column 0) is never ranked. Masking of history items is a
 //! policy flag, off by default as in RecBole and the reference code.
 //!
-//! Distributed: rank r takes a contiguous slice of the instances; the HR/NDCG sums and counts
-//! are all-reduced (f64), so any number of ranks gives the same metrics.
+//! Distributed: rank r takes a contiguous slice of the instances; the targets' ranks are
+//! all-gathered (4 bytes an instance) and every rank sums them in instance order, so any number
+//! of ranks gives bit-identical metrics.
 
 use crate::batch::{eval_instances, SeqBatch, Targets};
 use crate::fused::FusedEngine;

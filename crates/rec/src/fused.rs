@@ -652,13 +652,22 @@ mod equivalence {
             seed: 9,
         };
         let (train, _, _) = windows(spec);
-        for (name, mcfg) in shapes() {
+        // Unpadded: max_len 6 and the first instances (full histories). Padded: max_len 12
+        // and, for every-prefix, the last instances (the short histories of each user's first
+        // window), so the padding paths (and Caser's tied all-padding windows) are checked.
+        for (name, mcfg, padded) in shapes().into_iter().flat_map(|(n, c)| {
+            let wide = ModelConfig {
+                max_len: 12,
+                ..c.clone()
+            };
+            [(n, c, false), (n, wide, true)]
+        }) {
             for targets in [Targets::EveryPrefix, Targets::AllPositions] {
                 if mcfg.kind == ModelKind::Caser && targets == Targets::AllPositions {
                     continue; // Caser predicts only the item after a window
                 }
                 for loss in [LossKind::Ce, LossKind::Bce] {
-                    let what = format!("{name} {targets:?} {loss:?}");
+                    let what = format!("{name} padded={padded} {targets:?} {loss:?}");
                     let mut cfg = TrainConfig::new(mcfg.clone());
                     cfg.loss = loss;
                     cfg.targets = targets;
@@ -674,9 +683,23 @@ mod equivalence {
                     let take = (CHUNK + 9).min(insts.len());
                     assert!(take > CHUNK, "{what}: synthetic set too small");
                     let ids: Vec<u64> = (0..take as u64).map(|i| i * 7 + 1).collect();
+                    let chosen = if padded && targets == Targets::EveryPrefix {
+                        &insts[insts.len() - take..]
+                    } else {
+                        &insts[..take]
+                    };
                     let batch =
-                        SeqBatch::build(&train, &insts[..take], &ids, targets, mcfg.max_len)
-                            .unwrap();
+                        SeqBatch::build(&train, chosen, &ids, targets, mcfg.max_len).unwrap();
+                    let pads = batch.real.iter().filter(|&&x| x == 0.0).count();
+                    assert!(
+                        if padded {
+                            pads * 10 > batch.real.len()
+                        } else {
+                            pads == 0
+                        },
+                        "{what}: {pads} padding slots of {}",
+                        batch.real.len()
+                    );
                     let dropout = Dropout {
                         seed: 11,
                         epoch: 2,
@@ -736,6 +759,106 @@ mod equivalence {
                     let hf = fused.hidden(&flat, &batch).unwrap();
                     close(&format!("{what} hidden"), &hf, &hc);
                 }
+            }
+        }
+    }
+}
+
+/// Caser's max-pool over time against finite differences: equal windows (all-padding ones
+/// after left padding, or repeated items) tie for the maximum, and the gradient must reach
+/// the pooled value once, as PyTorch's max_pool1d routes it, not once per tied position.
+#[cfg(test)]
+mod caser_pool_gradient {
+    use super::*;
+    use crate::batch::{training_instances, Targets};
+    use crate::model::{ModelConfig, ModelKind};
+    use crate::synthetic::{windows, SyntheticSpec};
+    use crate::train::{loss_sum_of, TrainConfig};
+    use crate::Recommender;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn tied_windows_get_the_gradient_once() {
+        let spec = SyntheticSpec {
+            users: 100,
+            items: 30,
+            seq_len: 14,
+            jump: 0.3,
+            seed: 9,
+        };
+        let (train, _, _) = windows(spec);
+        let mut mcfg = ModelConfig::defaults(ModelKind::Caser);
+        mcfg.dim = 16;
+        mcfg.max_len = 12;
+        mcfg.nv = 3;
+        mcfg.nh = 5;
+        let cfg = TrainConfig::new(mcfg.clone());
+        let model = Recommender::new(mcfg.clone(), spec.items, spec.users, 3).unwrap();
+        let bias = model
+            .params
+            .params()
+            .iter()
+            .find(|p| p.name == "conv_h.bias")
+            .unwrap()
+            .offset;
+        let mut flat = model.params.flat_values().unwrap();
+        for (i, v) in flat.iter_mut().enumerate() {
+            *v += 0.05 * ((i as f32) * 0.618).sin();
+        }
+        // Positive biases: the all-padding windows' ReLU is active, and they tie.
+        for v in &mut flat[bias..bias + 12 * mcfg.nh] {
+            *v = 0.3;
+        }
+        model.params.set_flat(&flat).unwrap();
+        // Histories of at most 2 items in 12 slots: most windows of every height are padding.
+        let chosen: Vec<_> = training_instances(&train, Targets::EveryPrefix)
+            .into_iter()
+            .filter(|i| i.end <= 2)
+            .take(40)
+            .collect();
+        assert_eq!(chosen.len(), 40);
+        let ids: Vec<u64> = (0..40).collect();
+        let batch =
+            SeqBatch::build(&train, &chosen, &ids, Targets::EveryPrefix, mcfg.max_len).unwrap();
+        let pad_bias = {
+            let mut v = vec![0f32; spec.items as usize + 1];
+            v[0] = -1e9;
+            Tensor::from_vec(v, (1, spec.items as usize + 1), &Device::Cpu).unwrap()
+        };
+        let h = model.net.hidden(&batch, None).unwrap();
+        let l = loss_sum_of(&model, &h, &batch, &cfg, 0, &pad_bias, spec.items).unwrap();
+        let mut candle_grad = vec![0f32; model.params.numel()];
+        model
+            .params
+            .flat_grads(&l.backward().unwrap(), &mut candle_grad)
+            .unwrap();
+        let mut engine = FusedEngine::for_model(&mcfg, spec.items, spec.users, &model.params)
+            .unwrap()
+            .unwrap();
+        let mut fused_grad = vec![0f32; model.params.numel()];
+        engine
+            .loss_and_grad(&flat, &batch, None, FusedLoss::Ce, &mut fused_grad)
+            .unwrap();
+        let mut loss_at = |k: usize, x: f32| {
+            let mut f = flat.clone();
+            f[k] += x;
+            let mut g = vec![0f32; f.len()];
+            engine
+                .loss_and_grad(&f, &batch, None, FusedLoss::Ce, &mut g)
+                .unwrap()
+        };
+        // Central differences of the fused loss (f64 sums): within ~3% at eps = 0.01 here; the
+        // rule that sent the gradient to every tied position was off by up to 10x, with the
+        // wrong sign. Height 12 has one window, so no ties: a control.
+        for (hgt, f) in [(1usize, 0usize), (1, 2), (3, 1), (6, 4), (12, 0), (12, 3)] {
+            let k = bias + (hgt - 1) * mcfg.nh + f;
+            let eps = 1e-2f32;
+            let fd = (loss_at(k, eps) - loss_at(k, -eps)) / (2.0 * eps as f64);
+            for (engine, g) in [("candle", candle_grad[k]), ("fused", fused_grad[k])] {
+                assert!(
+                    (g as f64 - fd).abs() <= 0.1 * fd.abs() + 1e-4,
+                    "conv_h.bias height {hgt} filter {f}: {engine} {g} vs finite difference {fd}"
+                );
             }
         }
     }
