@@ -55,6 +55,10 @@ pub enum Command {
     InspectScores(cmd::inspect::InspectArgs),
     /// The main job: assets, prepare (clean + noisy), noise detectors, LLM scores, backbones on
     /// clean vs noisy data, report. Without --config it runs the embedded ML-100K default.
+    ///
+    /// Assets are fetched into ~/.cache/llm4dsr ($LLM4DSR_CACHE overrides); every step writes
+    /// under --workdir, and the report is <workdir>/report.md. A re-run keeps each step whose
+    /// output is this run's and intact (sha256 against its manifest) and redoes the others.
     Run(cmd::run::RunArgs),
 }
 

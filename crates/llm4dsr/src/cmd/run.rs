@@ -36,7 +36,9 @@ pub struct RunArgs {
     /// Backbones trained on clean and on noisy data, comma-separated (sasrec, gru4rec, caser).
     #[arg(long, value_delimiter = ',', default_value = "sasrec,gru4rec,caser")]
     pub backbones: Vec<String>,
-    /// Maximum epochs per backbone (10: the budget of docs/backbones.md's ML-100K table).
+    /// Maximum epochs per backbone (10: the budget of docs/backbones.md's ML-100K table). The
+    /// job passes it, --patience and --seed to every training run, over the config's [train]
+    /// values; the rest of [train] (model sizes, loss, lr, ...) applies.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
     /// Early-stopping patience (epochs without a better valid NDCG@10).
@@ -48,7 +50,7 @@ pub struct RunArgs {
     /// Windows of the noisy test split whose LLM scores are printed (0 skips the LLM step).
     #[arg(long, default_value_t = 3)]
     pub llm_windows: usize,
-    /// Seed of every random draw.
+    /// Seed of every random draw (prepare, detectors, training), over the config's seeds.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Replace a dataset the work directory holds that was prepared with another config
