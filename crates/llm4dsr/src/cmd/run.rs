@@ -414,17 +414,33 @@ fn write_report(
 ) -> Result<PathBuf> {
     let mut r = String::new();
     writeln!(r, "# llm4dsr run report\n")?;
+    // Training is most of a first run's time; its cost stays with each run (metrics.json), so
+    // a re-run that keeps them still reports it.
+    let mut train_seconds = 0.0;
+    for (_, _, path) in runs {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))?;
+        train_seconds += v["seconds_per_epoch"].as_f64().unwrap_or(0.0)
+            * v["epochs_run"].as_f64().unwrap_or(0.0);
+    }
     writeln!(
         r,
         "Work directory `{}`; seed {}; noise p = {} in the noisy dataset; backbones trained \
          for at most {} epochs (patience {}). {:.0} s for this invocation (a step whose output \
-         was already this run's is not redone).\n",
+         was already this run's is not redone); the epochs of the {} training runs took {:.0} s \
+         in all when they ran (wall time, the validation ranking after each epoch not \
+         included).\n",
         wd.display(),
         args.seed,
         args.noise_p,
         args.epochs,
         args.patience,
-        seconds
+        seconds,
+        runs.len(),
+        train_seconds
     )?;
     writeln!(r, "## Datasets\n")?;
     writeln!(r, "| dataset | users | items | train windows | valid windows | test windows | noised interactions | noisy window-history positions |")?;
@@ -551,7 +567,8 @@ target count as ranked above it.\n",
     writeln!(
         r,
         "`epochs run` equal to the budget means training stopped at the budget, not by early \
-stopping. s/epoch is wall time on this machine, whatever else ran on it. Rows of every \
+stopping. s/epoch is the wall time of an epoch's training steps (validation excluded) on this \
+machine, whatever else ran on it. Rows of every \
 training run are also appended to `results.csv`."
     )?;
     let path = wd.join("report.md");
