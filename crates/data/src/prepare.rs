@@ -733,29 +733,16 @@ impl Source {
         if self.format != SourceFormat::MovieCsv {
             return Ok(());
         }
-        let d = Protocol::default();
-        let mut set = Vec::new();
-        if p.noise_p != d.noise_p {
-            set.push(format!("`noise_p` = {}", p.noise_p));
-        }
-        if p.k_core != d.k_core {
-            set.push(format!("`k_core` = {}", p.k_core));
-        }
-        if p.min_title_chars != d.min_title_chars {
-            set.push(format!("`min_title_chars` = {}", p.min_title_chars));
-        }
-        if p.window != d.window {
-            set.push(format!("`window` = {}", p.window));
-        }
-        if p.split != d.split {
-            set.push(format!("`split` = {:?}", p.split));
-        }
-        if p.train_frac != d.train_frac {
-            set.push(format!("`train_frac` = {}", p.train_frac));
-        }
-        if p.valid_frac != d.valid_frac {
-            set.push(format!("`valid_frac` = {}", p.valid_frac));
-        }
+        // Every protocol field but the seed and the SFT sample size, against its default.
+        let given = serde_json::to_value(p)?;
+        let default = serde_json::to_value(Protocol::default())?;
+        let set: Vec<String> = given
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| !["seed", "sft_windows"].contains(&k.as_str()) && default[k] != **v)
+            .map(|(k, v)| format!("`{k}` = {v}"))
+            .collect();
         if !set.is_empty() {
             bail!(
                 "{origin}: format movie-csv imports the reference's windows as they are (already \
@@ -934,7 +921,7 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("x.toml [prepare]: format movie-csv")
-                && e.contains("`noise_p` = 0.1, `k_core` = 10"),
+                && e.contains("`k_core` = 10, `noise_p` = 0.1 cannot apply"),
             "{e}"
         );
         // Other sources apply them.
