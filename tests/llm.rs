@@ -3,6 +3,7 @@
 //! and the real SmolLM2-135M-Instruct / all-MiniLM-L6-v2 from the asset cache (skipped with a
 //! visible message when absent; `llm4dsr assets fetch` provides them).
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use llm4dsr_data::{Catalog, KeyedRng, NoiseScorer, Purpose};
 use llm4dsr_kernels::decoder_ops::Impl;
@@ -532,6 +533,23 @@ fn bad_inputs_give_clear_errors() {
             && e.contains("model.safetensors")
             && e.contains("config.json")
             && e.contains("num_key_value_heads"),
+        "{e}"
+    );
+
+    // A tensor the configured model does not use (an MLP bias, `mlp_bias` unset): refused,
+    // where it used to be dropped without a word.
+    let extra = tmp.path().join("extra");
+    let mut w4 = w.clone();
+    w4.insert(
+        "model.layers.1.mlp.gate_proj.bias".into(),
+        Tensor::zeros(96, DType::F32, &Device::Cpu).unwrap(),
+    );
+    write_model_dir(&extra, &cfg, &w4, &tok);
+    let e = err(&extra);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("`model.layers.1.mlp.gate_proj.bias`")
+            && e.contains("not part of the model"),
         "{e}"
     );
 
@@ -1493,30 +1511,13 @@ fn layers_beyond_the_configured_count_are_refused() {
     write_gguf(&good, &cfg, &w, "smollm");
     Llm::load(&good, &Device::Cpu).unwrap();
     let patched = tmp.path().join("patched.gguf");
-    {
-        use candle_core::quantized::gguf_file::{self, Value};
-        let mut f = std::fs::File::open(&good).unwrap();
-        let c = gguf_file::Content::read(&mut f).unwrap();
-        let mut md: Vec<(String, Value)> = c
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+    patch_gguf_metadata(&good, &patched, |md| {
         for (k, v) in md.iter_mut() {
             if k == "llama.block_count" {
-                *v = Value::U32(2);
+                *v = gguf_file::Value::U32(2);
             }
         }
-        let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
-        let ts: Vec<_> = names
-            .iter()
-            .map(|n| c.tensor(&mut f, n, &Device::Cpu).unwrap())
-            .collect();
-        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let t_refs: Vec<(&str, _)> = names.iter().map(|n| n.as_str()).zip(ts.iter()).collect();
-        let mut out = std::fs::File::create(&patched).unwrap();
-        gguf_file::write(&mut out, &md_refs, &t_refs).unwrap();
-    }
+    });
     let e = format!(
         "{:#}",
         Llm::load(&patched, &Device::Cpu).err().expect("must fail")
@@ -1531,6 +1532,46 @@ fn layers_beyond_the_configured_count_are_refused() {
     let e = llm4dsr_llm::gguf::convert_to_hf_dir(&patched, &dest, false).unwrap_err();
     assert!(format!("{e:#}").contains("block_count"), "{e:#}");
     assert!(!dest.exists());
+
+    // RoPE scaling in the metadata, which llama.cpp applies and this runtime does not: refused
+    // (it used to load and run unscaled).
+    let scaled = tmp.path().join("scaled.gguf");
+    patch_gguf_metadata(&good, &scaled, |md| {
+        md.push((
+            "llama.rope.scaling.type".into(),
+            gguf_file::Value::String("linear".into()),
+        ))
+    });
+    let e = format!(
+        "{:#}",
+        Llm::load(&scaled, &Device::Cpu).err().expect("must fail")
+    );
+    assert!(e.contains("`llama.rope.scaling.type` = \"linear\""), "{e}");
+}
+
+/// Copy the GGUF file `src` to `dst` with its metadata edited by `edit`.
+fn patch_gguf_metadata(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>),
+) {
+    let mut f = std::fs::File::open(src).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, gguf_file::Value)> = c
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    edit(&mut md);
+    let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    let ts: Vec<_> = names
+        .iter()
+        .map(|n| c.tensor(&mut f, n, &Device::Cpu).unwrap())
+        .collect();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, _)> = names.iter().map(|n| n.as_str()).zip(ts.iter()).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut out, &md_refs, &t_refs).unwrap();
 }
 
 #[test]

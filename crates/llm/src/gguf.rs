@@ -60,6 +60,20 @@ pub fn config_from_gguf(c: &gguf_file::Content) -> Result<ModelConfig> {
     }
     let a = arch_name.as_str();
     let k = |s: &str| format!("{a}.{s}");
+    // llama.cpp scales RoPE by these keys (linear, YaRN); ignoring them would run the model at
+    // other frequencies than it was trained with.
+    if let Some(v) = c.metadata.get(&k("rope.scaling.type")) {
+        let t = v
+            .to_string()
+            .with_context(|| format!("metadata `{a}.rope.scaling.type` is not a string"))?;
+        if t != "none" {
+            bail!(
+                "metadata `{a}.rope.scaling.type` = {t:?}: RoPE scaling in GGUF is not \
+                 implemented; convert the HF model instead (llama3 scaling is read from its \
+                 config.json)"
+            );
+        }
+    }
     let hidden = meta_usize(c, &k("embedding_length"))?;
     let heads = meta_usize(c, &k("attention.head_count"))?;
     let kv_heads = meta_usize(c, &k("attention.head_count_kv")).unwrap_or(heads);
@@ -82,10 +96,9 @@ pub fn config_from_gguf(c: &gguf_file::Content) -> Result<ModelConfig> {
         num_key_value_heads: kv_heads,
         head_dim: meta_usize(c, &k("attention.key_length")).unwrap_or(hidden / heads.max(1)),
         rms_norm_eps: meta_f64(c, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-        rope_theta: meta_f64(c, &k("rope.freq_base"))?.unwrap_or(match arch {
-            Arch::Llama => 10_000.0,
-            Arch::Qwen2 => 1_000_000.0,
-        }),
+        // llama.cpp's default when the key is absent, for every architecture.
+        rope_theta: meta_f64(c, &k("rope.freq_base"))?
+            .unwrap_or(crate::models::llama::DEFAULT_ROPE_THETA),
         rope_scaling: None,
         max_position_embeddings: meta_usize(c, &k("context_length"))?,
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),

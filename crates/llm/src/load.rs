@@ -210,6 +210,55 @@ pub fn check_layer_count(files: &[PathBuf], key: &str, layers: usize, field: &st
     Ok(())
 }
 
+/// Refuse weights holding tensors the decoder would not read for `cfg` (`config` names the
+/// config file): an MLP bias (`mlp_bias`), a Qwen3 q/k norm under a Qwen2 config, and the like
+/// would otherwise be dropped without a word and another model run. Left alone: RoPE's
+/// `inv_freq` buffers (recomputed) and `lm_head.weight` beside tied embeddings (some
+/// checkpoints save both). Reads only the safetensors headers.
+pub fn check_unused_tensors(files: &[PathBuf], cfg: &ModelConfig, config: &str) -> Result<()> {
+    let used: std::collections::HashSet<String> = crate::decoder::weight_shapes(cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for f in files {
+        // SAFETY: a read-only memory map; only the header (tensor names) is read.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }
+            .with_context(|| format!("reading {}", f.display()))?;
+        let mut unused: Vec<String> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| {
+                !used.contains(n)
+                    && !n.ends_with("rotary_emb.inv_freq")
+                    && !(cfg.tie_word_embeddings && n == "lm_head.weight")
+            })
+            .collect();
+        if !unused.is_empty() {
+            unused.sort();
+            let more = unused.len().saturating_sub(3);
+            unused.truncate(3);
+            bail!(
+                "{}: tensor {}{} is not part of the model {config} describes (an unimplemented \
+                 feature, e.g. `mlp_bias`, or another architecture); loading it would run \
+                 another model",
+                f.display(),
+                unused
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if more > 0 {
+                    format!(" (and {more} more)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Read and parse `<dir>/config.json`.
 pub fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
@@ -281,6 +330,7 @@ impl Llm {
             cfg.num_hidden_layers,
             &format!("{} `num_hidden_layers`", cfg_path.display()),
         )?;
+        check_unused_tensors(&files, &cfg, &cfg_path.display().to_string())?;
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         // SAFETY: the files are memory-mapped read-only; nothing here writes them while the
         // model is loaded (the usual candle caveat: another process truncating them would fault).

@@ -23,10 +23,14 @@ impl TokenIds {
     }
 }
 
+/// `rope_scaling` (transformers < 5) or `rope_parameters` (transformers >= 5, which also holds
+/// `rope_theta` and writes `rope_type` "default" for plain RoPE).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RopeScalingJson {
-    #[serde(alias = "type")]
+    #[serde(alias = "type", default = "default_rope_type")]
     pub rope_type: String,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
     #[serde(default)]
     pub factor: Option<f64>,
     #[serde(default)]
@@ -37,7 +41,12 @@ pub struct RopeScalingJson {
     pub original_max_position_embeddings: Option<usize>,
 }
 
-/// The fields of a Llama `config.json` this runtime reads (unknown fields are ignored).
+fn default_rope_type() -> String {
+    "default".into()
+}
+
+/// The fields of a Llama `config.json` this runtime reads (unknown fields are ignored; those
+/// that change the computation and are not implemented are read to be refused).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LlamaConfigJson {
     pub hidden_size: usize,
@@ -50,15 +59,19 @@ pub struct LlamaConfigJson {
     #[serde(default)]
     pub head_dim: Option<usize>,
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
     #[serde(default)]
     pub rope_scaling: Option<RopeScalingJson>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScalingJson>,
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
     #[serde(default)]
@@ -67,8 +80,35 @@ pub struct LlamaConfigJson {
     pub hidden_act: Option<String>,
 }
 
-fn default_rope_theta() -> f64 {
-    10_000.0
+/// HF's default `rope_theta` (LlamaConfig, Qwen2Config) and llama.cpp's `rope.freq_base`.
+pub(crate) const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+/// RoPE's theta and scaling from either config format: transformers < 5 writes `rope_theta`
+/// and `rope_scaling`, transformers >= 5 only `rope_parameters` (theta inside). Reading only
+/// the old fields would run a new-format SmolLM2 (theta 100,000) or Llama-3 (500,000 + llama3
+/// scaling) at theta 10,000, silently; both present and disagreeing is refused.
+pub(crate) fn rope(
+    theta: Option<f64>,
+    scaling: &Option<RopeScalingJson>,
+    parameters: &Option<RopeScalingJson>,
+) -> Result<(f64, Option<Llama3RopeScaling>)> {
+    let Some(p) = parameters else {
+        let s = rope_scaling(scaling, "rope_scaling")?;
+        return Ok((theta.unwrap_or(DEFAULT_ROPE_THETA), s));
+    };
+    if let (Some(a), Some(b)) = (theta, p.rope_theta) {
+        if a != b {
+            bail!("fields `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree");
+        }
+    }
+    let from_parameters = rope_scaling(&Some(p.clone()), "rope_parameters")?;
+    if scaling.is_some() && rope_scaling(scaling, "rope_scaling")? != from_parameters {
+        bail!("fields `rope_scaling` and `rope_parameters` disagree");
+    }
+    Ok((
+        p.rope_theta.or(theta).unwrap_or(DEFAULT_ROPE_THETA),
+        from_parameters,
+    ))
 }
 
 pub(crate) fn check_act(act: &Option<String>) -> Result<()> {
@@ -78,29 +118,29 @@ pub(crate) fn check_act(act: &Option<String>) -> Result<()> {
     }
 }
 
-pub(crate) fn rope_scaling(r: &Option<RopeScalingJson>) -> Result<Option<Llama3RopeScaling>> {
+/// The scaling `r` describes; `field` (`rope_scaling` or `rope_parameters`) goes into errors.
+pub(crate) fn rope_scaling(
+    r: &Option<RopeScalingJson>,
+    field: &str,
+) -> Result<Option<Llama3RopeScaling>> {
     let Some(r) = r else { return Ok(None) };
     match r.rope_type.as_str() {
         "default" => Ok(None),
         "llama3" => {
             let need = |x: Option<f64>, n: &str| {
-                x.ok_or_else(|| anyhow::anyhow!("field `rope_scaling.{n}` missing for llama3"))
+                x.ok_or_else(|| anyhow::anyhow!("field `{field}.{n}` missing for llama3"))
             };
             Ok(Some(Llama3RopeScaling {
                 factor: need(r.factor, "factor")?,
                 low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
                 high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
                 original_max_position_embeddings: r.original_max_position_embeddings.ok_or_else(
-                    || {
-                        anyhow::anyhow!(
-                            "field `rope_scaling.original_max_position_embeddings` missing"
-                        )
-                    },
+                    || anyhow::anyhow!("field `{field}.original_max_position_embeddings` missing"),
                 )?,
             }))
         }
         other => {
-            bail!("field `rope_scaling.rope_type`: {other:?} is not implemented (default, llama3)")
+            bail!("field `{field}.rope_type`: {other:?} is not implemented (default, llama3)")
         }
     }
 }
@@ -108,6 +148,11 @@ pub(crate) fn rope_scaling(r: &Option<RopeScalingJson>) -> Result<Option<Llama3R
 impl LlamaConfigJson {
     pub fn into_config(self) -> Result<ModelConfig> {
         check_act(&self.hidden_act)?;
+        if self.mlp_bias {
+            bail!("field `mlp_bias`: biases on the MLP projections are not implemented");
+        }
+        let (rope_theta, rope_scaling) =
+            rope(self.rope_theta, &self.rope_scaling, &self.rope_parameters)?;
         let c = ModelConfig {
             arch: Arch::Llama,
             vocab_size: self.vocab_size,
@@ -120,8 +165,8 @@ impl LlamaConfigJson {
                 .head_dim
                 .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: rope_scaling(&self.rope_scaling)?,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: self.attention_bias,

@@ -3,7 +3,7 @@
 //! sliding-window attention, which this runtime does not implement (refused when enabled).
 
 use crate::config::{Arch, ModelConfig};
-use crate::models::llama::{check_act, TokenIds};
+use crate::models::llama::{check_act, rope, RopeScalingJson, TokenIds};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -17,9 +17,15 @@ pub struct Qwen2ConfigJson {
     pub num_attention_heads: usize,
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScalingJson>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScalingJson>,
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -33,16 +39,15 @@ pub struct Qwen2ConfigJson {
     pub hidden_act: Option<String>,
 }
 
-fn default_rope_theta() -> f64 {
-    1_000_000.0
-}
-
 impl Qwen2ConfigJson {
     pub fn into_config(self) -> Result<ModelConfig> {
         check_act(&self.hidden_act)?;
         if self.use_sliding_window {
             bail!("field `use_sliding_window`: sliding-window attention is not implemented");
         }
+        // YaRN and the other scalings are refused here as for Llama (they used to be ignored).
+        let (rope_theta, rope_scaling) =
+            rope(self.rope_theta, &self.rope_scaling, &self.rope_parameters)?;
         let c = ModelConfig {
             arch: Arch::Qwen2,
             vocab_size: self.vocab_size,
@@ -51,10 +56,12 @@ impl Qwen2ConfigJson {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.hidden_size / self.num_attention_heads.max(1),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: None,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: true,
