@@ -403,11 +403,19 @@ impl Llm {
             .map_err(|e| anyhow!("decoding tokens: {e}"))
     }
 
-    /// Ids that end generation: the config's EOS ids, plus `<|im_end|>` / `<|endoftext|>` /
-    /// `<|eot_id|>` where the tokenizer has them (chat models end turns with those).
+    /// Ids that end generation: the config's EOS ids, plus the end-of-turn and end-of-text
+    /// tokens of ChatML, Llama-3 and Llama-2 where the tokenizer has them (a GGUF or config may
+    /// name only one of a model's EOS tokens).
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids = self.decoder.cfg.eos_token_ids.clone();
-        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+        for t in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|eom_id|>",
+            "</s>",
+        ] {
             if let Some(id) = self.tokenizer.token_to_id(t) {
                 if !ids.contains(&id) {
                     ids.push(id);
