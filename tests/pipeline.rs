@@ -79,6 +79,21 @@ fn main_job_runs_end_to_end_and_resumes() {
             "report lacks `{needle}`:\n{report}"
         );
     }
+    // The score stage records each split's detection, as the report shows it.
+    let sm = llm4dsr_data::Manifest::read(&work.join("scores-popularity")).unwrap();
+    for split in ["valid", "test"] {
+        let c = |k: &str| sm.counts[&format!("{split}.detection_top1.{k}")];
+        assert!(c("flagged") > 0 && c("true_positives") <= c("max_true_positives"));
+        let tp = c("true_positives") as f64 / c("flagged") as f64;
+        assert!(
+            report.contains(&format!(
+                "| popularity | {split} | {} | {} | {tp:.3} |",
+                c("flagged"),
+                c("noisy_positions")
+            )),
+            "{split}: {tp}\n{report}"
+        );
+    }
     // What a reader needs: the protocol, the noise in interactions, a perfect detector.
     for needle in [
         "Windows of 11 items (10 of history + 1 target), stride 1, all windows ordered",

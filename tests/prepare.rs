@@ -713,6 +713,14 @@ fn movie_csv_counts() {
         assert!(o.status.success(), "{}", stderr(&o));
         let sm = Manifest::read(&scores).unwrap();
         assert!(sm.notes.iter().any(|n| n.contains("imported as they are")));
+        // Each split's top-1 detection against the windows' own noise (none in the clean one).
+        let tp = sm.counts.get("test.detection_top1.true_positives");
+        if noisy[2] > 0 {
+            assert_eq!(sm.counts["test.detection_top1.flagged"], 5000);
+            assert!(tp.is_some_and(|&t| t > 0 && t < 5000), "{tp:?}");
+        } else {
+            assert!(tp.is_none());
+        }
         let cat = Catalog::read_dataset(&out).unwrap();
         // HTML entities are decoded.
         assert_eq!(cat.title(6), "Avengers '66 - Set 2, Vols. 3 & 4");

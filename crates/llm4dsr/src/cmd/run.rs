@@ -15,7 +15,7 @@ use crate::config::ConfigFile;
 use anyhow::{bail, Context, Result};
 use clap::{Args, FromArgMatches};
 use llm4dsr_comm::Comm;
-use llm4dsr_data::noise::{detection_metrics, DetectionMetrics};
+use llm4dsr_data::noise::DetectionMetrics;
 use llm4dsr_data::{read_split, Manifest};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -178,7 +178,10 @@ pub fn run(args: RunArgs, config: &ConfigFile, comm: &dyn Comm) -> Result<()> {
         ];
         cmd::score::run(stage_args(config, "score", &argv)?, config, comm)?;
         for split in ["valid", "test"] {
-            let m = detection_of(&noisy, &out, split)?;
+            let m = cmd::score::detection_of(
+                &read_split(&noisy, split)?,
+                &out.join("scores").join(format!("{split}.parquet")),
+            )?;
             detection.push((method.clone(), split.to_string(), m));
         }
     }
@@ -332,35 +335,6 @@ fn training_staleness(
         return Ok(Some(format!("damaged: {why}")));
     }
     Ok(None)
-}
-
-/// Detection precision/recall of one detector's scores of `split` (the top-1 flag of each
-/// window's history).
-fn detection_of(dataset: &Path, scores_dir: &Path, split: &str) -> Result<DetectionMetrics> {
-    let windows = read_split(dataset, split)?;
-    let scores =
-        cmd::score::read_scores(&scores_dir.join("scores").join(format!("{split}.parquet")))?;
-    // Align by (user, pos): the score stage may order rows by shard.
-    let mut by_key = std::collections::HashMap::with_capacity(scores.len());
-    for (i, (u, p, _)) in scores.iter().enumerate() {
-        by_key.insert((*u, *p), i);
-    }
-    let (mut flat_scores, mut flat_mask, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
-    for w in windows.iter() {
-        let &i = by_key.get(&(w.user, w.pos)).with_context(|| {
-            format!(
-                "{}: no scores for user {} pos {}",
-                scores_dir.display(),
-                w.user,
-                w.pos
-            )
-        })?;
-        let sc = &scores[i].2;
-        flat_scores.extend_from_slice(sc);
-        flat_mask.extend_from_slice(&w.mask[..sc.len()]);
-        offsets.push(flat_scores.len() as u32);
-    }
-    Ok(detection_metrics(&flat_scores, &flat_mask, &offsets, 1))
 }
 
 /// The prepare protocol recorded in `dataset`'s manifest.

@@ -40,6 +40,7 @@ use arrow_array::{RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use llm4dsr_comm::Comm;
 use llm4dsr_data::manifest::sha256_file;
+use llm4dsr_data::noise::{detection_metrics, DetectionMetrics};
 use llm4dsr_data::shard::shard_of;
 use llm4dsr_data::windows::SPLITS;
 use llm4dsr_data::{read_split, Catalog, Manifest, NoiseScorer, Windows};
@@ -303,6 +304,7 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     };
     let parts_root = parts_root_of(&out);
     let mut stages = Vec::new();
+    let mut detection: Vec<(String, DetectionMetrics)> = Vec::new();
     for (split, fp) in splits.iter().zip(split_fps) {
         let path = split_path(&dataset, split);
         let windows = if *split == "train" {
@@ -346,7 +348,43 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
             &format!("{split}.positions_scored"),
             scored_positions(&windows, whole),
         );
+        // Where the windows carry noise (injected, or the reference data's own), how well the
+        // detector finds it: recorded and shown, so that any dataset gets its baseline.
+        if let Some(dest) = &dest {
+            let m = detection_of(&windows, dest)?;
+            if m.noisy_positions > 0 {
+                let key = |k: &str| format!("{split}.detection_top1.{k}");
+                manifest.count(&key("flagged"), m.flagged);
+                manifest.count(&key("true_positives"), m.true_positives);
+                manifest.count(&key("noisy_positions"), m.noisy_positions);
+                manifest.count(&key("max_true_positives"), m.max_true_positives);
+                detection.push((split.to_string(), m));
+            }
+        }
         stages.push(stage);
+    }
+    if !detection.is_empty() {
+        println!(
+            "{} against the windows' noise masks (top-1 flag per window; ceiling: a perfect \
+             detector's precision)",
+            scorer.name()
+        );
+        println!(
+            "{:<6} {:>8} {:>9} {:>9} {:>9} {:>7} {:>8}",
+            "split", "windows", "noisy", "precision", "recall", "random", "ceiling"
+        );
+        for (split, m) in &detection {
+            println!(
+                "{:<6} {:>8} {:>9} {:>9.3} {:>9.3} {:>7.3} {:>8.3}",
+                split,
+                m.sequences,
+                m.noisy_positions,
+                m.precision,
+                m.recall,
+                m.random_precision,
+                m.precision_ceiling
+            );
+        }
     }
 
     if let Some(staging) = staging {
@@ -362,6 +400,44 @@ pub fn run(args: ScoreArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()>
     // No rank returns (and exits) before rank 0 has committed the output.
     comm.barrier()?;
     Ok(())
+}
+
+/// Top-1 detection precision / recall of the scores in `scores_file` against the noise masks of
+/// `windows` (rows matched by (user, pos): the stage writes them in shard order): each window's
+/// highest-scoring position is flagged (ties: the earliest).
+pub fn detection_of(windows: &Windows, scores_file: &Path) -> Result<DetectionMetrics> {
+    let scores = read_scores(scores_file)?;
+    let mut by_key = std::collections::HashMap::with_capacity(scores.len());
+    for (i, (u, p, _)) in scores.iter().enumerate() {
+        by_key.insert((*u, *p), i);
+    }
+    let (mut flat_scores, mut flat_mask, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
+    for w in windows.iter() {
+        let missing = || {
+            format!(
+                "{}: no scores for user {} pos {} of the windows",
+                scores_file.display(),
+                w.user,
+                w.pos
+            )
+        };
+        let &i = by_key.get(&(w.user, w.pos)).with_context(missing)?;
+        let sc = &scores[i].2;
+        let mask = w.mask.get(..sc.len()).with_context(|| {
+            format!(
+                "{}: {} scores for the {}-item window of user {} pos {}",
+                scores_file.display(),
+                sc.len(),
+                w.items.len(),
+                w.user,
+                w.pos
+            )
+        })?;
+        flat_scores.extend_from_slice(sc);
+        flat_mask.extend_from_slice(mask);
+        offsets.push(flat_scores.len() as u32);
+    }
+    Ok(detection_metrics(&flat_scores, &flat_mask, &offsets, 1))
 }
 
 fn split_path(dataset: &Path, split: &str) -> PathBuf {
