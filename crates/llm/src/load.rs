@@ -229,9 +229,9 @@ pub fn check_unused_tensors(files: &[PathBuf], cfg: &ModelConfig, config: &str) 
             .into_iter()
             .map(|(n, _)| n)
             .filter(|n| {
-                !used.contains(n)
-                    && !n.ends_with("rotary_emb.inv_freq")
-                    && !(cfg.tie_word_embeddings && n == "lm_head.weight")
+                let left_alone = n.ends_with("rotary_emb.inv_freq")
+                    || (cfg.tie_word_embeddings && n == "lm_head.weight");
+                !(used.contains(n) || left_alone)
             })
             .collect();
         if !unused.is_empty() {
