@@ -1331,9 +1331,12 @@ mod gpu_tc {
         let s = llm4dsr_kernels::CatalogSearch::new(cat.clone(), d, &exclude).unwrap();
         assert_eq!(s.backend(), "cuda");
         let q = rand_vec(40, 3 * d, 1.0);
+        // The search centres rows and queries (the catalogue mean subtracted): it equals the
+        // f32 kernel on the centred data.
         assert_eq!(
             s.search(&q, 10).unwrap(),
-            g.nearest_items_f32(&q, &cat, d, 10, &exclude).unwrap()
+            g.nearest_items_f32(&s.centre(&q), s.centred_rows(), d, 10, &exclude)
+                .unwrap()
         );
         // Queries are validated on the device (from their norms): a non-finite value is named
         // by query and dim, a squared norm past f32 by query; neither falls back to the CPU.

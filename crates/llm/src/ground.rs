@@ -9,7 +9,9 @@
 //!    all-MiniLM-L6-v2 sentence embeddings are the cheaper alternative). The search is
 //!    [`llm4dsr_kernels::CatalogSearch`]: the catalogue's embeddings are uploaded to the GPU once
 //!    (and prepared for the tensor-core grounding kernel) when one is present, and searched on
-//!    the CPU otherwise; both return the same exact top-k. Row 0 (padding) is never returned.
+//!    the CPU otherwise; both return the same top-k, exact for the f32 distance of the
+//!    centred embeddings (the catalogue mean subtracted, see `CatalogSearch`). Row 0
+//!    (padding) is never returned.
 //!
 //! Titles are checked before anything runs ([`check_title`]): an empty title has nothing to
 //! ground ([`Match::Empty`], item 0, counted by the caller), an over-long one is an error.
