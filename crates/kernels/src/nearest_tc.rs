@@ -683,6 +683,42 @@ mod tests {
         assert_eq!(st.fallback, 1, "{st:?}");
     }
 
+    /// The bound is not loose by much: here a tenth of it already certifies a wrong answer
+    /// (the margin turns positive between 0.1 and 0.2 of it). The
+    /// query (16 values of 1 + 2^-11 - 2^-16) rounds down in f16, the true nearest row A is
+    /// the query itself, and 32 rows Z (ones, Z[0] = 1 + 2^-6, exact in f16) fill the first
+    /// level's candidates ahead of A. (A test whose planted errors sit far inside the bound,
+    /// like the one above, would pass with a bound 10^4 times too small.)
+    #[test]
+    fn model_with_a_bound_too_small_is_wrong() {
+        let (d, k) = (16, 1);
+        let q = vec![1.0 + 2f32.powi(-11) - 2f32.powi(-16); d];
+        let mut c = q.clone();
+        for _ in 0..32 {
+            let mut z = vec![1f32; d];
+            z[0] = 1.0 + 2f32.powi(-6);
+            c.extend(z);
+        }
+        for j in 0..64 {
+            c.extend(vec![3.0 + j as f32; d]);
+        }
+        let want = kernel_f32_search(&q, &c, d, k, &[]);
+        assert_eq!(want.index, vec![0], "{want:?}");
+        let opt = |bound_scale: f32| ModelOptions {
+            bound_scale,
+            rows_per_slice: 128,
+        };
+        let (bad, st) = model_search(&q, &c, d, k, &[], opt(0.1)).unwrap();
+        assert_eq!(st.certified, 1, "{st:?}");
+        assert_ne!(
+            bad, want,
+            "a tenth of the bound should have certified a wrong row"
+        );
+        let (good, st) = model_search(&q, &c, d, k, &[], REAL).unwrap();
+        assert_eq!(good, want);
+        assert_eq!(st.certified, 0, "{st:?}");
+    }
+
     /// The certificate's refusal rate at the 100k x 384 benchmark shape, on the benchmark's
     /// data distribution (uniform [-1, 1), like bench_fill.cu), 16 queries, the slicing of the
     /// GPU plan. A measurement for docs/kernels.md, not a check: ~1 min in the test profile.
