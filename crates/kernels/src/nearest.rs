@@ -159,7 +159,14 @@ impl CatalogSearch {
         let queries = centred.as_slice();
         #[cfg(feature = "cuda")]
         if let (Some(dev), Some(gpu)) = (&self.device, crate::cuda::kernels()) {
-            if k <= crate::launch::NEAREST_KMAX {
+            if k > crate::launch::NEAREST_KMAX {
+                tracing::warn!(
+                    "catalogue search: k = {k} is above the GPU kernels' {}; searching the {} \
+                     rows on the CPU",
+                    crate::launch::NEAREST_KMAX,
+                    self.rows()
+                );
+            } else {
                 match gpu.nearest_in(dev, queries, k) {
                     Ok(r) => return Ok(r),
                     Err(e) if e.downcast_ref::<BadQuery>().is_some() => return Err(e),
