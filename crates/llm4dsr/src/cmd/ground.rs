@@ -302,6 +302,9 @@ pub fn run(args: GroundArgs, _config: &ConfigFile, comm: &dyn Comm) -> Result<()
         "queries": queries_sha,
         "k": args.k,
         "rows": rows,
+        // CPU and GPU searches round differently (near ties can order differently): a run
+        // resumed on the other backend redoes its blocks rather than mixing the two.
+        "search": format!("{:?}", llm4dsr_kernels::backend::backend()),
     }))?;
     manifest.fingerprint = query_fp.clone();
     let staging = match prepare_output(comm, &out, args.overwrite, "ground", &manifest.fingerprint)?
