@@ -363,14 +363,17 @@ mod tests {
             let b = &e[(id as usize - 1) * 26..id as usize * 26];
             a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
         };
-        assert_eq!((g[2].item, g[2].dist2), (1, 1.0));
+        // (Distances within f32 rounding: the search centres the embeddings first.)
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+        assert_eq!(g[2].item, 1);
+        assert!(close(g[2].dist2, 1.0), "{}", g[2].dist2);
         for id in 1..=5 {
             assert!(
-                g[2].dist2 <= d("Alienz", id),
+                g[2].dist2 <= d("Alienz", id) + 1e-5,
                 "item {id} nearer than the answer"
             );
         }
-        assert_eq!(g[2].dist2, d("Alienz", g[2].item));
+        assert!(close(g[2].dist2, d("Alienz", g[2].item)));
         assert_eq!((g[3].item, g[3].how), (0, Match::Empty));
         // Case differs: not exact; nearest is Heat by letters.
         assert_eq!((g[4].item, g[4].how), (3, Match::Nearest));
