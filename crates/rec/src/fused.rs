@@ -598,6 +598,24 @@ mod equivalence {
     use crate::Recommender;
     use candle_core::{Device, Tensor};
 
+    /// The synthetic data both tests train on.
+    fn spec() -> SyntheticSpec {
+        SyntheticSpec {
+            users: 100,
+            items: 30,
+            seq_len: 14,
+            jump: 0.3,
+            seed: 9,
+        }
+    }
+
+    /// Logit bias that keeps the padding column out of the softmax.
+    fn pad_bias(items: u32) -> Tensor {
+        let mut v = vec![0f32; items as usize + 1];
+        v[0] = -1e9;
+        Tensor::from_vec(v, (1, items as usize + 1), &Device::Cpu).unwrap()
+    }
+
     fn shapes() -> Vec<(&'static str, ModelConfig)> {
         let mut caser = ModelConfig::defaults(ModelKind::Caser);
         caser.dim = 16;
@@ -644,13 +662,7 @@ mod equivalence {
 
     #[test]
     fn fused_engines_equal_candle_in_loss_gradients_and_hidden() {
-        let spec = SyntheticSpec {
-            users: 100,
-            items: 30,
-            seq_len: 14,
-            jump: 0.3,
-            seed: 9,
-        };
+        let spec = spec();
         let (train, _, _) = windows(spec);
         // Unpadded: max_len 6 and the first instances (full histories). Padded: max_len 12
         // and, for every-prefix, the last instances (the short histories of each user's first
@@ -705,11 +717,7 @@ mod equivalence {
                         epoch: 2,
                         rate: mcfg.dropout,
                     };
-                    let pad_bias = {
-                        let mut v = vec![0f32; spec.items as usize + 1];
-                        v[0] = -1e9;
-                        Tensor::from_vec(v, (1, spec.items as usize + 1), &Device::Cpu).unwrap()
-                    };
+                    let pad_bias = pad_bias(spec.items);
                     let h = model.net.hidden(&batch, Some(&dropout)).unwrap();
                     let l =
                         loss_sum_of(&model, &h, &batch, &cfg, 2, &pad_bias, spec.items).unwrap();
@@ -762,30 +770,13 @@ mod equivalence {
             }
         }
     }
-}
 
-/// Caser's max-pool over time against finite differences: equal windows (all-padding ones
-/// after left padding, or repeated items) tie for the maximum, and the gradient must reach
-/// the pooled value once, as PyTorch's max_pool1d routes it, not once per tied position.
-#[cfg(test)]
-mod caser_pool_gradient {
-    use super::*;
-    use crate::batch::{training_instances, Targets};
-    use crate::model::{ModelConfig, ModelKind};
-    use crate::synthetic::{windows, SyntheticSpec};
-    use crate::train::{loss_sum_of, TrainConfig};
-    use crate::Recommender;
-    use candle_core::{Device, Tensor};
-
+    /// Caser's max-pool over time against finite differences: equal windows (all-padding ones
+    /// after left padding, or repeated items) tie for the maximum, and the gradient must reach
+    /// the pooled value once, as PyTorch's max_pool1d routes it, not once per tied position.
     #[test]
     fn tied_windows_get_the_gradient_once() {
-        let spec = SyntheticSpec {
-            users: 100,
-            items: 30,
-            seq_len: 14,
-            jump: 0.3,
-            seed: 9,
-        };
+        let spec = spec();
         let (train, _, _) = windows(spec);
         let mut mcfg = ModelConfig::defaults(ModelKind::Caser);
         mcfg.dim = 16;
@@ -820,11 +811,7 @@ mod caser_pool_gradient {
         let ids: Vec<u64> = (0..40).collect();
         let batch =
             SeqBatch::build(&train, &chosen, &ids, Targets::EveryPrefix, mcfg.max_len).unwrap();
-        let pad_bias = {
-            let mut v = vec![0f32; spec.items as usize + 1];
-            v[0] = -1e9;
-            Tensor::from_vec(v, (1, spec.items as usize + 1), &Device::Cpu).unwrap()
-        };
+        let pad_bias = pad_bias(spec.items);
         let h = model.net.hidden(&batch, None).unwrap();
         let l = loss_sum_of(&model, &h, &batch, &cfg, 0, &pad_bias, spec.items).unwrap();
         let mut candle_grad = vec![0f32; model.params.numel()];
